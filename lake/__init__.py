@@ -1,0 +1,1 @@
+"""The lake: table names, paths, schemas, settings and DuckDB access, shared by the pipeline and the API."""

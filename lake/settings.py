@@ -1,0 +1,69 @@
+"""Every setting of kpi-lakehouse, each read from a `LAKEHOUSE_*` environment variable or a CLI flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """One place for settings; the CLI maps each field to a flag of the same name."""
+
+    model_config = SettingsConfigDict(env_prefix="LAKEHOUSE_", extra="ignore")
+
+    kafka_bootstrap: str = Field("localhost:9092", description="Kafka bootstrap servers (host:port,...)")
+    topic: str = Field("device-data", description="Kafka topic of device messages")
+    topic_partitions: int = Field(4, ge=1, description="partitions when the topic is created")
+    max_message_bytes: int = Field(
+        5 * MIB, ge=1024, description="largest message value accepted by producer, topic, broker and consumer"
+    )
+    lake_root: str = Field("data/lake", description="folder (or URI) holding the Delta tables")
+    checkpoint_root: str | None = Field(
+        None, description="folder (or URI) for streaming checkpoints; default <lake_root>/_checkpoints"
+    )
+    home: Path = Field(
+        Path(".lakehouse"), description="local state: resolved JVM jars, the local broker's data and logs"
+    )
+    spark_master: str = Field("local[*]", description="Spark master URL")
+    spark_driver_memory: str = Field("2g", description="Spark driver heap (local mode: the whole engine)")
+    shuffle_partitions: int = Field(4, ge=1, description="spark.sql.shuffle.partitions for the job")
+    trigger_interval: str = Field("1 second", description="micro-batch trigger interval in continuous mode")
+    max_offsets_per_trigger: int = Field(
+        2000, ge=1, description="bound on Kafka records per micro-batch (memory: this x max_message_bytes)"
+    )
+    starting_offsets: str = Field("earliest", description="where a new checkpoint starts reading: earliest|latest")
+    fail_on_data_loss: bool = Field(True, description="stop when Kafka deleted offsets not yet processed")
+    http_host: str = Field("127.0.0.1", description="address the HTTP API listens on")
+    http_port: int = Field(8000, ge=1, le=65535, description="port of the HTTP API")
+
+    @field_validator("starting_offsets")
+    @classmethod
+    def _known_starting_offsets(cls, value: str) -> str:
+        if value not in {"earliest", "latest"}:
+            raise ValueError("starting_offsets must be 'earliest' or 'latest'")
+        return value
+
+    @property
+    def checkpoints(self) -> str:
+        return self.checkpoint_root or join_path(self.lake_root, "_checkpoints")
+
+    @property
+    def kafka_limit_bytes(self) -> int:
+        """Size limit for the Kafka layers: the value limit plus room for key, headers and batch framing."""
+        return self.max_message_bytes + 64 * 1024
+
+
+def join_path(root: str, *parts: str) -> str:
+    """Join a local folder or a URI (file://, s3a://, ...) with sub-paths."""
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def absolute(root: str) -> str:
+    """A local path made absolute (Spark and DuckDB resolve relative paths differently); URIs pass unchanged."""
+    if "://" in root:
+        return root
+    return str(Path(root).resolve())

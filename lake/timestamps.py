@@ -1,0 +1,73 @@
+"""The timestamp format of the contract (section 1), shared by the parser and the HTTP API."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime, timedelta
+from enum import Enum
+
+
+class TimestampError(ValueError):
+    """A string that is not an RFC 3339 / ISO 8601 date-time the lake accepts."""
+
+
+# 'T', 't' or ' ' between date and time; seconds optional; any number of fractional digits (kept to the
+# microsecond, the rest truncated); 'Z', an offset, or none (= UTC).
+_TIMESTAMP = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?"
+    r"(?:([Zz])|([+-])(\d{2}):?(\d{2}))?"
+)
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_US_PER_DAY = 86_400_000_000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_timestamp_us(text: str) -> int:
+    """Microseconds since the epoch, UTC, of an RFC 3339 / ISO 8601 date-time string."""
+    match = _TIMESTAMP.fullmatch(text)
+    if match is None:
+        raise TimestampError(f"timestamp {text[:64]!r} is not an ISO 8601 date-time such as 2024-07-30T12:00:00Z")
+    year, month, day, hour, minute, second, fraction, _zulu, sign, off_h, off_m = match.groups()
+    try:
+        days = date(int(year), int(month), int(day)).toordinal() - _EPOCH_ORDINAL
+    except ValueError as exc:
+        raise TimestampError(f"timestamp {text[:64]!r}: {exc}") from None
+    h, m, s = int(hour), int(minute), int(second or 0)
+    if h > 23 or m > 59 or s > 59:
+        raise TimestampError(f"timestamp {text[:64]!r} has a time of day out of range")
+    micros = int((fraction or "")[:6].ljust(6, "0"))
+    total = days * _US_PER_DAY + ((h * 60 + m) * 60 + s) * 1_000_000 + micros
+    if sign is not None:
+        oh, om = int(off_h), int(off_m)
+        if oh > 23 or om > 59:
+            raise TimestampError(f"timestamp {text[:64]!r} has an offset out of range")
+        offset = (oh * 60 + om) * 60_000_000
+        total += -offset if sign == "+" else offset
+    return total
+
+
+def from_us(micros: int) -> datetime:
+    return EPOCH + timedelta(microseconds=micros)
+
+
+def format_utc(moment: datetime) -> str:
+    """2024-07-30T12:00:00Z, with fractional seconds only when there are any."""
+    moment = moment.astimezone(UTC)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}"
+    return text + "Z"
+
+
+class Grain(str, Enum):
+    SECOND = "second"
+    MINUTE = "minute"
+    HOUR = "hour"
+    DAY = "day"
+
+    @property
+    def micros(self) -> int:
+        return {"second": 1_000_000, "minute": 60_000_000, "hour": 3_600_000_000, "day": _US_PER_DAY}[self.value]
+
+    def bucket_start_us(self, micros: int) -> int:
+        return micros - micros % self.micros

@@ -1,0 +1,250 @@
+"""The `lakehouse` command: wires subcommands to `pipeline`, `serve` and `lake`, importing each lazily."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from lake.settings import Settings
+
+app = typer.Typer(
+    help="A streaming lakehouse for device telemetry: Kafka -> Spark -> Delta (bronze, silver, gold, quarantine) -> DuckDB -> HTTP.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+kafka_app = typer.Typer(help="Run the local Apache Kafka broker (KRaft) and create the topic.", no_args_is_help=True)
+app.add_typer(kafka_app, name="kafka")
+console = Console(stderr=True)
+_overrides: dict[str, object] = {}
+
+
+def settings() -> Settings:
+    return Settings(**_overrides)  # flags win over LAKEHOUSE_* variables, which win over defaults
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(1)
+
+
+@app.callback()
+def main(
+    kafka_bootstrap: Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers (env LAKEHOUSE_KAFKA_BOOTSTRAP, default localhost:9092)")] = None,
+    topic: Annotated[Optional[str], typer.Option(help="topic (env LAKEHOUSE_TOPIC, default device-data)")] = None,
+    topic_partitions: Annotated[Optional[int], typer.Option(help="partitions of a new topic (env LAKEHOUSE_TOPIC_PARTITIONS, default 4)")] = None,
+    max_message_bytes: Annotated[Optional[int], typer.Option(help="message size limit on every layer (env LAKEHOUSE_MAX_MESSAGE_BYTES, default 5242880)")] = None,
+    lake_root: Annotated[Optional[str], typer.Option(help="folder or URI of the Delta tables (env LAKEHOUSE_LAKE_ROOT, default data/lake)")] = None,
+    checkpoint_root: Annotated[Optional[str], typer.Option(help="folder or URI of checkpoints (env LAKEHOUSE_CHECKPOINT_ROOT, default <lake-root>/_checkpoints)")] = None,
+    home: Annotated[Optional[Path], typer.Option(help="local state: jars, local broker (env LAKEHOUSE_HOME, default .lakehouse)")] = None,
+    spark_master: Annotated[Optional[str], typer.Option(help="Spark master (env LAKEHOUSE_SPARK_MASTER, default local[*])")] = None,
+    spark_driver_memory: Annotated[Optional[str], typer.Option(help="Spark driver heap (env LAKEHOUSE_SPARK_DRIVER_MEMORY, default 2g)")] = None,
+    shuffle_partitions: Annotated[Optional[int], typer.Option(help="Spark shuffle partitions (env LAKEHOUSE_SHUFFLE_PARTITIONS, default 4)")] = None,
+    trigger_interval: Annotated[Optional[str], typer.Option(help="micro-batch interval (env LAKEHOUSE_TRIGGER_INTERVAL, default '1 second')")] = None,
+    max_offsets_per_trigger: Annotated[Optional[int], typer.Option(help="Kafka records per micro-batch (env LAKEHOUSE_MAX_OFFSETS_PER_TRIGGER, default 2000)")] = None,
+    starting_offsets: Annotated[Optional[str], typer.Option(help="earliest|latest for a new checkpoint (env LAKEHOUSE_STARTING_OFFSETS, default earliest)")] = None,
+    fail_on_data_loss: Annotated[Optional[bool], typer.Option(help="stop when Kafka lost unread offsets (env LAKEHOUSE_FAIL_ON_DATA_LOSS, default true)")] = None,
+    http_host: Annotated[Optional[str], typer.Option(help="API listen address (env LAKEHOUSE_HTTP_HOST, default 127.0.0.1)")] = None,
+    http_port: Annotated[Optional[int], typer.Option(help="API port (env LAKEHOUSE_HTTP_PORT, default 8000)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more")] = False,
+) -> None:
+    """Every setting is a flag here and a LAKEHOUSE_* environment variable; flags win."""
+    given = {name: value for name, value in locals().items() if name != "verbose" and value is not None}
+    _overrides.clear()
+    _overrides.update(given)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings()
+    except Exception as exc:  # pydantic's ValidationError names the setting and the problem
+        _fail(str(exc))
+
+
+@app.command()
+def setup(force: Annotated[bool, typer.Option(help="resolve again even if the jars are there")] = False) -> None:
+    """Resolve the JVM jars (Delta, Spark's Kafka source, the Kafka broker) with Maven into <home>/jars."""
+    from pipeline import jars
+    from pipeline.errors import PipelineError
+
+    try:
+        with console.status("resolving JVM jars with Maven"):
+            counts = jars.resolve(settings().home, force=force)
+    except PipelineError as exc:
+        _fail(str(exc))
+    console.print(f"jars ready: {counts['spark']} for Spark, {counts['kafka']} for the Kafka broker")
+
+
+@kafka_app.command("start")
+def kafka_start() -> None:
+    """Start the local broker (formatting its storage on first start) and create the topic."""
+    from pipeline.broker import LocalBroker, ensure_topic
+    from pipeline.errors import PipelineError
+
+    current = settings()
+    broker = LocalBroker.from_settings(current)
+    try:
+        with console.status(f"starting Kafka on {broker.host}:{broker.port}"):
+            pid = broker.start()
+            created = ensure_topic(current)
+    except PipelineError as exc:
+        _fail(str(exc))
+    state = "created" if created else "exists"
+    console.print(f"Kafka broker running (pid {pid}) on {broker.host}:{broker.port}; topic {current.topic!r} {state}")
+
+
+@kafka_app.command("stop")
+def kafka_stop() -> None:
+    """Stop the local broker."""
+    from pipeline.broker import LocalBroker
+
+    stopped = LocalBroker.from_settings(settings()).stop()
+    console.print("Kafka broker stopped" if stopped else "Kafka broker was not running")
+
+
+@kafka_app.command("status")
+def kafka_status() -> None:
+    """Is the local broker running, and what does the cluster report?"""
+    from pipeline.broker import LocalBroker, describe
+
+    current = settings()
+    broker = LocalBroker.from_settings(current)
+    pid = broker.pid()
+    console.print(f"local broker: {'running, pid ' + str(pid) if pid else 'not running'}")
+    try:
+        info = describe(current)
+    except Exception as exc:
+        _fail(f"cannot reach Kafka at {current.kafka_bootstrap}: {exc}")
+    console.print(f"cluster: brokers {info['brokers']}, topic {info['topic']!r} partitions {info['partitions']}")
+
+
+@app.command()
+def produce(
+    path: Annotated[Optional[Path], typer.Argument(help="NDJSON file, one message per line; '-' for stdin")] = None,
+    synthetic: Annotated[bool, typer.Option(help="send a generated device fleet instead of a file")] = False,
+    devices: Annotated[int, typer.Option(help="synthetic: number of devices")] = 20,
+    messages: Annotated[int, typer.Option(help="synthetic: number of messages")] = 2000,
+    batch_share: Annotated[float, typer.Option(help="synthetic: share of messages that are batches")] = 0.1,
+    full_batches: Annotated[int, typer.Option(help="synthetic: batches filled up to the message size limit")] = 1,
+    span_seconds: Annotated[int, typer.Option(help="synthetic: readings spread over this many seconds")] = 600,
+    start: Annotated[str, typer.Option(help="synthetic: time of the first reading")] = "2024-07-30T12:00:00Z",
+    seed: Annotated[int, typer.Option(help="synthetic: random seed")] = 7,
+    save: Annotated[Optional[Path], typer.Option(help="synthetic: also write the messages to this NDJSON file")] = None,
+    rate: Annotated[float, typer.Option(help="messages per second; 0 sends as fast as possible")] = 0.0,
+) -> None:
+    """Send NDJSON lines (or a synthetic fleet) to the topic, keyed by device_id."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    from lake.timestamps import from_us, parse_timestamp_us
+    from pipeline.errors import PipelineError
+    from pipeline.produce import produce as send
+    from pipeline.synthetic import Fleet, generate
+
+    current = settings()
+    if synthetic == (path is not None):
+        _fail("give either a PATH (or '-') or --synthetic")
+    total: int | None = None
+    if synthetic:
+        fleet = Fleet(
+            devices=devices, messages=messages, batch_share=batch_share, full_batches=full_batches,
+            max_message_bytes=current.max_message_bytes, start=from_us(parse_timestamp_us(start)),
+            span_seconds=span_seconds, seed=seed,
+        )  # fmt: skip
+        source = generate(fleet)
+        if save is not None:
+            lines = list(source)
+            save.write_bytes(b"".join(line + b"\n" for line in lines))
+            source = iter(lines)
+        total = None
+    elif str(path) == "-":
+        source = iter(sys.stdin.buffer)
+    else:
+        assert path is not None
+        if not path.is_file():
+            _fail(f"no such file: {path}")
+        total = path.stat().st_size
+        source = path.open("rb")
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("produce", total=total)
+            report = send(current, source, on_progress=lambda n: progress.advance(task, n), rate=rate)
+        console.print(f"sent {report.sent:,} messages ({report.bytes:,} bytes) to {current.topic!r}"
+                      + (f"; {report.blank_lines} blank lines ignored" if report.blank_lines else ""))  # fmt: skip
+        report.raise_for_problems(current.max_message_bytes)
+    except PipelineError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def pipeline(
+    available_now: Annotated[bool, typer.Option("--available-now", help="process what Kafka holds, then exit")] = False,
+) -> None:
+    """Run the streaming job Kafka -> bronze/silver/gold/quarantine (continuous unless --available-now)."""
+    from pipeline.errors import PipelineError
+    from pipeline.job import run
+
+    current = settings()
+    try:
+        reports = run(current, available_now=available_now)
+    except PipelineError as exc:
+        _fail(str(exc))
+    records = sum(r.records for r in reports)
+    readings = sum(r.readings for r in reports)
+    quarantined = sum(r.quarantined for r in reports)
+    console.print(f"{len(reports)} micro-batches: {records:,} records, {readings:,} readings, {quarantined:,} quarantined")
+
+
+@app.command()
+def serve(
+    port: Annotated[Optional[int], typer.Option(help="port (overrides --http-port / LAKEHOUSE_HTTP_PORT)")] = None,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+) -> None:
+    """Run the HTTP API: GET /kpis/{timestamp}, /health, OpenAPI at /schema."""
+    import uvicorn
+
+    if port is not None:
+        _overrides["http_port"] = port
+    current = settings()
+    import os
+
+    # The app factory reads settings from the environment, also in worker processes.
+    for name, value in _overrides.items():
+        os.environ[f"LAKEHOUSE_{name.upper()}"] = str(value)
+    uvicorn.run("serve.app:create_app", factory=True, host=current.http_host, port=current.http_port,
+                workers=workers, log_level="info")  # fmt: skip
+
+
+@app.command()
+def sql(
+    query: Annotated[Optional[str], typer.Argument(help="SQL to run; without it, an interactive prompt")] = None,
+    output: Annotated[str, typer.Option(help="table|csv|json")] = "table",
+) -> None:
+    """DuckDB over the lake, with views bronze, silver, gold and quarantine."""
+    from lake.duck import LakeError, connect
+    from lake.sql import interactive, run_query
+
+    from lake.tables import LakePaths
+
+    try:
+        connection = connect(LakePaths.from_settings(settings()))
+    except LakeError as exc:
+        _fail(str(exc))
+    if query is None:
+        interactive(connection)
+        return
+    try:
+        run_query(connection, query, output, sys.stdout)
+    except Exception as exc:  # DuckDB's own message says what is wrong with the query
+        _fail(str(exc))
+
+
+if __name__ == "__main__":
+    app()

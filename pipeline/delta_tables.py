@@ -1,0 +1,27 @@
+"""Creates the lake's Delta tables (idempotently) from the schemas that `lake.tables` owns."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lake.tables import SCHEMAS, LakePaths, Table
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+_PROPERTIES: dict[Table, dict[str, str]] = {
+    # Bronze is the record of what Kafka held: rows are only ever added.
+    Table.BRONZE: {"delta.appendOnly": "true"},
+}
+
+
+def create_tables(spark: SparkSession, paths: LakePaths) -> None:
+    from delta.tables import DeltaTable
+    from pyspark.sql.types import StructType
+
+    for table, ddl in SCHEMAS.items():
+        schema = StructType.fromDDL(ddl)
+        builder = DeltaTable.createIfNotExists(spark).location(paths.table(table)).addColumns(schema)
+        for key, value in _PROPERTIES.get(table, {}).items():
+            builder = builder.property(key, value)
+        builder.execute()

@@ -1,0 +1,169 @@
+"""The streaming job: Kafka -> bronze, quarantine, silver, gold, each micro-batch written exactly once.
+
+One streaming query with `foreachBatch`. Every Delta write carries the query's stable app id and the batch id
+(`txnAppId`/`txnVersion`), so a batch that Spark re-runs after a crash skips the writes that already committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lake.settings import Settings
+from lake.tables import LakePaths, Table
+from pipeline import dedupe, kpi
+from pipeline.parse import OUTPUT_DDL, PASSTHROUGH, parse_arrow_batches
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger("lakehouse.pipeline")
+
+QUERY_NAME = "ingest"
+_TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
+_TXN_VERSION = "spark.databricks.delta.write.txnVersion"
+
+
+@dataclass
+class BatchReport:
+    batch_id: int
+    records: int = 0
+    readings: int = 0
+    quarantined: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class IngestJob:
+    """State of one run: where to write and the app id read from the checkpoint."""
+
+    spark: SparkSession
+    settings: Settings
+    paths: LakePaths
+    app_id: str | None = None
+    reports: list[BatchReport] = field(default_factory=list)
+
+    def _app_id(self) -> str:
+        # The checkpoint's `metadata` file holds the query id, which stays the same across restarts on the same
+        # checkpoint and is new for a new checkpoint: exactly what Delta's idempotent writes need.
+        if self.app_id is None:
+            line = self.spark.read.text(self.paths.checkpoint(QUERY_NAME) + "/metadata").first()
+            self.app_id = "kpi-lakehouse-" + json.loads(line[0])["id"]
+        return self.app_id
+
+    def _append(self, frame: DataFrame, table: Table, batch_id: int) -> None:
+        (
+            frame.write.format("delta")
+            .mode("append")
+            .option("txnAppId", self._app_id())
+            .option("txnVersion", batch_id)
+            .save(self.paths.table(table))
+        )
+
+    def _merge(self, batch_id: int, run_merge: Callable[[], object]) -> None:
+        conf = self.spark.conf
+        conf.set(_TXN_APP_ID, self._app_id())
+        conf.set(_TXN_VERSION, str(batch_id))
+        try:
+            run_merge()
+        finally:
+            conf.unset(_TXN_APP_ID)
+            conf.unset(_TXN_VERSION)
+
+    def process_batch(self, records: DataFrame, batch_id: int) -> None:
+        from pyspark import StorageLevel
+        from pyspark.sql import functions as F
+
+        started = time.monotonic()
+        report = BatchReport(batch_id)
+        self._append(records.withColumn("ingested_at", F.current_timestamp()), Table.BRONZE, batch_id)
+
+        parsed = records.select(*PASSTHROUGH, "value").mapInArrow(parse_arrow_batches, OUTPUT_DDL)
+        parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            counts = parsed.agg(
+                F.count_distinct("topic", "partition", "offset").alias("records"),
+                F.count("device_id").alias("readings"),
+                F.count("reason_code").alias("quarantined"),
+                F.min(F.unix_micros("timestamp")).alias("lo"),
+                F.max(F.unix_micros("timestamp")).alias("hi"),
+            ).first()
+            report.records, report.readings, report.quarantined = counts["records"], counts["readings"], counts["quarantined"]
+            if report.quarantined:
+                bad = parsed.where("reason_code IS NOT NULL").select(
+                    "topic", "partition", "offset", "reading_index", "reason_code", "reason", "raw",
+                    "kafka_timestamp", F.current_timestamp().alias("quarantined_at"),
+                )  # fmt: skip
+                self._append(bad, Table.QUARANTINE, batch_id)
+            if report.readings:
+                # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
+                lo, hi = f"timestamp_micros({counts['lo']})", f"timestamp_micros({counts['hi']})"
+                readings = parsed.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
+                self._write_silver(readings, batch_id, lo, hi)
+                self._write_gold(readings, batch_id, lo, hi)
+        finally:
+            parsed.unpersist()
+        report.seconds = time.monotonic() - started
+        self.reports.append(report)
+        log.info(
+            "batch %d: %d records, %d readings, %d quarantined, %.1f s",
+            batch_id, report.records, report.readings, report.quarantined, report.seconds,
+        )  # fmt: skip
+
+    def _write_silver(self, readings: DataFrame, batch_id: int, lo: str, hi: str) -> None:
+        from delta.tables import DeltaTable
+
+        latest = dedupe.latest_per_identity(readings)
+        silver = DeltaTable.forPath(self.spark, self.paths.table(Table.SILVER))
+        merge = (
+            silver.alias("t")
+            .merge(latest.alias("s"), dedupe.merge_condition(lo, hi))
+            .whenMatchedUpdateAll(condition=dedupe.newer_and_different())
+            .whenNotMatchedInsertAll()
+        )
+        self._merge(batch_id, merge.execute)
+
+    def _write_gold(self, readings: DataFrame, batch_id: int, lo: str, hi: str) -> None:
+        from delta.tables import DeltaTable
+        from pyspark.sql import functions as F
+
+        seconds = readings.select(F.date_trunc("second", "timestamp").alias("second")).distinct()
+        silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
+        fresh = kpi.kpis_for_seconds(silver, seconds, lo, hi)
+        gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD))
+        merge = (
+            gold.alias("t")
+            .merge(fresh.alias("s"), kpi.gold_merge_condition(lo, hi))
+            .whenMatchedUpdateAll(condition=kpi.GOLD_CHANGED)
+            .whenNotMatchedInsertAll()
+        )
+        self._merge(batch_id, merge.execute)
+
+
+def run(settings: Settings, available_now: bool = False, spark: SparkSession | None = None) -> list[BatchReport]:
+    """Run the ingest query until it is stopped (or, with `available_now`, until Kafka's backlog is processed)."""
+    from pipeline.delta_tables import create_tables
+    from pipeline.source import read_kafka
+    from pipeline.spark import build_session
+
+    spark = spark or build_session(settings)
+    paths = LakePaths.from_settings(settings)
+    create_tables(spark, paths)
+    job = IngestJob(spark, settings, paths)
+    writer = (
+        read_kafka(spark, settings)
+        .writeStream.queryName(QUERY_NAME)
+        .option("checkpointLocation", paths.checkpoint(QUERY_NAME))
+        .foreachBatch(job.process_batch)
+    )
+    writer = writer.trigger(availableNow=True) if available_now else writer.trigger(processingTime=settings.trigger_interval)
+    query = writer.start()
+    try:
+        query.awaitTermination()
+    except KeyboardInterrupt:
+        query.stop()
+    return job.reports

@@ -1,0 +1,260 @@
+"""Reads one Kafka message into readings and quarantine entries (contract sections 1 and 2).
+
+Pure Python over bytes so that it is testable without Spark; `parse_arrow_batches` runs it inside Spark's
+`mapInArrow`. Valid messages take a typed msgspec fast path; any message with a problem is re-read generically
+so that each invalid reading gets its own reason and its valid siblings are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from enum import Enum
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from lake.timestamps import TimestampError, parse_timestamp_us
+
+
+class Reason(str, Enum):
+    """Quarantine reason codes (documented in the README)."""
+
+    NOT_UTF8 = "not_utf8"
+    NOT_JSON = "not_json"
+    BAD_SHAPE = "bad_shape"
+    NO_READINGS = "no_readings"
+    BAD_READING_SHAPE = "bad_reading_shape"
+    MISSING_DEVICE_ID = "missing_device_id"
+    BAD_DEVICE_ID = "bad_device_id"
+    MISSING_TIMESTAMP = "missing_timestamp"
+    BAD_TIMESTAMP = "bad_timestamp"
+    MISSING_VALUE = "missing_value"
+    BAD_VALUE = "bad_value"
+
+
+class InvalidReading(ValueError):
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_device_id(device_id: object) -> str:
+    if device_id is None or device_id is UNSET:
+        raise InvalidReading(Reason.MISSING_DEVICE_ID, "device_id is missing")
+    if not isinstance(device_id, str) or not device_id:
+        raise InvalidReading(Reason.BAD_DEVICE_ID, f"device_id must be a non-empty string, got {device_id!r:.64}")
+    return device_id
+
+
+def check_value(value: object) -> float:
+    if value is UNSET:
+        raise InvalidReading(Reason.MISSING_VALUE, "value is missing")
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidReading(Reason.BAD_VALUE, f"value must be a JSON number, got {value!r:.64}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise InvalidReading(Reason.BAD_VALUE, "value is out of the range of a double") from None
+    if not math.isfinite(number):
+        raise InvalidReading(Reason.BAD_VALUE, f"value must be finite, got {value!r}")
+    return number
+
+
+def check_timestamp(timestamp: object) -> int:
+    if timestamp is None or timestamp is UNSET:
+        raise InvalidReading(Reason.MISSING_TIMESTAMP, "timestamp is missing")
+    if not isinstance(timestamp, str):
+        raise InvalidReading(Reason.BAD_TIMESTAMP, f"timestamp must be a string, got {timestamp!r:.64}")
+    try:
+        return parse_timestamp_us(timestamp)
+    except TimestampError as exc:
+        raise InvalidReading(Reason.BAD_TIMESTAMP, str(exc)) from None
+
+
+# Typed shapes for the fast path. UNSET tells a missing field from an explicit null.
+class _Item(msgspec.Struct):
+    device_id: str | None | UnsetType = UNSET
+    timestamp: str | None | UnsetType = UNSET
+    value: float | None | UnsetType = UNSET
+
+
+class _Message(msgspec.Struct):
+    device_id: str | None | UnsetType = UNSET
+    timestamp: str | None | UnsetType = UNSET
+    value: float | None | UnsetType = UNSET
+    readings: list[_Item] | None | UnsetType = UNSET
+
+
+_decode_object = msgspec.json.Decoder(_Message).decode
+_decode_array = msgspec.json.Decoder(list[_Item]).decode
+
+
+class ParsedMessage:
+    """Columns of what one or more messages yield: readings (reason None) and quarantine entries."""
+
+    __slots__ = ("source", "device_id", "timestamp_us", "value", "reading_index", "reason_code", "reason", "raw")
+
+    def __init__(self) -> None:
+        self.source: list[int] = []  # row of the input (Kafka record) each entry comes from
+        self.device_id: list[str | None] = []
+        self.timestamp_us: list[int | None] = []
+        self.value: list[float | None] = []
+        self.reading_index: list[int | None] = []
+        self.reason_code: list[str | None] = []
+        self.reason: list[str | None] = []
+        self.raw: list[str | None] = []
+
+    def reading(self, source: int, device_id: str, timestamp_us: int, value: float, index: int) -> None:
+        self.source.append(source)
+        self.device_id.append(device_id)
+        self.timestamp_us.append(timestamp_us)
+        self.value.append(value)
+        self.reading_index.append(index)
+        self.reason_code.append(None)
+        self.reason.append(None)
+        self.raw.append(None)
+
+    def quarantine(self, source: int, index: int | None, reason: Reason, message: str, raw: str | None) -> None:
+        self.source.append(source)
+        self.device_id.append(None)
+        self.timestamp_us.append(None)
+        self.value.append(None)
+        self.reading_index.append(index)
+        self.reason_code.append(reason.value)
+        self.reason.append(message)
+        self.raw.append(raw)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def _fast_path(payload: bytes, source: int, out: ParsedMessage) -> bool:
+    """Decode a message that is valid throughout; False (nothing appended) if anything needs the slow path."""
+    start = payload.lstrip()[:1]
+    try:
+        if start == b"{":
+            message = _decode_object(payload)
+            if message.readings is UNSET:
+                items: list[Any] = [message]
+                default_device: object = UNSET
+            elif message.readings:
+                items = message.readings
+                default_device = message.device_id
+            else:
+                return False
+        elif start == b"[":
+            items = _decode_array(payload)
+            default_device = UNSET
+            if not items:
+                return False
+        else:
+            return False
+        rows = []
+        for index, item in enumerate(items):
+            device = item.device_id if item.device_id is not UNSET and item.device_id is not None else default_device
+            if not isinstance(device, str) or not device or not isinstance(item.timestamp, str):
+                return False
+            if not isinstance(item.value, float):
+                return False
+            rows.append((device, parse_timestamp_us(item.timestamp), item.value, index))
+    except (msgspec.DecodeError, msgspec.ValidationError, TimestampError, RecursionError):
+        return False
+    for device, timestamp_us, value, index in rows:
+        out.reading(source, device, timestamp_us, value, index)
+    return True
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _slow_path(payload: bytes, source: int, out: ParsedMessage) -> None:
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        out.quarantine(source, None, Reason.NOT_UTF8, f"message is not UTF-8: {exc}",
+                       payload.decode("utf-8", "backslashreplace"))  # fmt: skip
+        return
+    try:
+        document = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        out.quarantine(source, None, Reason.NOT_JSON, "message is nested too deeply to read", text)
+        return
+    except ValueError as exc:
+        out.quarantine(source, None, Reason.NOT_JSON, f"message is not JSON: {exc}", text)
+        return
+    if isinstance(document, dict) and "readings" in document:
+        items = document["readings"]
+        if not isinstance(items, list):
+            out.quarantine(source, None, Reason.BAD_SHAPE, "'readings' must be an array of readings", text)
+            return
+        default_device = document.get("device_id", UNSET)
+    elif isinstance(document, dict):
+        items, default_device = [document], UNSET
+    elif isinstance(document, list):
+        items, default_device = document, UNSET
+    else:
+        out.quarantine(source, None, Reason.BAD_SHAPE,
+                       f"message must be a JSON object or array, got {type(document).__name__}", text)  # fmt: skip
+        return
+    if not items:
+        out.quarantine(source, None, Reason.NO_READINGS, "message holds no readings", text)
+        return
+    for index, item in enumerate(items):
+        try:
+            if not isinstance(item, dict):
+                raise InvalidReading(Reason.BAD_READING_SHAPE, f"a reading must be a JSON object, got {type(item).__name__}")
+            own_device = item.get("device_id")
+            device = check_device_id(own_device if own_device is not None else default_device)
+            timestamp_us = check_timestamp(item.get("timestamp", UNSET))
+            value = check_value(item.get("value", UNSET))
+        except InvalidReading as problem:
+            out.quarantine(source, index, problem.reason, str(problem), json.dumps(item, allow_nan=True))
+        else:
+            out.reading(source, device, timestamp_us, value, index)
+
+
+def parse_message(payload: bytes | None, source: int, out: ParsedMessage) -> None:
+    """Append what one Kafka message value yields to `out`."""
+    if payload is None or not payload.strip():
+        out.quarantine(source, None, Reason.NOT_JSON, "message is empty", None if payload is None else "")
+        return
+    if not _fast_path(payload, source, out):
+        _slow_path(payload, source, out)
+
+
+def parse_messages(payloads: list[bytes | None]) -> ParsedMessage:
+    out = ParsedMessage()
+    for source, payload in enumerate(payloads):
+        parse_message(payload, source, out)
+    return out
+
+
+# Columns that mapInArrow passes through from the Kafka record to every row it yields.
+PASSTHROUGH = ("topic", "partition", "offset", "kafka_timestamp")
+
+OUTPUT_DDL = (
+    "topic STRING, `partition` INT, `offset` BIGINT, kafka_timestamp TIMESTAMP, device_id STRING, "
+    "`timestamp` TIMESTAMP, value DOUBLE, reading_index INT, reason_code STRING, reason STRING, raw STRING"
+)
+
+
+def parse_arrow_batches(batches: Iterator[Any]) -> Iterator[Any]:
+    """mapInArrow body: Kafka records (PASSTHROUGH + value) in, parsed rows (OUTPUT_DDL) out."""
+    import pyarrow as pa
+
+    for batch in batches:
+        parsed = parse_messages(batch.column("value").to_pylist())
+        take = pa.array(parsed.source, type=pa.int32())
+        columns = {name: batch.column(name).take(take) for name in PASSTHROUGH}
+        columns["device_id"] = pa.array(parsed.device_id, type=pa.string())
+        columns["timestamp"] = pa.array(parsed.timestamp_us, type=pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+        columns["value"] = pa.array(parsed.value, type=pa.float64())
+        columns["reading_index"] = pa.array(parsed.reading_index, type=pa.int32())
+        columns["reason_code"] = pa.array(parsed.reason_code, type=pa.string())
+        columns["reason"] = pa.array(parsed.reason, type=pa.string())
+        columns["raw"] = pa.array(parsed.raw, type=pa.string())
+        yield pa.RecordBatch.from_pydict(columns)

@@ -1,0 +1,132 @@
+"""Sends messages to the topic: NDJSON lines or a synthetic fleet, keyed by device, idempotent, zstd-compressed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from lake.settings import Settings
+from pipeline.errors import MessageTooLarge, PipelineError
+
+
+class _KeyItem(msgspec.Struct):
+    device_id: object = None
+
+
+class _KeyMessage(msgspec.Struct):
+    device_id: object = None
+    readings: object = None
+
+
+_decode_key_object = msgspec.json.Decoder(_KeyMessage).decode
+_decode_key_array = msgspec.json.Decoder(list[_KeyItem]).decode
+
+
+def message_key(payload: bytes) -> bytes | None:
+    """The message's device_id (for an array, its first reading's), so one device's messages share a partition."""
+    try:
+        start = payload.lstrip()[:1]
+        if start == b"{":
+            message = _decode_key_object(payload)
+            device = message.device_id
+            if device is None and isinstance(message.readings, list) and message.readings:
+                first = message.readings[0]
+                device = first.get("device_id") if isinstance(first, dict) else None
+        elif start == b"[":
+            items = _decode_key_array(payload)
+            device = items[0].device_id if items else None
+        else:
+            return None
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return device.encode() if isinstance(device, str) and device else None
+
+
+def producer_config(settings: Settings) -> dict[str, object]:
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "compression.type": "zstd",
+        "linger.ms": 20,
+        # librdkafka's request limit must hold a message at the limit plus its framing.
+        "message.max.bytes": settings.kafka_limit_bytes,
+        "batch.size": settings.kafka_limit_bytes,
+        "queue.buffering.max.kbytes": max(1048576, 4 * settings.kafka_limit_bytes // 1024),
+    }
+
+
+@dataclass
+class ProduceReport:
+    sent: int = 0
+    bytes: int = 0
+    blank_lines: int = 0
+    too_large: list[tuple[int, int]] = field(default_factory=list)  # (line number, size)
+    failed: list[str] = field(default_factory=list)
+
+    def raise_for_problems(self, limit: int) -> None:
+        problems = []
+        for line_number, size in self.too_large[:10]:
+            problems.append(
+                f"line {line_number}: message of {size:,} bytes exceeds LAKEHOUSE_MAX_MESSAGE_BYTES={limit:,}; "
+                "split it or raise the limit (see README, 'Message size')"
+            )
+        if len(self.too_large) > 10:
+            problems.append(f"... and {len(self.too_large) - 10} more lines over the limit")
+        problems.extend(self.failed[:10])
+        if problems:
+            raise MessageTooLarge("\n".join(problems)) if self.too_large else PipelineError("\n".join(problems))
+
+
+def produce(
+    settings: Settings,
+    messages: Iterable[bytes],
+    on_progress: Callable[[int], None] | None = None,
+    rate: float = 0.0,
+) -> ProduceReport:
+    """Send each message (one per item, trailing newline ignored); over-limit messages are reported, not sent."""
+    import time
+
+    from confluent_kafka import KafkaException, Producer
+
+    producer = Producer(producer_config(settings))
+    report = ProduceReport()
+
+    def delivered(error: object, _message: object) -> None:
+        if error is not None:
+            report.failed.append(f"delivery failed: {error}")
+
+    limit = settings.max_message_bytes
+    started = time.monotonic()
+    for line_number, raw in enumerate(messages, start=1):
+        payload = raw.rstrip(b"\r\n")
+        if not payload.strip():
+            report.blank_lines += 1
+            continue
+        if len(payload) > limit:
+            report.too_large.append((line_number, len(payload)))
+            continue
+        while True:
+            try:
+                producer.produce(settings.topic, payload, key=message_key(payload), on_delivery=delivered)
+                break
+            except BufferError:
+                producer.poll(0.1)  # the local queue is full: wait for deliveries
+            except KafkaException as exc:
+                report.failed.append(f"line {line_number}: {exc}")
+                break
+        report.sent += 1
+        report.bytes += len(payload)
+        producer.poll(0)
+        if on_progress:
+            on_progress(len(raw))
+        if rate > 0:
+            ahead = report.sent / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+    remaining = producer.flush(120)
+    if remaining:
+        report.failed.append(f"{remaining} messages were not delivered within 120 s; is the broker up?")
+    return report

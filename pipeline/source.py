@@ -1,0 +1,33 @@
+"""The Kafka source of the streaming job, with fetch limits that let a message at the size limit through."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lake.settings import Settings
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+
+def kafka_options(settings: Settings) -> dict[str, str]:
+    limit = settings.kafka_limit_bytes
+    return {
+        "kafka.bootstrap.servers": settings.kafka_bootstrap,
+        "subscribe": settings.topic,
+        "startingOffsets": settings.starting_offsets,
+        "failOnDataLoss": str(settings.fail_on_data_loss).lower(),
+        "maxOffsetsPerTrigger": str(settings.max_offsets_per_trigger),
+        "kafka.max.partition.fetch.bytes": str(limit),
+        "kafka.fetch.max.bytes": str(max(50 * 1024 * 1024, limit)),
+    }
+
+
+def read_kafka(spark: SparkSession, settings: Settings) -> DataFrame:
+    """Kafka records as (topic, partition, offset, kafka_timestamp, key, value)."""
+    reader = spark.readStream.format("kafka")
+    for key, value in kafka_options(settings).items():
+        reader = reader.option(key, value)
+    return reader.load().selectExpr(
+        "topic", "`partition`", "`offset`", "timestamp AS kafka_timestamp", "key", "value"
+    )

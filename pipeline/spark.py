@@ -1,0 +1,47 @@
+"""The one SparkSession builder, shared by the streaming job and the tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from lake.settings import Settings
+from pipeline import jars
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+
+def build_session(settings: Settings, app_name: str = "kpi-lakehouse", extra: dict[str, str] | None = None) -> SparkSession:
+    from pyspark.sql import SparkSession
+
+    # Python workers (the parser runs in mapInArrow) must use this interpreter and its packages.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    jar_files = ",".join(str(j) for j in jars.spark_jars(settings.home))
+    conf = {
+        "spark.master": settings.spark_master,
+        "spark.app.name": app_name,
+        "spark.jars": jar_files,
+        "spark.driver.memory": settings.spark_driver_memory,
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.shuffle.partitions": str(settings.shuffle_partitions),
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        # Each Arrow batch handed to the parser holds at most this many Kafka records (up to 5 MiB each).
+        "spark.sql.execution.arrow.maxRecordsPerBatch": "64",
+        "spark.sql.streaming.stopGracefullyOnShutdown": "true",
+        # New tables stay readable by DuckDB's pinned delta reader (no deletion vectors).
+        "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",
+        "spark.driver.extraJavaOptions": "-Dio.netty.tryReflectionSetAccessible=true",
+    }
+    conf.update(extra or {})
+    builder = SparkSession.builder
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
