@@ -17,3 +17,7 @@ class BrokerError(PipelineError):
 
 class MessageTooLarge(PipelineError):
     """A message to produce is over LAKEHOUSE_MAX_MESSAGE_BYTES."""
+
+
+class StreamStopped(PipelineError):
+    """The streaming query failed; its checkpoint allows a restart once the cause is fixed."""

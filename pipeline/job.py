@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
 from pipeline import dedupe, kpi
+from pipeline.errors import StreamStopped
 from pipeline.parse import OUTPUT_DDL, PASSTHROUGH, parse_arrow_batches
 
 if TYPE_CHECKING:
@@ -146,6 +147,8 @@ class IngestJob:
 
 def run(settings: Settings, available_now: bool = False, spark: SparkSession | None = None) -> list[BatchReport]:
     """Run the ingest query until it is stopped (or, with `available_now`, until Kafka's backlog is processed)."""
+    from pyspark.errors import StreamingQueryException
+
     from pipeline.delta_tables import create_tables
     from pipeline.source import read_kafka
     from pipeline.spark import build_session
@@ -166,4 +169,8 @@ def run(settings: Settings, available_now: bool = False, spark: SparkSession | N
         query.awaitTermination()
     except KeyboardInterrupt:
         query.stop()
+    except StreamingQueryException as exc:
+        # Spark's message carries the whole plan; the first lines say what failed.
+        summary = "\n".join(str(exc.getErrorClass() or "") .splitlines()[:1] + str(exc).splitlines()[:12])
+        raise StreamStopped(f"the ingest query stopped: {summary}\nthe checkpoint is intact; fix the cause and run again") from exc
     return job.reports
