@@ -171,6 +171,6 @@ def run(settings: Settings, available_now: bool = False, spark: SparkSession | N
         query.stop()
     except StreamingQueryException as exc:
         # Spark's message carries the whole plan; the first lines say what failed.
-        summary = "\n".join(str(exc.getErrorClass() or "") .splitlines()[:1] + str(exc).splitlines()[:12])
+        summary = "\n".join(str(exc).splitlines()[:12])
         raise StreamStopped(f"the ingest query stopped: {summary}\nthe checkpoint is intact; fix the cause and run again") from exc
     return job.reports

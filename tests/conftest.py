@@ -1,0 +1,68 @@
+"""Shared fixtures: the real Kafka broker (started once per session) and a local Spark session."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lake.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+HOME = REPO / ".lakehouse"  # jars resolved by `lakehouse setup` (make test runs it first)
+TEST_KAFKA_PORT = 19092
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[str]:
+    """A real single-node KRaft broker on a test port with fresh storage; yields its bootstrap address."""
+    from pipeline.broker import LocalBroker
+
+    local = LocalBroker(home=HOME, host="localhost", port=TEST_KAFKA_PORT, max_bytes=Settings().kafka_limit_bytes)
+    local.stop()
+    shutil.rmtree(local.folder, ignore_errors=True)
+    local.start()
+    yield f"localhost:{TEST_KAFKA_PORT}"
+    local.stop()
+
+
+@pytest.fixture()
+def lake_settings(tmp_path: Path) -> Settings:
+    """Settings for one test: its own lake folder, test-sized Spark, a topic of its own (created by `topic`)."""
+    return Settings(
+        kafka_bootstrap=f"localhost:{TEST_KAFKA_PORT}",
+        topic=f"test-{uuid.uuid4().hex[:8]}",
+        lake_root=str(tmp_path / "lake"),
+        home=HOME,
+        spark_master="local[2]",
+        shuffle_partitions=2,
+        spark_driver_memory="2g",
+    )
+
+
+@pytest.fixture()
+def topic(broker: str, lake_settings: Settings) -> str:
+    from pipeline.broker import ensure_topic
+
+    assert ensure_topic(lake_settings) is True
+    return lake_settings.topic
+
+
+@pytest.fixture(scope="session")
+def spark():  # type: ignore[no-untyped-def]
+    from pipeline.spark import build_session
+
+    settings = Settings(home=HOME, spark_master="local[2]", shuffle_partitions=2, spark_driver_memory="2g")
+    session = build_session(settings, app_name="kpi-lakehouse-tests")
+    yield session
+    session.stop()

@@ -1,0 +1,144 @@
+"""Parsing and validation of Kafka messages (contract sections 1 and 2), without Spark."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from lake.timestamps import parse_timestamp_us
+from pipeline.parse import ParsedMessage, parse_message, parse_messages
+
+
+def micros(text: str) -> int:
+    """Independent reference: datetime does the calendar and offset arithmetic."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def rows(parsed: ParsedMessage) -> list[tuple[object, ...]]:
+    return list(
+        zip(parsed.device_id, parsed.timestamp_us, parsed.value, parsed.reading_index, parsed.reason_code, strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "same_as"),
+    [
+        ("2024-07-30T12:00:00Z", "2024-07-30T12:00:00+00:00"),
+        ("2024-07-30T12:00:00z", "2024-07-30T12:00:00+00:00"),
+        ("2024-07-30T14:00:00+02:00", "2024-07-30T12:00:00+00:00"),
+        ("2024-07-30T06:30:00-05:30", "2024-07-30T12:00:00+00:00"),
+        ("2024-07-30T12:00:00", "2024-07-30T12:00:00+00:00"),  # no offset means UTC
+        ("2024-07-30 12:00:00.5Z", "2024-07-30T12:00:00.500000+00:00"),
+        ("2024-07-30T12:00:00.123456789Z", "2024-07-30T12:00:00.123456+00:00"),  # truncated, not rounded
+        ("2024-07-30T12:00:00.999999999Z", "2024-07-30T12:00:00.999999+00:00"),
+        ("2024-07-30T12:00Z", "2024-07-30T12:00:00+00:00"),
+        ("2024-07-31T01:00:00+13:00", "2024-07-30T12:00:00+00:00"),
+        ("1969-12-31T23:59:59.999999Z", "1969-12-31T23:59:59.999999+00:00"),
+    ],
+)
+def test_timestamp_formats(text: str, same_as: str) -> None:
+    assert parse_timestamp_us(text) == micros(same_as)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2024-07-30", "0000-01-01T00:00:00Z", "10000-01-01T00:00:00Z", "2024-13-01T00:00:00Z", "2024-02-30T00:00:00Z",
+     "2024-07-30T24:00:00Z", "2024-07-30T12:00:60Z", "yesterday", "", "2024-07-30T12:00:00+25:00", "1722340800"],
+)  # fmt: skip
+def test_bad_timestamps(text: str) -> None:
+    parsed = parse_messages([json.dumps({"device_id": "d", "timestamp": text, "value": 1}).encode()])
+    assert parsed.reason_code == ["bad_timestamp"]
+    assert parsed.reading_index == [0]
+
+
+def test_three_shapes_and_device_override() -> None:
+    single = {"device_id": "pump-7", "timestamp": "2024-07-30T12:00:00Z", "value": 42, "site": "north"}
+    batch = {
+        "device_id": "pump-7",
+        "readings": [
+            {"timestamp": "2024-07-30T12:00:01Z", "value": 1.5},
+            {"device_id": "valve-1", "timestamp": "2024-07-30T12:00:02Z", "value": -2e3},
+        ],
+    }
+    array = [{"device_id": "meter-3", "timestamp": "2024-07-30T12:00:03Z", "value": 0}]
+    parsed = parse_messages([json.dumps(m).encode() for m in (single, batch, array)])
+    assert rows(parsed) == [
+        ("pump-7", micros("2024-07-30T12:00:00+00:00"), 42.0, 0, None),
+        ("pump-7", micros("2024-07-30T12:00:01+00:00"), 1.5, 0, None),
+        ("valve-1", micros("2024-07-30T12:00:02+00:00"), -2000.0, 1, None),
+        ("meter-3", micros("2024-07-30T12:00:03+00:00"), 0.0, 0, None),
+    ]
+    assert parsed.source == [0, 1, 1, 2]
+
+
+def test_invalid_readings_keep_their_valid_siblings() -> None:
+    readings = [{"timestamp": f"2024-07-30T12:00:{i:02d}Z", "value": i} for i in range(10)]
+    readings.insert(3, {"timestamp": "2024-07-30T12:00:00Z", "value": "12"})
+    readings.insert(6, {"timestamp": "not a time", "value": 1})
+    readings.insert(9, {"device_id": "", "timestamp": "2024-07-30T12:00:00Z", "value": 1})
+    parsed = parse_messages([json.dumps({"device_id": "d", "readings": readings}).encode()])
+    valid = [r for r in rows(parsed) if r[4] is None]
+    invalid = [(r[3], r[4]) for r in rows(parsed) if r[4] is not None]
+    assert len(valid) == 10
+    assert [v[2] for v in valid] == [float(i) for i in range(10)]
+    assert invalid == [(3, "bad_value"), (6, "bad_timestamp"), (9, "bad_device_id")]
+    # the quarantined reading's own JSON is kept
+    assert json.loads(parsed.raw[parsed.reason_code.index("bad_value")]) == {"timestamp": "2024-07-30T12:00:00Z", "value": "12"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason", "index"),
+    [
+        (b"not json", "not_json", None),
+        (b'{"device_id": "d", "timestamp": "2024-07-30T12:00:00Z", "value": 1', "not_json", None),
+        (b"\xff\xfe{}", "not_utf8", None),
+        (b"", "not_json", None),
+        (b"null", "bad_shape", None),
+        (b"42", "bad_shape", None),
+        (b'"text"', "bad_shape", None),
+        (b"[]", "no_readings", None),
+        (b'{"device_id": "d", "readings": []}', "no_readings", None),
+        (b'{"device_id": "d", "readings": {"a": 1}}', "bad_shape", None),
+        (b"[1]", "bad_reading_shape", 0),
+        (b'{"timestamp": "2024-07-30T12:00:00Z", "value": 1}', "missing_device_id", 0),
+        (b'{"device_id": 5, "timestamp": "2024-07-30T12:00:00Z", "value": 1}', "bad_device_id", 0),
+        (b'{"device_id": "d", "value": 1}', "missing_timestamp", 0),
+        (b'{"device_id": "d", "timestamp": 1722340800, "value": 1}', "bad_timestamp", 0),
+        (b'{"device_id": "d", "timestamp": "2024-07-30T12:00:00Z"}', "missing_value", 0),
+        (b'{"device_id": "d", "timestamp": "2024-07-30T12:00:00Z", "value": null}', "bad_value", 0),
+        (b'{"device_id": "d", "timestamp": "2024-07-30T12:00:00Z", "value": true}', "bad_value", 0),
+        (b'{"device_id": "d", "timestamp": "2024-07-30T12:00:00Z", "value": 1e999}', "bad_value", 0),
+        (b'{"device_id": "d", "timestamp": "2024-07-30T12:00:00Z", "value": NaN}', "not_json", None),
+        (b"[" * 10_000 + b"]" * 10_000, "not_json", None),
+    ],
+)
+def test_quarantine_reasons(payload: bytes, reason: str, index: int | None) -> None:
+    parsed = ParsedMessage()
+    parse_message(payload, 0, parsed)
+    assert parsed.reason_code == [reason]
+    assert parsed.reading_index == [index]
+    assert parsed.reason[0]  # a human-readable message
+
+
+def test_duplicate_keys_last_wins_and_extra_fields_are_ignored() -> None:
+    payload = b'{"device_id": "a", "device_id": "b", "timestamp": "2024-07-30T12:00:00Z", "value": 1, "x": {"y": [1]}}'
+    parsed = parse_messages([payload])
+    assert parsed.device_id == ["b"]
+    assert parsed.reason_code == [None]
+
+
+def test_big_batch_is_read_whole() -> None:
+    readings = [{"timestamp": f"2024-07-30T12:{i // 60000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000:03d}Z", "value": i * 0.5}
+                for i in range(80_000)]  # fmt: skip
+    payload = json.dumps({"device_id": "big", "readings": readings}).encode()
+    assert len(payload) > 4 * 1024 * 1024
+    parsed = parse_messages([payload])
+    assert len(parsed) == 80_000
+    assert parsed.reason_code.count(None) == 80_000
+    assert sum(parsed.value) == pytest.approx(sum(i * 0.5 for i in range(80_000)), rel=1e-12)
