@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lake.settings import Settings
 
@@ -20,7 +21,7 @@ app = typer.Typer(
 )
 kafka_app = typer.Typer(help="Run the local Apache Kafka broker (KRaft) and create the topic.", no_args_is_help=True)
 app.add_typer(kafka_app, name="kafka")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 _overrides: dict[str, object] = {}
 
 
@@ -29,7 +30,7 @@ def settings() -> Settings:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -62,6 +63,7 @@ def main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # py4j logs every callback at INFO
     try:
         settings()
     except Exception as exc:  # pydantic's ValidationError names the setting and the problem

@@ -43,6 +43,7 @@ def connect(paths: LakePaths, database: str = ":memory:") -> duckdb.DuckDBPyConn
         config={"autoinstall_known_extensions": "false", "autoload_known_extensions": "false"},
     )
     connection.load_extension(str(delta_extension()))
+    connection.execute("SET TimeZone = 'UTC'")  # timestamps print and truncate in UTC, as the contract speaks
     create_views(connection, paths)
     return connection
 

@@ -15,6 +15,21 @@ from pipeline import jars
 from pipeline.errors import BrokerError
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child that exited, or it stays a zombie
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 @dataclass(frozen=True)
 class LocalBroker:
     """A broker whose files live under <home>/kafka: data, logs, server.properties and a pid file."""
@@ -76,11 +91,7 @@ class LocalBroker:
             pid = int(self.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        return pid
+        return pid if _alive(pid) else None
 
     def reachable(self) -> bool:
         try:

@@ -32,7 +32,11 @@ def kpis_for_seconds(silver: DataFrame, seconds: DataFrame, lo_literal: str, hi_
     """Recompute the KPIs of the given seconds from all of silver's readings in them."""
     from pyspark.sql import functions as F
 
-    in_range = silver.where(f"`timestamp` >= {lo_literal} AND `timestamp` < {hi_literal} + INTERVAL 1 SECOND")
+    # Whole seconds: a touched second also holds older readings before the batch's earliest timestamp.
+    in_range = silver.where(
+        f"`timestamp` >= date_trunc('second', {lo_literal}) "
+        f"AND `timestamp` < date_trunc('second', {hi_literal}) + INTERVAL 1 SECOND"
+    )
     touched = in_range.join(
         F.broadcast(seconds), F.date_trunc("second", in_range["timestamp"]) == seconds["second"], "left_semi"
     )

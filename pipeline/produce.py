@@ -47,6 +47,8 @@ def message_key(payload: bytes) -> bytes | None:
 def producer_config(settings: Settings) -> dict[str, object]:
     return {
         "bootstrap.servers": settings.kafka_bootstrap,
+        # librdkafka warns on transient states (a fresh broker's coordinator loading); delivery errors still surface.
+        "log_level": 3,
         "enable.idempotence": True,
         "acks": "all",
         "compression.type": "zstd",
