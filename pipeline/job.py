@@ -87,7 +87,8 @@ class IngestJob:
         parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             counts = parsed.agg(
-                F.count_distinct("topic", "partition", "offset").alias("records"),
+                # Each record yields exactly one row with index 0 or a message-level row (index null).
+                F.count_if(F.coalesce(F.col("reading_index"), F.lit(0)) == 0).alias("records"),
                 F.count("device_id").alias("readings"),
                 F.count("reason_code").alias("quarantined"),
                 F.min(F.unix_micros("timestamp")).alias("lo"),
@@ -134,7 +135,8 @@ class IngestJob:
 
         seconds = readings.select(F.date_trunc("second", "timestamp").alias("second")).distinct()
         silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
-        fresh = kpi.kpis_for_seconds(silver, seconds, lo, hi)
+        # MERGE reads its source more than once; compute the touched seconds' KPIs once (one row per second).
+        fresh = kpi.kpis_for_seconds(silver, seconds, lo, hi).localCheckpoint(eager=True)
         gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD))
         merge = (
             gold.alias("t")

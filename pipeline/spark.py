@@ -36,6 +36,8 @@ def build_session(settings: Settings, app_name: str = "kpi-lakehouse", extra: di
         "spark.sql.streaming.stopGracefullyOnShutdown": "true",
         # New tables stay readable by DuckDB's pinned delta reader (no deletion vectors).
         "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",
+        # Delta rebuilds table state with this many partitions (default 50): far too many for a few log files.
+        "spark.databricks.delta.snapshotPartitions": str(max(1, settings.shuffle_partitions)),
         "spark.driver.extraJavaOptions": "-Dio.netty.tryReflectionSetAccessible=true",
     }
     conf.update(extra or {})
