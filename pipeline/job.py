@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from lake.maintenance import retry_on_conflict
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
-from pipeline import dedupe, kpi
+from pipeline import dedupe, kpi, offsets
 from pipeline.errors import StreamStopped
 from pipeline.parse import OUTPUT_DDL, PASSTHROUGH, parse_arrow_batches
 
@@ -27,6 +30,20 @@ log = logging.getLogger("lakehouse.pipeline")
 QUERY_NAME = "ingest"
 _TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
 _TXN_VERSION = "spark.databricks.delta.write.txnVersion"
+
+
+# Fault injection for the crash tests: LAKEHOUSE_TEST_CRASH_AFTER=<stage>:<batch id> kills the process group with
+# SIGKILL right after that stage's Delta commit (bronze, quarantine, silver, gold), before Spark's checkpoint commit.
+_CRASH_AFTER = os.environ.get("LAKEHOUSE_TEST_CRASH_AFTER", "")
+
+
+def _crash_point(stage: str, batch_id: int) -> None:
+    if _CRASH_AFTER == f"{stage}:{batch_id}":
+        log.warning("LAKEHOUSE_TEST_CRASH_AFTER=%s: killing the pipeline now", _CRASH_AFTER)
+        # The whole group (Python and Spark's JVM) when the pipeline leads its own, as the crash tests start it.
+        if os.getpgid(0) == os.getpid():
+            os.killpg(0, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -47,6 +64,7 @@ class IngestJob:
     paths: LakePaths
     app_id: str | None = None
     reports: list[BatchReport] = field(default_factory=list)
+    offset_tracker: offsets.OffsetTracker = field(default_factory=offsets.OffsetTracker)
 
     def _app_id(self) -> str:
         # The checkpoint's `metadata` file holds the query id, which stays the same across restarts on the same
@@ -57,20 +75,18 @@ class IngestJob:
         return self.app_id
 
     def _append(self, frame: DataFrame, table: Table, batch_id: int) -> None:
-        (
-            frame.write.format("delta")
-            .mode("append")
-            .option("txnAppId", self._app_id())
-            .option("txnVersion", batch_id)
-            .save(self.paths.table(table))
+        writer = (
+            frame.write.format("delta").mode("append").option("txnAppId", self._app_id()).option("txnVersion", batch_id)
         )
+        # A concurrent `lakehouse maintain` may conflict; the write is idempotent, so it is simply tried again.
+        retry_on_conflict(lambda: writer.save(self.paths.table(table)), f"append to {table.value}")
 
-    def _merge(self, batch_id: int, run_merge: Callable[[], object]) -> None:
+    def _merge(self, batch_id: int, table: Table, run_merge: Callable[[], object]) -> None:
         conf = self.spark.conf
         conf.set(_TXN_APP_ID, self._app_id())
         conf.set(_TXN_VERSION, str(batch_id))
         try:
-            run_merge()
+            retry_on_conflict(run_merge, f"MERGE into {table.value}")
         finally:
             conf.unset(_TXN_APP_ID)
             conf.unset(_TXN_VERSION)
@@ -82,6 +98,7 @@ class IngestJob:
         started = time.monotonic()
         report = BatchReport(batch_id)
         self._append(records.withColumn("ingested_at", F.current_timestamp()), Table.BRONZE, batch_id)
+        _crash_point("bronze", batch_id)
 
         parsed = records.select(*PASSTHROUGH, "value").mapInArrow(parse_arrow_batches, OUTPUT_DDL)
         parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
@@ -95,18 +112,25 @@ class IngestJob:
                 F.max(F.unix_micros("timestamp")).alias("hi"),
             ).first()
             report.records, report.readings, report.quarantined = counts["records"], counts["readings"], counts["quarantined"]
+            bad = parsed.where("reason_code IS NOT NULL").select(
+                "topic", "partition", "offset", "reading_index", "reason_code", "reason", "raw", "kafka_timestamp",
+            )  # fmt: skip
+            gaps = self._lost_offsets(parsed)
+            if gaps:
+                report.quarantined += len(gaps)
+                rows = [(g.topic, g.partition, g.first_lost, None, offsets.REASON_CODE, g.reason, None, None) for g in gaps]
+                bad = bad.unionByName(self.spark.createDataFrame(rows, bad.schema))
             if report.quarantined:
-                bad = parsed.where("reason_code IS NOT NULL").select(
-                    "topic", "partition", "offset", "reading_index", "reason_code", "reason", "raw",
-                    "kafka_timestamp", F.current_timestamp().alias("quarantined_at"),
-                )  # fmt: skip
-                self._append(bad, Table.QUARANTINE, batch_id)
+                self._append(bad.withColumn("quarantined_at", F.current_timestamp()), Table.QUARANTINE, batch_id)
+            _crash_point("quarantine", batch_id)
             if report.readings:
                 # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
                 lo, hi = f"timestamp_micros({counts['lo']})", f"timestamp_micros({counts['hi']})"
                 readings = parsed.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
                 self._write_silver(readings, batch_id, lo, hi)
+                _crash_point("silver", batch_id)
                 self._write_gold(readings, batch_id, lo, hi)
+                _crash_point("gold", batch_id)
         finally:
             parsed.unpersist()
         report.seconds = time.monotonic() - started
@@ -115,6 +139,17 @@ class IngestJob:
             "batch %d: %d records, %d readings, %d quarantined, %.1f s",
             batch_id, report.records, report.readings, report.quarantined, report.seconds,
         )  # fmt: skip
+
+    def _lost_offsets(self, parsed: DataFrame) -> list[offsets.Gap]:
+        from pyspark.sql import functions as F
+
+        if self.settings.fail_on_data_loss:
+            return []  # Spark stops the query itself before a batch that skips offsets
+        ranges = parsed.groupBy("topic", "partition").agg(F.min("offset").alias("first"), F.max("offset").alias("last"))
+        gaps = self.offset_tracker.gaps(self.spark, self.paths.table(Table.BRONZE), ranges)
+        for gap in gaps:
+            log.warning("data loss: %s; recorded in quarantine as %s", gap.reason, offsets.REASON_CODE)
+        return gaps
 
     def _write_silver(self, readings: DataFrame, batch_id: int, lo: str, hi: str) -> None:
         from delta.tables import DeltaTable
@@ -127,7 +162,7 @@ class IngestJob:
             .whenMatchedUpdateAll(condition=dedupe.newer_and_different())
             .whenNotMatchedInsertAll()
         )
-        self._merge(batch_id, merge.execute)
+        self._merge(batch_id, Table.SILVER, merge.execute)
 
     def _write_gold(self, readings: DataFrame, batch_id: int, lo: str, hi: str) -> None:
         from delta.tables import DeltaTable
@@ -144,7 +179,7 @@ class IngestJob:
             .whenMatchedUpdateAll(condition=kpi.GOLD_CHANGED)
             .whenNotMatchedInsertAll()
         )
-        self._merge(batch_id, merge.execute)
+        self._merge(batch_id, Table.GOLD, merge.execute)
 
 
 def run(settings: Settings, available_now: bool = False, spark: SparkSession | None = None) -> list[BatchReport]:
@@ -174,5 +209,11 @@ def run(settings: Settings, available_now: bool = False, spark: SparkSession | N
     except StreamingQueryException as exc:
         # Spark's message carries the whole plan; the first lines say what failed.
         summary = "\n".join(str(exc).splitlines()[:12])
+        if "data may have been lost" in str(exc).lower() or "data loss" in str(exc).lower():
+            raise StreamStopped(
+                f"Kafka no longer holds offsets the pipeline had not read (retention deleted them):\n{summary}\n"
+                "To go on past the gap, run with --no-fail-on-data-loss (LAKEHOUSE_FAIL_ON_DATA_LOSS=false); "
+                f"each gap is then recorded in quarantine with reason_code '{offsets.REASON_CODE}'."
+            ) from exc
         raise StreamStopped(f"the ingest query stopped: {summary}\nthe checkpoint is intact; fix the cause and run again") from exc
     return job.reports

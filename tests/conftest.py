@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,15 +23,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def broker() -> Iterator[str]:
-    """A real single-node KRaft broker on a test port with fresh storage; yields its bootstrap address."""
+def broker():  # type: ignore[no-untyped-def]
+    """A real single-node KRaft broker on a test port with fresh storage (tests may stop and start it)."""
     from pipeline.broker import LocalBroker
 
     local = LocalBroker(home=HOME, host="localhost", port=TEST_KAFKA_PORT, max_bytes=Settings().kafka_limit_bytes)
     local.stop()
     shutil.rmtree(local.folder, ignore_errors=True)
     local.start()
-    yield f"localhost:{TEST_KAFKA_PORT}"
+    yield local
     local.stop()
 
 
@@ -51,7 +50,7 @@ def lake_settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture()
-def topic(broker: str, lake_settings: Settings) -> str:
+def topic(broker, lake_settings: Settings) -> str:  # type: ignore[no-untyped-def]
     from pipeline.broker import ensure_topic
 
     assert ensure_topic(lake_settings) is True

@@ -1,0 +1,281 @@
+"""Exactly once and nothing lost under failure (contract sections 3 and 5), with the real broker and Spark:
+the pipeline is killed with SIGKILL inside micro-batches and at random moments, the broker is restarted under it,
+and Kafka's retention deletes offsets it had not read. A reader queries the API all along."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lake.settings import Settings
+from lake.tables import LakePaths, Table
+from tests.conftest import free_port
+from tests.reference import Reference, assert_kpis_equal
+from tests.test_end_to_end import LAKEHOUSE, dumps, env_for, lakehouse
+
+pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.faults]
+
+T0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
+
+
+def stamp(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def build_stream(rng: random.Random) -> tuple[list[bytes], Reference, Counter[tuple[str, int | None]]]:
+    """Over 20,000 readings: singles, batches, exact duplicates, corrections and invalid input, in send order."""
+    reference, quarantine = Reference(), Counter()
+    messages: list[bytes] = []
+    devices = [f"dev-{i:02d}" for i in range(30)]
+    singles: list[dict[str, object]] = []
+
+    def moment() -> datetime:
+        return T0 + timedelta(microseconds=rng.randrange(120_000_000))
+
+    for _ in range(600):
+        device, at = rng.choice(devices), moment()
+        reading = {"device_id": device, "timestamp": stamp(at), "value": round(rng.uniform(0, 100), 3)}
+        messages.append(dumps(reading))
+        reference.add(device, at, reading["value"])
+        singles.append(reading)
+    for _ in range(80):
+        device = rng.choice(devices)
+        readings = []
+        for _ in range(250):
+            at = moment()
+            readings.append({"timestamp": stamp(at), "value": round(rng.gauss(50, 10), 4)})
+            reference.add(device, at, readings[-1]["value"])
+        messages.append(dumps({"device_id": device, "readings": readings}))
+    for _ in range(50):  # exact duplicates of earlier messages
+        messages.append(rng.choice(messages))
+    for reading in rng.sample(singles, 50):  # corrections: same device (same key, same partition), new value
+        corrected = {**reading, "value": round(rng.uniform(100, 200), 3)}
+        messages.append(dumps(corrected))
+        reference.add(str(corrected["device_id"]), datetime.fromisoformat(str(corrected["timestamp"])), corrected["value"])
+    for i in range(20):
+        messages.append(b"{broken json " + str(i).encode())
+        quarantine[("not_json", None)] += 1
+        messages.append(dumps({"device_id": "dev-00", "readings": [{"timestamp": stamp(T0), "value": "n/a"}]}))
+        quarantine[("bad_value", 0)] += 1
+    rng.shuffle(messages)  # shuffled before send: the reference is rebuilt in send order below
+    ordered = Reference()
+    for payload in messages:
+        try:
+            document = json.loads(payload)
+        except ValueError:
+            continue
+        items = document["readings"] if "readings" in document else [document]
+        for item in items:
+            if isinstance(item.get("value"), float):
+                device = item.get("device_id", document.get("device_id"))
+                ordered.add(device, datetime.fromisoformat(item["timestamp"]), item["value"])
+    assert len(ordered.readings) == len(reference.readings) > 20_000
+    return messages, ordered, quarantine
+
+
+class ApiReader(threading.Thread):
+    """Queries the API until stopped; keeps every status and each bucket's reading counts in order."""
+
+    def __init__(self, base: str, targets: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.base, self.targets = base, targets
+        self.stop_event = threading.Event()
+        self.statuses: Counter[int] = Counter()
+        self.counts: dict[str, list[int]] = {t: [] for t in targets}
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.base, timeout=10) as client:
+            while not self.stop_event.is_set():
+                for target in self.targets:
+                    try:
+                        answer = client.get(target)
+                    except httpx.TransportError:
+                        self.statuses[-1] += 1
+                        continue
+                    self.statuses[answer.status_code] += 1
+                    self.counts[target].append(answer.json()["reading_count"] if answer.status_code == 200 else 0)
+                time.sleep(0.5)
+
+
+def start_pipeline(settings: Settings, log: Path, crash_after: str | None = None, **env: str) -> subprocess.Popen[bytes]:
+    environment = env_for(settings) | env
+    if crash_after:
+        environment["LAKEHOUSE_TEST_CRASH_AFTER"] = crash_after
+    with open(log, "ab") as out:
+        return subprocess.Popen([*LAKEHOUSE, "pipeline"], env=environment, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=60)
+
+
+def commits(paths: LakePaths, table: Table) -> int:
+    return len(list((Path(paths.table(table)) / "_delta_log").glob("*.json")))
+
+
+def wait_for_new_commit(paths: LakePaths, table: Table, process: subprocess.Popen[bytes], timeout_s: float = 240) -> None:
+    before, deadline = commits(paths, table), time.monotonic() + timeout_s
+    while commits(paths, table) == before:
+        assert process.poll() is None, f"the pipeline exited with {process.returncode}"
+        assert time.monotonic() < deadline, "the pipeline made no progress"
+        time.sleep(0.2)
+
+
+def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settings, topic: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(2024)
+    settings = lake_settings.model_copy(update={"max_offsets_per_trigger": 40, "trigger_interval": "500 milliseconds"})
+    paths = LakePaths.from_settings(settings)
+    messages, reference, expected_quarantine = build_stream(rng)
+    log = tmp_path / "pipeline.log"
+    half = len(messages) // 2
+    step = -(-(len(messages) - half) // 6)
+    # Contiguous slices, sent in order: the reference was built in this order.
+    chunks = [messages[:half]] + [messages[half + i * step : half + (i + 1) * step] for i in range(6)]
+    assert sum(len(c) for c in chunks) == len(messages)
+
+    def produce(chunk: list[bytes]) -> None:
+        path = tmp_path / "chunk.ndjson"
+        path.write_bytes(b"".join(m + b"\n" for m in chunk))
+        assert lakehouse(settings, "produce", str(path)).returncode == 0
+
+    produce(chunks[0])
+    running: list[subprocess.Popen[bytes]] = []
+    server, reader = None, None
+    kills, rode_through = 0, False
+    try:
+        # Crashes inside micro-batches: right after a Delta commit, before Spark's checkpoint commit.
+        for crash_after in ["bronze:0", "quarantine:1", "silver:2", "gold:3"]:
+            running.append(start_pipeline(settings, log, crash_after))
+            assert running[-1].wait(timeout=600) == -signal.SIGKILL, log.read_text()[-3000:]
+            kills += 1
+
+        port = free_port()
+        server = subprocess.Popen([*LAKEHOUSE, "serve", "--port", str(port)], env=env_for(settings),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                httpx.get(f"{base}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        seconds = sorted(reference.buckets())[::15]
+        targets = [f"/kpis/{s.strftime('%Y-%m-%dT%H:%M:%SZ')}" for s in seconds]
+        targets += ["/kpis/2024-07-30T12:00:30Z?grain=minute", "/kpis/2024-07-30T12:01:30Z?grain=minute&device_id=dev-03"]
+        reader = ApiReader(base, targets)
+        reader.start()
+
+        # SIGKILL at random moments of a running stream, with new data arriving before each run.
+        for chunk in chunks[1:6]:
+            produce(chunk)
+            running.append(start_pipeline(settings, log))
+            wait_for_new_commit(paths, Table.BRONZE, running[-1])
+            time.sleep(rng.uniform(0, 8))
+            kill(running[-1])
+            kills += 1
+
+        # The broker stops and comes back while the stream runs.
+        produce(chunks[6])
+        running.append(start_pipeline(settings, log))
+        wait_for_new_commit(paths, Table.BRONZE, running[-1])
+        broker.stop()
+        time.sleep(8)
+        broker.start()
+        time.sleep(15)
+        rode_through = running[-1].poll() is None
+        kill(running[-1])
+
+        finished = lakehouse(settings, "pipeline", "--available-now")
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    finally:
+        for process in running:
+            if process.poll() is None:
+                kill(process)
+        if reader is not None:
+            reader.stop_event.set()
+            reader.join(timeout=30)
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+
+    from lake.duck import connect
+
+    lake = connect(paths)
+    total, distinct = lake.sql('SELECT count(*), count(DISTINCT (topic, "partition", "offset")) FROM bronze').fetchone()
+    assert total == distinct == len(messages)
+    silver = {(d, t.astimezone(UTC)): v for d, t, v in lake.sql('SELECT device_id, "timestamp", value FROM silver').fetchall()}
+    assert silver == reference.readings
+    gold = {row[0].astimezone(UTC): dict(zip(["reading_count", "device_count", "average_value", "min_value",
+            "max_value", "sum_value", "stddev_value"], row[1:])) for row in lake.sql(
+            'SELECT "timestamp", reading_count, device_count, average_value, min_value, max_value, sum_value, '
+            "stddev_value FROM gold").fetchall()}  # fmt: skip
+    expected = reference.buckets()
+    assert set(gold) == set(expected)
+    for second, want in expected.items():
+        assert_kpis_equal(gold[second], want, f"gold {second}")
+    quarantine = lake.sql('SELECT reason_code, reading_index, "partition", "offset" FROM quarantine').fetchall()
+    assert Counter((code, index) for code, index, _, _ in quarantine) == expected_quarantine
+    assert len({(p, o, i) for _, i, p, o in quarantine}) == len(quarantine)
+
+    assert reader.statuses[500] == 0 and not any(code >= 500 for code in reader.statuses)
+    assert reader.statuses[200] > 0
+    for target, counts in reader.counts.items():
+        assert counts == sorted(counts), f"{target}: reading_count went down: {counts}"
+    print(f"kills survived: {kills}; broker restart: {'rode through' if rode_through else 'pipeline exited, restarted'}; "
+          f"records: {total}; readings: {len(silver)}; gold seconds: {len(gold)}, all equal to the reference; "
+          f"API answers: {dict(reader.statuses)}")  # fmt: skip
+
+
+def test_retention_loss_stops_then_is_recorded(broker, lake_settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    from pipeline.broker import ensure_topic
+
+    settings = lake_settings.model_copy(update={"topic_partitions": 1})
+    ensure_topic(settings)
+
+    def send(first: int, count: int) -> None:
+        lines = [dumps({"device_id": "d", "timestamp": stamp(T0 + timedelta(seconds=i)), "value": float(i)})
+                 for i in range(first, first + count)]  # fmt: skip
+        path = tmp_path / f"{first}.ndjson"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        assert lakehouse(settings, "produce", str(path)).returncode == 0
+
+    send(0, 50)
+    assert lakehouse(settings, "pipeline", "--available-now").returncode == 0
+    send(50, 50)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    for future in admin.delete_records([TopicPartition(settings.topic, 0, 80)]).values():
+        future.result(timeout=30)  # retention: offsets 50..79 are gone before the pipeline read them
+
+    stopped = lakehouse(settings, "pipeline", "--available-now")
+    assert stopped.returncode == 1
+    assert "no longer holds offsets" in stopped.stderr and "--no-fail-on-data-loss" in stopped.stderr
+
+    went_on = lakehouse(settings.model_copy(update={"fail_on_data_loss": False}), "pipeline", "--available-now")
+    assert went_on.returncode == 0, went_on.stderr[-3000:]
+    from lake.duck import connect
+
+    lake = connect(LakePaths.from_settings(settings))
+    assert lake.sql('SELECT count(*), min("offset"), max("offset") FROM bronze').fetchone() == (70, 0, 99)
+    assert lake.sql("SELECT count(*) FROM silver").fetchone() == (70,)
+    gaps = lake.sql("SELECT \"partition\", \"offset\", reason FROM quarantine WHERE reason_code = 'offsets_lost'").fetchall()
+    assert len(gaps) == 1 and gaps[0][:2] == (0, 50)
+    assert "offsets 50..79" in gaps[0][2] and "(30 records)" in gaps[0][2]
