@@ -205,6 +205,39 @@ def pipeline(
 
 
 @app.command()
+def maintain(
+    table: Annotated[Optional[list[str]], typer.Option(help="only this table (repeatable): bronze|silver|gold|quarantine")] = None,
+    retain_hours: Annotated[float, typer.Option(help="VACUUM keeps files younger than this; under 168 needs care")] = 168,
+    vacuum: Annotated[bool, typer.Option(help="delete files no longer in the table and older than --retain-hours")] = True,
+) -> None:
+    """Compact small files (OPTIMIZE), write Delta checkpoints and VACUUM; safe while the pipeline runs."""
+    from rich.table import Table as RichTable
+
+    from lake.maintenance import maintain as run_maintenance
+    from lake.tables import LakePaths, Table
+    from pipeline.errors import PipelineError
+    from pipeline.spark import build_session
+
+    current = settings()
+    try:
+        chosen = [Table(name) for name in table] if table else None
+    except ValueError as exc:
+        _fail(str(exc))
+    if retain_hours < 168:
+        console.print(f"[yellow]warning:[/] --retain-hours {retain_hours:g} is under 168: a reader on an older "
+                      "table version, or time travel to one, may fail")  # fmt: skip
+    try:
+        spark = build_session(current, app_name="kpi-lakehouse-maintain")
+    except PipelineError as exc:
+        _fail(str(exc))
+    reports = run_maintenance(spark, LakePaths.from_settings(current), chosen, retain_hours, vacuum)
+    summary = RichTable("table", "files before", "compacted", "vacuumed", "files after", "version")
+    for r in reports:
+        summary.add_row(r.table, str(r.files_before), str(r.files_compacted), str(r.files_vacuumed), str(r.files_after), str(r.version))
+    Console().print(summary)
+
+
+@app.command()
 def serve(
     port: Annotated[Optional[int], typer.Option(help="port (overrides --http-port / LAKEHOUSE_HTTP_PORT)")] = None,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
@@ -228,17 +261,26 @@ def serve(
 def sql(
     query: Annotated[Optional[str], typer.Argument(help="SQL to run; without it, an interactive prompt")] = None,
     output: Annotated[str, typer.Option(help="table|csv|json")] = "table",
+    export_to: Annotated[
+        Optional[Path],
+        typer.Option("--export", help="write the four tables into this DuckDB database file (a snapshot) and exit"),
+    ] = None,
 ) -> None:
     """DuckDB over the lake, with views bronze, silver, gold and quarantine."""
     from lake.duck import LakeError, connect
-    from lake.sql import interactive, run_query
-
+    from lake.sql import export, interactive, run_query
     from lake.tables import LakePaths
 
     try:
         connection = connect(LakePaths.from_settings(settings()))
     except LakeError as exc:
         _fail(str(exc))
+    if export_to is not None:
+        with console.status(f"exporting to {export_to}"):
+            counts = export(connection, str(export_to))
+        console.print(f"wrote {export_to}: " + ", ".join(f"{name} {rows:,} rows" for name, rows in counts.items()))
+        console.print(f"open it with: duckdb {export_to}")
+        return
     if query is None:
         interactive(connection)
         return

@@ -73,3 +73,26 @@ def interactive(connection: duckdb.DuckDBPyConnection) -> None:
             run_query(connection, statement, "table", sys.stdout)
         except duckdb.Error as exc:
             print(f"error: {exc}")
+
+
+def export(connection: duckdb.DuckDBPyConnection, target: str) -> dict[str, int]:
+    """Copy the lake's views into a DuckDB database file as tables (a snapshot any DuckDB client opens offline,
+    without the delta extension). Returns the rows per table."""
+    from pathlib import Path
+
+    path = Path(target)
+    if path.exists():
+        path.unlink()
+    escaped = str(path).replace("'", "''")
+    connection.execute(f"ATTACH '{escaped}' AS export")
+    counts = {}
+    try:
+        views = [row[0] for row in connection.execute(
+            "SELECT view_name FROM duckdb_views() WHERE NOT internal AND database_name = current_database() ORDER BY 1"
+        ).fetchall()]  # fmt: skip
+        for view in views:
+            connection.execute(f'CREATE TABLE export."{view}" AS SELECT * FROM "{view}"')
+            counts[view] = connection.execute(f'SELECT count(*) FROM export."{view}"').fetchone()[0]
+    finally:
+        connection.execute("DETACH export")
+    return counts
