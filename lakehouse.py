@@ -209,6 +209,9 @@ def maintain(
     table: Annotated[Optional[list[str]], typer.Option(help="only this table (repeatable): bronze|silver|gold|quarantine")] = None,
     retain_hours: Annotated[float, typer.Option(help="VACUUM keeps files younger than this; under 168 needs care")] = 168,
     vacuum: Annotated[bool, typer.Option(help="delete files no longer in the table and older than --retain-hours")] = True,
+    unsafe_retention: Annotated[
+        bool, typer.Option(help="allow --retain-hours under 1; only when no pipeline or other writer is running")
+    ] = False,
 ) -> None:
     """Compact small files (OPTIMIZE), write Delta checkpoints and VACUUM; safe while the pipeline runs."""
     from rich.table import Table as RichTable
@@ -223,6 +226,9 @@ def maintain(
         chosen = [Table(name) for name in table] if table else None
     except ValueError as exc:
         _fail(str(exc))
+    if retain_hours < 1 and not unsafe_retention:
+        _fail(f"--retain-hours {retain_hours:g} would delete the files a running pipeline has written but not yet "
+              "committed, corrupting the table; use at least 1, or add --unsafe-retention when no writer runs")  # fmt: skip
     if retain_hours < 168:
         console.print(f"[yellow]warning:[/] --retain-hours {retain_hours:g} is under 168: a reader on an older "
                       "table version, or time travel to one, may fail")  # fmt: skip
@@ -231,9 +237,10 @@ def maintain(
     except PipelineError as exc:
         _fail(str(exc))
     reports = run_maintenance(spark, LakePaths.from_settings(current), chosen, retain_hours, vacuum)
-    summary = RichTable("table", "files before", "compacted", "vacuumed", "files after", "version")
+    summary = RichTable("table", "live files before", "compacted", "live files after", "deleted from storage", "version")
     for r in reports:
-        summary.add_row(r.table, str(r.files_before), str(r.files_compacted), str(r.files_vacuumed), str(r.files_after), str(r.version))
+        summary.add_row(r.table, str(r.live_files_before), str(r.files_compacted), str(r.live_files_after),
+                        str(r.files_vacuumed), str(r.version))  # fmt: skip
     Console().print(summary)
 
 

@@ -48,10 +48,10 @@ def retry_on_conflict(action: Callable[[], T], what: str, attempts: int = 8) -> 
 @dataclass
 class TableReport:
     table: str
-    files_before: int
-    files_after: int
-    files_compacted: int
-    files_vacuumed: int
+    live_files_before: int  # data files of the current table version
+    live_files_after: int
+    files_compacted: int  # live files that OPTIMIZE replaced
+    files_vacuumed: int  # files deleted from storage
     version: int
 
 
@@ -76,7 +76,7 @@ def maintain(
     for table in tables or list(Table):
         location = paths.table(table)
         delta = DeltaTable.forPath(spark, location)
-        before = data_files(location)
+        before = delta.detail().first()["numFiles"]
         metrics = retry_on_conflict(lambda: delta.optimize().executeCompaction().first(), f"OPTIMIZE {table.value}")
         compacted = int(metrics["metrics"]["numFilesRemoved"]) if metrics is not None else 0
         _checkpoint(spark, location)
@@ -86,13 +86,17 @@ def maintain(
             delta.vacuum(retain_hours)
             vacuumed = max(0, on_disk - data_files(location))
         version = delta.history(1).first()["version"]
-        reports.append(TableReport(table.value, before, data_files(location), compacted, vacuumed, version))
+        after = delta.detail().first()["numFiles"]
+        reports.append(TableReport(table.value, before, after, compacted, vacuumed, version))
         log.info("%s: %d files compacted, %d vacuumed, version %d", table.value, compacted, vacuumed, version)
     return reports
 
 
 def _checkpoint(spark: SparkSession, location: str) -> None:
     """Write a Delta checkpoint of the newest version, so that readers replay a short log."""
+    # delta-spark has no Python API for this. DeltaLog instances are cached per JVM and `checkpoint()` writes the
+    # cached snapshot, so the cache is dropped first to checkpoint the newest version (this session is ours alone).
     jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]
+    jvm.org.apache.spark.sql.delta.DeltaLog.clearCache()
     delta_log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, location)  # type: ignore[attr-defined]
     delta_log.checkpoint()
