@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 
 from lake.tables import KPI_FIELDS, LakePaths, Table
-from lake.timestamps import Grain, from_us
+from lake.timestamps import MAX_US, Grain, from_us
 
 
 class LakeError(Exception):
@@ -94,7 +94,8 @@ def kpis(
             row = connection.execute(_GOLD_LOOKUP, {"start": start}).fetchone()
         else:
             query = _SILVER_AGGREGATE
-            parameters: dict[str, object] = {"start": start, "end": from_us(start_us + grain.micros)}
+            end_us = min(start_us + grain.micros, MAX_US)  # the last day of year 9999 ends at the last instant
+            parameters: dict[str, object] = {"start": start, "end": from_us(end_us)}
             if device_id is not None:
                 query += " AND device_id = $device"
                 parameters["device"] = device_id

@@ -20,6 +20,9 @@ _TIMESTAMP = re.compile(
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 _US_PER_DAY = 86_400_000_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The instants that Python, Spark and DuckDB timestamps all hold.
+MIN_US = (date(1, 1, 1).toordinal() - _EPOCH_ORDINAL) * _US_PER_DAY
+MAX_US = (date(9999, 12, 31).toordinal() - _EPOCH_ORDINAL + 1) * _US_PER_DAY - 1
 
 
 def parse_timestamp_us(text: str) -> int:
@@ -43,6 +46,8 @@ def parse_timestamp_us(text: str) -> int:
             raise TimestampError(f"timestamp {text[:64]!r} has an offset out of range")
         offset = (oh * 60 + om) * 60_000_000
         total += -offset if sign == "+" else offset
+    if not MIN_US <= total <= MAX_US:
+        raise TimestampError(f"timestamp {text[:64]!r} is outside years 0001-9999 in UTC")
     return total
 
 
@@ -53,9 +58,7 @@ def from_us(micros: int) -> datetime:
 def format_utc(moment: datetime) -> str:
     """2024-07-30T12:00:00Z, with fractional seconds only when there are any."""
     moment = moment.astimezone(UTC)
-    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
-    if moment.microsecond:
-        text += f".{moment.microsecond:06d}"
+    text = moment.replace(tzinfo=None).isoformat(timespec="microseconds" if moment.microsecond else "seconds")
     return text + "Z"
 
 

@@ -50,3 +50,10 @@ def assert_kpis_equal(got: dict[str, object], expected: dict[str, object], where
             assert isinstance(have, float) and math.isclose(have, want, rel_tol=1e-9, abs_tol=1e-12), (
                 f"{where}: {name} is {have}, expected {want}"
             )
+
+
+def gold_kpis(lake: object) -> dict[datetime, dict[str, object]]:
+    """Gold as DuckDB reads it, by second, with the fields of contract section 4."""
+    fields = ["reading_count", "device_count", "average_value", "min_value", "max_value", "sum_value", "stddev_value"]
+    rows = lake.sql(f'SELECT "timestamp", {", ".join(fields)} FROM gold').fetchall()  # type: ignore[attr-defined]
+    return {row[0].astimezone(UTC): dict(zip(fields, row[1:], strict=True)) for row in rows}

@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,28 +15,12 @@ import httpx
 import pytest
 
 from lake.settings import Settings
-from tests.conftest import free_port
+from tests.helpers import dumps, lakehouse, running_api
 from tests.reference import Reference, assert_kpis_equal
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
 
 T0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
-LAKEHOUSE = [sys.executable, "-m", "lakehouse"]
-
-
-def env_for(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for name, value in settings.model_dump(exclude_none=True).items():
-        env[f"LAKEHOUSE_{name.upper()}"] = str(value)
-    return env
-
-
-def lakehouse(settings: Settings, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*LAKEHOUSE, *args], env=env_for(settings), capture_output=True, text=True, timeout=timeout)
-
-
-def dumps(document: object) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
 
 
 def build_messages() -> tuple[list[bytes], Reference, Counter[tuple[str, int | None]]]:
@@ -117,23 +98,8 @@ def build_messages() -> tuple[list[bytes], Reference, Counter[tuple[str, int | N
 
 @pytest.fixture()
 def api(lake_settings: Settings) -> Iterator[str]:
-    port = free_port()
-    server = subprocess.Popen([*LAKEHOUSE, "serve", "--port", str(port)], env=env_for(lake_settings),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.3)
-    else:
-        server.kill()
-        raise AssertionError(f"the API did not start: {server.stdout.read().decode() if server.stdout else ''}")
-    yield base
-    server.terminate()
-    server.wait(timeout=30)
+    with running_api(lake_settings) as base:
+        yield base
 
 
 def parse_sql_time(text: str) -> datetime:
@@ -206,9 +172,12 @@ def test_end_to_end(lake_settings: Settings, topic: str, tmp_path: Path, request
             assert_kpis_equal(answer.json(), want, f"API {device} {start}")
 
     # Errors are problem details, never a 500.
-    missing = httpx.get(f"{base}/kpis/2024-07-30T13:00:00Z")
-    assert missing.status_code == 404 and missing.headers["content-type"].startswith("application/problem+json")
-    for bad in ["/kpis/not-a-time", "/kpis/2024-02-30T00:00:00Z", "/kpis/2024-07-30T12:00:00Z?grain=week"]:
+    for empty in ["/kpis/2024-07-30T13:00:00Z", "/kpis/9999-12-31T23:59:59Z?grain=day", "/kpis/0001-01-01T00:00:00Z?grain=hour",
+                  "/kpis/2024-07-30T12:00:00Z?device_id=nobody"]:  # fmt: skip
+        missing = httpx.get(f"{base}{empty}")
+        assert missing.status_code == 404 and missing.headers["content-type"].startswith("application/problem+json")
+    for bad in ["/kpis/not-a-time", "/kpis/2024-02-30T00:00:00Z", "/kpis/2024-07-30T12:00:00Z?grain=week",
+                "/kpis/0001-01-01T00:00:00%2B01:00", "/kpis/2024-07-30T12:00:00Z?device_id=", "/kpis/" + "9" * 5000]:  # fmt: skip
         answer = httpx.get(f"{base}{bad}")
         assert answer.status_code == 400, bad
         assert answer.json()["status"] == 400

@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,9 +21,8 @@ import pytest
 
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
-from tests.conftest import free_port
-from tests.reference import Reference, assert_kpis_equal
-from tests.test_end_to_end import LAKEHOUSE, dumps, env_for, lakehouse
+from tests.helpers import LAKEHOUSE, dumps, env_for, lakehouse, running_api
+from tests.reference import Reference, assert_kpis_equal, gold_kpis
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.faults]
 
@@ -156,7 +156,7 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
 
     produce(chunks[0])
     running: list[subprocess.Popen[bytes]] = []
-    server, reader = None, None
+    cleanup, reader = ExitStack(), None
     kills, rode_through = 0, False
     try:
         # Crashes inside micro-batches: right after a Delta commit, before Spark's checkpoint commit.
@@ -165,16 +165,7 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
             assert running[-1].wait(timeout=600) == -signal.SIGKILL, log.read_text()[-3000:]
             kills += 1
 
-        port = free_port()
-        server = subprocess.Popen([*LAKEHOUSE, "serve", "--port", str(port)], env=env_for(settings),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                httpx.get(f"{base}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.3)
+        base = cleanup.enter_context(running_api(settings))
         seconds = sorted(reference.buckets())[::15]
         targets = [f"/kpis/{s.strftime('%Y-%m-%dT%H:%M:%SZ')}" for s in seconds]
         targets += ["/kpis/2024-07-30T12:00:30Z?grain=minute", "/kpis/2024-07-30T12:01:30Z?grain=minute&device_id=dev-03"]
@@ -210,9 +201,7 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
         if reader is not None:
             reader.stop_event.set()
             reader.join(timeout=30)
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+        cleanup.close()
 
     from lake.duck import connect
 
@@ -221,10 +210,7 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
     assert total == distinct == len(messages)
     silver = {(d, t.astimezone(UTC)): v for d, t, v in lake.sql('SELECT device_id, "timestamp", value FROM silver').fetchall()}
     assert silver == reference.readings
-    gold = {row[0].astimezone(UTC): dict(zip(["reading_count", "device_count", "average_value", "min_value",
-            "max_value", "sum_value", "stddev_value"], row[1:])) for row in lake.sql(
-            'SELECT "timestamp", reading_count, device_count, average_value, min_value, max_value, sum_value, '
-            "stddev_value FROM gold").fetchall()}  # fmt: skip
+    gold = gold_kpis(lake)
     expected = reference.buckets()
     assert set(gold) == set(expected)
     for second, want in expected.items():

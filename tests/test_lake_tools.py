@@ -4,7 +4,6 @@ in the stock DuckDB command line, and `lakehouse maintain` compacts while the st
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -18,9 +17,9 @@ import pytest
 
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
-from tests.conftest import HOME, REPO, TEST_KAFKA_PORT, free_port
-from tests.reference import Reference, assert_kpis_equal
-from tests.test_end_to_end import LAKEHOUSE, dumps, env_for, lakehouse
+from tests.conftest import HOME, REPO, TEST_KAFKA_PORT
+from tests.helpers import LAKEHOUSE, dumps, env_for, lakehouse, running_api
+from tests.reference import Reference, assert_kpis_equal, gold_kpis
 from tests.test_faults import kill, start_pipeline, wait_for_new_commit
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
@@ -182,10 +181,7 @@ def test_maintain_while_the_stream_writes(lake_settings: Settings, topic: str, t
     print(f"data files on disk before the final vacuum {on_disk}, after {after}")
 
     lake = connect(paths)
-    gold = {row[0].astimezone(UTC): dict(zip(["reading_count", "device_count", "average_value", "min_value",
-            "max_value", "sum_value", "stddev_value"], row[1:])) for row in lake.sql(
-            'SELECT "timestamp", reading_count, device_count, average_value, min_value, max_value, sum_value, '
-            "stddev_value FROM gold").fetchall()}  # fmt: skip
+    gold = gold_kpis(lake)
     expected = reference.buckets()
     assert set(gold) == set(expected)
     for second, want in expected.items():
@@ -194,19 +190,8 @@ def test_maintain_while_the_stream_writes(lake_settings: Settings, topic: str, t
     for table in Table:
         assert spark.read.format("delta").load(paths.table(table)).count() == lake.sql(f"SELECT count(*) FROM {table.value}").fetchone()[0]
     # And so does the API.
-    port = free_port()
-    server = subprocess.Popen([*LAKEHOUSE, "serve", "--port", str(port)], env=env_for(settings),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
+    with running_api(settings) as base:
         second, want = next(iter(expected.items()))
-        for _ in range(100):
-            try:
-                answer = httpx.get(f"http://127.0.0.1:{port}/kpis/{second.strftime('%Y-%m-%dT%H:%M:%SZ')}", timeout=5)
-                break
-            except httpx.TransportError:
-                time.sleep(0.3)
+        answer = httpx.get(f"{base}/kpis/{second.strftime('%Y-%m-%dT%H:%M:%SZ')}", timeout=5)
         assert answer.status_code == 200
         assert_kpis_equal(answer.json(), want, "API after maintenance")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lake.settings import Settings
-from tests.test_end_to_end import env_for
+from tests.helpers import env_for
 
 pytestmark = pytest.mark.kafka
 

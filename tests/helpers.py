@@ -1,0 +1,59 @@
+"""Helpers the end-to-end tests share: running `lakehouse` commands and the API as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from lake.settings import Settings
+from tests.conftest import free_port
+
+LAKEHOUSE = [sys.executable, "-m", "lakehouse"]
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in settings.model_dump(exclude_none=True).items():
+        env[f"LAKEHOUSE_{name.upper()}"] = str(value)
+    return env
+
+
+def lakehouse(settings: Settings, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LAKEHOUSE, *args], env=env_for(settings), capture_output=True, text=True, timeout=timeout)
+
+
+def dumps(document: object) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+@contextmanager
+def running_api(settings: Settings, timeout_s: float = 60) -> Iterator[str]:
+    """`lakehouse serve` on a free port until the block ends; yields its base URL once /health answers."""
+    port = free_port()
+    server = subprocess.Popen([*LAKEHOUSE, "serve", "--port", str(port)], env=env_for(settings),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                output = server.stdout.read().decode() if server.stdout else ""
+                raise AssertionError(f"the API did not start:\n{output[-3000:]}")
+            time.sleep(0.3)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
