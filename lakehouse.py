@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -152,7 +154,8 @@ def produce(
     current = settings()
     if synthetic == (path is not None):
         _fail("give either a PATH (or '-') or --synthetic")
-    total: int | None = None
+    total: int | None = None  # bytes to send, for the progress bar, when known
+    resources = ExitStack()
     if synthetic:
         fleet = Fleet(
             devices=devices, messages=messages, batch_share=batch_share, full_batches=full_batches,
@@ -164,7 +167,6 @@ def produce(
             lines = list(source)
             save.write_bytes(b"".join(line + b"\n" for line in lines))
             source = iter(lines)
-        total = None
     elif str(path) == "-":
         source = iter(sys.stdin.buffer)
     else:
@@ -172,10 +174,10 @@ def produce(
         if not path.is_file():
             _fail(f"no such file: {path}")
         total = path.stat().st_size
-        source = path.open("rb")
+        source = resources.enter_context(path.open("rb"))
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
+        with resources, Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("produce", total=total)
             report = send(current, source, on_progress=lambda n: progress.advance(task, n), rate=rate)
         console.print(f"sent {report.sent:,} messages ({report.bytes:,} bytes) to {current.topic!r}"
@@ -255,8 +257,6 @@ def serve(
     if port is not None:
         _overrides["http_port"] = port
     current = settings()
-    import os
-
     # The app factory reads settings from the environment, also in worker processes.
     for name, value in _overrides.items():
         os.environ[f"LAKEHOUSE_{name.upper()}"] = str(value)

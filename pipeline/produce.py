@@ -97,8 +97,13 @@ def produce(
     report = ProduceReport()
 
     def delivered(error: object, _message: object) -> None:
-        if error is not None:
-            report.failed.append(f"delivery failed: {error}")
+        if error is None:
+            return
+        hint = ""
+        if "UNKNOWN_TOPIC" in str(error):
+            hint = f" (topic {settings.topic!r} does not exist: `lakehouse kafka start` creates it on the local broker)"
+        if len(report.failed) < 100:
+            report.failed.append(f"delivery failed: {error}{hint}")
 
     limit = settings.max_message_bytes
     started = time.monotonic()

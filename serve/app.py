@@ -18,7 +18,7 @@ from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetail
 
 from lake import duck
 from lake.settings import Settings
-from lake.tables import LakePaths, Table
+from lake.tables import KPI_FIELDS, LakePaths, Table
 from lake.timestamps import Grain, TimestampError, format_utc, from_us, parse_timestamp_us
 
 
@@ -98,16 +98,7 @@ def get_kpis(
         who = f" for device {device_id!r}" if device_id else ""
         raise _problem(404, "No readings", f"no readings in the {grain.value} starting {bucket}{who}")
     return KpiResponse(
-        timestamp=bucket,
-        grain=grain.value,
-        device_id=device_id,
-        reading_count=found.reading_count,
-        device_count=found.device_count,
-        average_value=found.average_value,
-        min_value=found.min_value,
-        max_value=found.max_value,
-        sum_value=found.sum_value,
-        stddev_value=found.stddev_value,
+        timestamp=bucket, grain=grain.value, device_id=device_id, **{name: getattr(found, name) for name in KPI_FIELDS}
     )
 
 

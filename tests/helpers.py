@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,8 +38,10 @@ def dumps(document: object) -> bytes:
 def running_api(settings: Settings, timeout_s: float = 60) -> Iterator[str]:
     """`lakehouse serve` on a free port until the block ends; yields its base URL once /health answers."""
     port = free_port()
+    # A file, not a pipe: the access log of a long test would fill a pipe nobody reads and block the server.
+    output = tempfile.TemporaryFile()
     server = subprocess.Popen([*LAKEHOUSE, "serve", "--port", str(port)], env=env_for(settings),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+                              stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
@@ -50,10 +53,11 @@ def running_api(settings: Settings, timeout_s: float = 60) -> Iterator[str]:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                output = server.stdout.read().decode() if server.stdout else ""
-                raise AssertionError(f"the API did not start:\n{output[-3000:]}")
+                output.seek(0)
+                raise AssertionError(f"the API did not start:\n{output.read().decode()[-3000:]}")
             time.sleep(0.3)
         yield base
     finally:
         server.terminate()
         server.wait(timeout=30)
+        output.close()
