@@ -218,6 +218,7 @@ def maintain(
     """Compact small files (OPTIMIZE), write Delta checkpoints and VACUUM; safe while the pipeline runs."""
     from rich.table import Table as RichTable
 
+    from lake.maintenance import UnsafeRetention, check_retention
     from lake.maintenance import maintain as run_maintenance
     from lake.tables import LakePaths, Table
     from pipeline.errors import PipelineError
@@ -228,9 +229,10 @@ def maintain(
         chosen = [Table(name) for name in table] if table else None
     except ValueError as exc:
         _fail(str(exc))
-    if retain_hours < 1 and not unsafe_retention:
-        _fail(f"--retain-hours {retain_hours:g} would delete the files a running pipeline has written but not yet "
-              "committed, corrupting the table; use at least 1, or add --unsafe-retention when no writer runs")  # fmt: skip
+    try:
+        check_retention(retain_hours, unsafe_retention)  # before Spark starts, for a quick answer
+    except UnsafeRetention as exc:
+        _fail(str(exc))
     if retain_hours < 168:
         console.print(f"[yellow]warning:[/] --retain-hours {retain_hours:g} is under 168: a reader on an older "
                       "table version, or time travel to one, may fail")  # fmt: skip
@@ -238,7 +240,7 @@ def maintain(
         spark = build_session(current, app_name="kpi-lakehouse-maintain")
     except PipelineError as exc:
         _fail(str(exc))
-    reports = run_maintenance(spark, LakePaths.from_settings(current), chosen, retain_hours, vacuum)
+    reports = run_maintenance(spark, LakePaths.from_settings(current), chosen, retain_hours, vacuum, unsafe_retention)
     summary = RichTable("table", "live files before", "compacted", "live files after", "deleted from storage", "version")
     for r in reports:
         summary.add_row(r.table, str(r.live_files_before), str(r.files_compacted), str(r.live_files_after),

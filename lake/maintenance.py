@@ -24,6 +24,18 @@ T = TypeVar("T")
 SAFE_RETENTION_HOURS = 168  # Delta's own default: a week of history for readers and time travel
 
 
+class UnsafeRetention(ValueError):
+    """A VACUUM retention that would delete files a running writer has not committed yet."""
+
+
+def check_retention(retain_hours: float, allow_unsafe: bool = False) -> None:
+    if retain_hours < 1 and not allow_unsafe:
+        raise UnsafeRetention(
+            f"--retain-hours {retain_hours:g} would delete the files a running pipeline has written but not yet "
+            "committed, corrupting the table; use at least 1, or add --unsafe-retention when no writer runs"
+        )
+
+
 def concurrent_conflicts() -> tuple[type[BaseException], ...]:
     from delta import exceptions
 
@@ -65,9 +77,11 @@ def data_files(path: str) -> int:
 
 def maintain(
     spark: SparkSession, paths: LakePaths, tables: list[Table] | None = None,
-    retain_hours: float = SAFE_RETENTION_HOURS, vacuum: bool = True,
+    retain_hours: float = SAFE_RETENTION_HOURS, vacuum: bool = True, allow_unsafe_retention: bool = False,
 ) -> list[TableReport]:  # fmt: skip
     from delta.tables import DeltaTable
+
+    check_retention(retain_hours, allow_unsafe_retention)
 
     if retain_hours < SAFE_RETENTION_HOURS:
         # Delta refuses a short retention unless told; a reader on an older version may then miss files.
