@@ -52,12 +52,13 @@ def main(
     max_offsets_per_trigger: Annotated[Optional[int], typer.Option(help="Kafka records per micro-batch (env LAKEHOUSE_MAX_OFFSETS_PER_TRIGGER, default 2000)")] = None,
     starting_offsets: Annotated[Optional[str], typer.Option(help="earliest|latest for a new checkpoint (env LAKEHOUSE_STARTING_OFFSETS, default earliest)")] = None,
     fail_on_data_loss: Annotated[Optional[bool], typer.Option(help="stop when Kafka lost unread offsets (env LAKEHOUSE_FAIL_ON_DATA_LOSS, default true)")] = None,
+    extra_timestamp_formats: Annotated[Optional[list[str]], typer.Option("--extra-timestamp-format", help="strptime pattern accepted besides ISO 8601, repeatable (env LAKEHOUSE_EXTRA_TIMESTAMP_FORMATS, a JSON list)")] = None,
     http_host: Annotated[Optional[str], typer.Option(help="API listen address (env LAKEHOUSE_HTTP_HOST, default 127.0.0.1)")] = None,
     http_port: Annotated[Optional[int], typer.Option(help="API port (env LAKEHOUSE_HTTP_PORT, default 8000)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more")] = False,
 ) -> None:
     """Every setting is a flag here and a LAKEHOUSE_* environment variable; flags win."""
-    given = {name: value for name, value in locals().items() if name != "verbose" and value is not None}
+    given = {name: value for name, value in locals().items() if name != "verbose" and value not in (None, [])}
     _overrides.clear()
     _overrides.update(given)
     logging.basicConfig(
@@ -204,6 +205,55 @@ def pipeline(
     readings = sum(r.readings for r in reports)
     quarantined = sum(r.quarantined for r in reports)
     console.print(f"{len(reports)} micro-batches: {records:,} records, {readings:,} readings, {quarantined:,} quarantined")
+
+
+@app.command()
+def audit(
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    kafka: Annotated[bool, typer.Option(help="also ask Kafka for each partition's offsets")] = True,
+) -> None:
+    """Account for every Kafka record: per partition, records in Kafka and bronze, readings accepted and
+    quarantined; check that each reading is in silver or quarantine. Exits 1 when a check fails."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table as RichTable
+
+    from lake.duck import LakeError
+    from pipeline.audit import audit as run_audit
+
+    columns = (TextColumn("re-reading bronze"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console, transient=True, disable=as_json) as progress:
+            task = progress.add_task("audit", total=None)
+            report = run_audit(settings(), lambda done, total: progress.update(task, completed=done, total=total), kafka)
+    except LakeError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+        raise typer.Exit(0 if report.ok else 1)
+    out = Console()
+    counts = RichTable("topic", "part.", "Kafka offsets", "bronze", "to ingest", "readings", "accepted",
+                       "quar. readings", "quar. messages", "lost offsets", title="accounting per partition")  # fmt: skip
+    for p in report.partitions:
+        kafka_range = "?" if p.kafka_end_offset is None else f"{p.kafka_first_offset:,}..{p.kafka_end_offset - 1:,}"
+        counts.add_row(p.topic, str(p.partition), kafka_range, f"{p.bronze_records:,}",
+                       "?" if p.not_yet_ingested is None else f"{p.not_yet_ingested:,}", f"{p.readings_in_messages:,}",
+                       f"{p.readings_accepted:,}", f"{p.readings_quarantined:,}", f"{p.messages_quarantined:,}",
+                       f"{p.offsets_lost:,}")  # fmt: skip
+    totals = report.totals()
+    counts.add_row("total", "", "", f"{totals['bronze_records']:,}", "", f"{totals['readings_in_messages']:,}",
+                   f"{totals['readings_accepted']:,}", f"{totals['readings_quarantined']:,}",
+                   f"{totals['messages_quarantined']:,}", f"{totals['offsets_lost']:,}", style="bold")  # fmt: skip
+    out.print(counts)
+    if report.kafka_error:
+        console.print(f"[yellow]Kafka:[/] {escape(report.kafka_error)}")
+    checks = RichTable("check", "result", title="checks")
+    for check in report.checks:
+        checks.add_row(check.name, "[green]ok[/]" if check.ok else f"[red]FAIL[/] {escape(check.detail)}")
+    out.print(checks)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
         2000, ge=1, description="bound on Kafka records per micro-batch (memory: this x max_message_bytes)"
     )
     starting_offsets: str = Field("earliest", description="where a new checkpoint starts reading: earliest|latest")
+    extra_timestamp_formats: list[str] = Field(
+        default_factory=list,
+        description="strptime patterns accepted besides ISO 8601 (a JSON list in the variable), e.g. [\"%d/%m/%Y %H:%M:%S\"]",
+    )
     fail_on_data_loss: bool = Field(True, description="stop when Kafka deleted offsets not yet processed")
     http_host: str = Field("127.0.0.1", description="address the HTTP API listens on")
     http_port: int = Field(8000, ge=1, le=65535, description="port of the HTTP API")

@@ -20,7 +20,7 @@ from lake.settings import Settings
 from lake.tables import LakePaths, Table
 from pipeline import dedupe, kpi, offsets
 from pipeline.errors import StreamStopped
-from pipeline.parse import OUTPUT_DDL, PASSTHROUGH, parse_arrow_batches
+from pipeline.parse import OUTPUT_DDL, PASSTHROUGH, Rules, arrow_parser
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -100,7 +100,7 @@ class IngestJob:
         self._append(records.withColumn("ingested_at", F.current_timestamp()), Table.BRONZE, batch_id)
         _crash_point("bronze", batch_id)
 
-        parsed = records.select(*PASSTHROUGH, "value").mapInArrow(parse_arrow_batches, OUTPUT_DDL)
+        parsed = records.select(*PASSTHROUGH, "value").mapInArrow(arrow_parser(Rules.from_settings(self.settings)), OUTPUT_DDL)
         parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             counts = parsed.agg(

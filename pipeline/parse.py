@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from lake.timestamps import TimestampError, parse_timestamp_us
+from lake.settings import Settings
+from lake.timestamps import EPOCH, MAX_US, MIN_US, TimestampError, parse_timestamp_us
 
 
 class Reason(str, Enum):
@@ -24,6 +28,7 @@ class Reason(str, Enum):
 
     NOT_UTF8 = "not_utf8"
     NOT_JSON = "not_json"
+    TOO_DEEP = "too_deep"
     BAD_SHAPE = "bad_shape"
     NO_READINGS = "no_readings"
     BAD_READING_SHAPE = "bad_reading_shape"
@@ -33,6 +38,43 @@ class Reason(str, Enum):
     BAD_TIMESTAMP = "bad_timestamp"
     MISSING_VALUE = "missing_value"
     BAD_VALUE = "bad_value"
+
+
+_ONE_US = datetime.resolution
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What the parser accepts beyond the contract's formats; a change of rules is what `lakehouse replay` applies."""
+
+    extra_timestamp_formats: tuple[str, ...] = ()  # strptime patterns tried after ISO 8601; no zone = UTC
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Rules:
+        return cls(extra_timestamp_formats=tuple(settings.extra_timestamp_formats))
+
+    def timestamp_us(self, text: str) -> int:
+        try:
+            return parse_timestamp_us(text)
+        except TimestampError:
+            if not self.extra_timestamp_formats:
+                raise
+        for pattern in self.extra_timestamp_formats:
+            try:
+                moment = datetime.strptime(text, pattern)
+            except ValueError:
+                continue
+            moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+            micros = (moment - EPOCH) // _ONE_US
+            if MIN_US <= micros <= MAX_US:
+                return micros
+        raise TimestampError(
+            f"timestamp {text[:64]!r} is neither ISO 8601 nor one of LAKEHOUSE_EXTRA_TIMESTAMP_FORMATS "
+            f"{list(self.extra_timestamp_formats)}"
+        )
+
+
+CONTRACT_RULES = Rules()
 
 
 class InvalidReading(ValueError):
@@ -63,13 +105,13 @@ def check_value(value: object) -> float:
     return number
 
 
-def check_timestamp(timestamp: object) -> int:
+def check_timestamp(timestamp: object, rules: Rules = CONTRACT_RULES) -> int:
     if timestamp is None or timestamp is UNSET:
         raise InvalidReading(Reason.MISSING_TIMESTAMP, "timestamp is missing")
     if not isinstance(timestamp, str):
         raise InvalidReading(Reason.BAD_TIMESTAMP, f"timestamp must be a string, got {timestamp!r:.64}")
     try:
-        return parse_timestamp_us(timestamp)
+        return rules.timestamp_us(timestamp)
     except TimestampError as exc:
         raise InvalidReading(Reason.BAD_TIMESTAMP, str(exc)) from None
 
@@ -171,7 +213,7 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _slow_path(payload: bytes, source: int, out: ParsedMessage) -> None:
+def _slow_path(payload: bytes, source: int, out: ParsedMessage, rules: Rules) -> None:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -181,7 +223,7 @@ def _slow_path(payload: bytes, source: int, out: ParsedMessage) -> None:
     try:
         document = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        out.quarantine(source, None, Reason.NOT_JSON, "message is nested too deeply to read", text)
+        out.quarantine(source, None, Reason.TOO_DEEP, "message is nested too deeply to read", text)
         return
     except ValueError as exc:
         out.quarantine(source, None, Reason.NOT_JSON, f"message is not JSON: {exc}", text)
@@ -209,7 +251,7 @@ def _slow_path(payload: bytes, source: int, out: ParsedMessage) -> None:
                 raise InvalidReading(Reason.BAD_READING_SHAPE, f"a reading must be a JSON object, got {type(item).__name__}")
             own_device = item.get("device_id")
             device = check_device_id(own_device if own_device is not None else default_device)
-            timestamp_us = check_timestamp(item.get("timestamp", UNSET))
+            timestamp_us = check_timestamp(item.get("timestamp", UNSET), rules)
             value = check_value(item.get("value", UNSET))
         except InvalidReading as problem:
             out.quarantine(source, index, problem.reason, str(problem), json.dumps(item, allow_nan=True))
@@ -217,19 +259,19 @@ def _slow_path(payload: bytes, source: int, out: ParsedMessage) -> None:
             out.reading(source, device, timestamp_us, value, index)
 
 
-def parse_message(payload: bytes | None, source: int, out: ParsedMessage) -> None:
+def parse_message(payload: bytes | None, source: int, out: ParsedMessage, rules: Rules = CONTRACT_RULES) -> None:
     """Append what one Kafka message value yields to `out`."""
     if payload is None or not payload.strip():
         out.quarantine(source, None, Reason.NOT_JSON, "message is empty", None if payload is None else "")
         return
     if not _fast_path(payload, source, out):
-        _slow_path(payload, source, out)
+        _slow_path(payload, source, out, rules)
 
 
-def parse_messages(payloads: list[bytes | None]) -> ParsedMessage:
+def parse_messages(payloads: list[bytes | None], rules: Rules = CONTRACT_RULES) -> ParsedMessage:
     out = ParsedMessage()
     for source, payload in enumerate(payloads):
-        parse_message(payload, source, out)
+        parse_message(payload, source, out, rules)
     return out
 
 
@@ -242,12 +284,12 @@ OUTPUT_DDL = (
 )
 
 
-def parse_arrow_batches(batches: Iterator[Any]) -> Iterator[Any]:
+def parse_arrow_batches(batches: Iterator[Any], rules: Rules = CONTRACT_RULES) -> Iterator[Any]:
     """mapInArrow body: Kafka records (PASSTHROUGH + value) in, parsed rows (OUTPUT_DDL) out."""
     import pyarrow as pa
 
     for batch in batches:
-        parsed = parse_messages(batch.column("value").to_pylist())
+        parsed = parse_messages(batch.column("value").to_pylist(), rules)
         take = pa.array(parsed.source, type=pa.int32())
         columns = {name: batch.column(name).take(take) for name in PASSTHROUGH}
         columns["device_id"] = pa.array(parsed.device_id, type=pa.string())
@@ -258,3 +300,8 @@ def parse_arrow_batches(batches: Iterator[Any]) -> Iterator[Any]:
         columns["reason"] = pa.array(parsed.reason, type=pa.string())
         columns["raw"] = pa.array(parsed.raw, type=pa.string())
         yield pa.RecordBatch.from_pydict(columns)
+
+
+def arrow_parser(rules: Rules) -> Any:
+    """The mapInArrow function for these rules (a partial pickles with the rules into Spark's Python workers)."""
+    return partial(parse_arrow_batches, rules=rules)

@@ -1,0 +1,248 @@
+"""Accounting of every Kafka record: Kafka's offsets, bronze, readings accepted and quarantined, and the checks
+that nothing was lost (contract section 2).
+
+Bronze holds the raw message of every record, so the audit re-reads each one with the current rules and checks
+that each reading is either in silver (by identity) or quarantined with its index, and each unreadable message
+has exactly one message-level quarantine row. It runs on DuckDB, without Spark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import duckdb
+import pyarrow as pa
+
+from lake import duck
+from lake.settings import Settings
+from lake.tables import LakePaths, Table
+from pipeline.offsets import REASON_CODE as OFFSETS_LOST
+from pipeline.parse import Rules, parse_messages
+
+# Bronze is read in slices of this many records; a slice of 5 MiB messages stays within a few hundred MiB.
+_SLICE_RECORDS = 64
+
+
+@dataclass
+class PartitionCounts:
+    topic: str
+    partition: int
+    kafka_first_offset: int | None = None  # the earliest offset Kafka still holds
+    kafka_end_offset: int | None = None  # the next offset Kafka will write
+    bronze_records: int = 0
+    bronze_last_offset: int | None = None
+    readings_in_messages: int = 0
+    readings_accepted: int = 0
+    readings_quarantined: int = 0
+    messages_quarantined: int = 0
+    offsets_lost: int = 0
+
+    @property
+    def not_yet_ingested(self) -> int | None:
+        if self.kafka_end_offset is None:
+            return None
+        done = -1 if self.bronze_last_offset is None else self.bronze_last_offset
+        return max(0, self.kafka_end_offset - done - 1)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class AuditReport:
+    partitions: list[PartitionCounts] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    kafka_error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    def totals(self) -> dict[str, int]:
+        names = ("bronze_records", "readings_in_messages", "readings_accepted", "readings_quarantined",
+                 "messages_quarantined", "offsets_lost")  # fmt: skip
+        return {name: sum(getattr(p, name) for p in self.partitions) for name in names}
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "kafka_error": self.kafka_error,
+            "partitions": [asdict(p) | {"not_yet_ingested": p.not_yet_ingested} for p in self.partitions],
+            "totals": self.totals(),
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+
+_REPARSED_SCHEMA = pa.schema([
+    ("topic", pa.string()), ("partition", pa.int32()), ("offset", pa.int64()), ("reading_index", pa.int32()),
+    ("device_id", pa.string()), ("timestamp_us", pa.int64()), ("reason_code", pa.string()),
+])  # fmt: skip
+
+
+def _reparse_bronze(connection: duckdb.DuckDBPyConnection, rules: Rules, on_progress: Callable[[int], None]) -> None:
+    """Fill the table `reparsed` (in memory): what each bronze record yields under the current rules."""
+    connection.execute(
+        "CREATE OR REPLACE TABLE reparsed (topic VARCHAR, \"partition\" INTEGER, \"offset\" BIGINT, "
+        "reading_index INTEGER, device_id VARCHAR, timestamp_us BIGINT, reason_code VARCHAR)"
+    )
+    reader = connection.execute('SELECT topic, "partition", "offset", value FROM bronze').fetch_record_batch(
+        _SLICE_RECORDS
+    )
+    writer = connection.cursor()
+    for batch in reader:
+        parsed = parse_messages(batch.column("value").to_pylist(), rules)
+        take = pa.array(parsed.source, type=pa.int32())
+        slice_ = pa.Table.from_arrays(
+            [
+                batch.column("topic").take(take),
+                batch.column("partition").take(take).cast(pa.int32()),
+                batch.column("offset").take(take).cast(pa.int64()),
+                pa.array(parsed.reading_index, type=pa.int32()),
+                pa.array(parsed.device_id, type=pa.string()),
+                pa.array(parsed.timestamp_us, type=pa.int64()),
+                pa.array(parsed.reason_code, type=pa.string()),
+            ],
+            schema=_REPARSED_SCHEMA,
+        )
+        writer.register("reparsed_slice", slice_)
+        writer.execute("INSERT INTO reparsed SELECT * FROM reparsed_slice")
+        writer.unregister("reparsed_slice")
+        on_progress(batch.num_rows)
+    writer.close()
+
+
+_PER_PARTITION = """
+WITH records AS (
+    SELECT topic, "partition", count(*) AS records, max("offset") AS last_offset FROM bronze GROUP BY ALL
+), readings AS (
+    SELECT topic, "partition",
+           count(*) FILTER (WHERE reading_index IS NOT NULL) AS in_messages,
+           count(*) FILTER (WHERE reason_code IS NULL) AS accepted
+    FROM reparsed GROUP BY ALL
+), quarantined AS (
+    SELECT topic, "partition",
+           count(*) FILTER (WHERE reading_index IS NOT NULL AND reason_code <> $lost) AS readings,
+           count(*) FILTER (WHERE reading_index IS NULL AND reason_code <> $lost) AS messages,
+           count(*) FILTER (WHERE reason_code = $lost) AS gaps
+    FROM quarantine GROUP BY ALL
+)
+SELECT topic, "partition", coalesce(r.records, 0), r.last_offset, coalesce(p.in_messages, 0), coalesce(p.accepted, 0),
+       coalesce(q.readings, 0), coalesce(q.messages, 0), coalesce(q.gaps, 0)
+FROM records r FULL JOIN readings p USING (topic, "partition") FULL JOIN quarantined q USING (topic, "partition")
+ORDER BY topic, "partition"
+"""
+
+# Each check counts the rows that break it; zero is a pass.
+_CHECKS: list[tuple[str, str, str]] = [
+    (
+        "each Kafka record once in bronze",
+        'SELECT count(*) FROM (SELECT topic, "partition", "offset" FROM bronze GROUP BY ALL HAVING count(*) > 1)',
+        "records held more than once in bronze",
+    ),
+    (
+        "every valid reading is in silver",
+        """SELECT count(*) FROM (SELECT DISTINCT device_id, timestamp_us FROM reparsed WHERE reason_code IS NULL) r
+           ANTI JOIN (SELECT device_id, epoch_us("timestamp") AS timestamp_us FROM silver) s USING (device_id, timestamp_us)""",
+        "valid readings whose identity is missing from silver",
+    ),
+    (
+        "every invalid reading or message is in quarantine",
+        """SELECT count(*) FROM (SELECT * FROM reparsed WHERE reason_code IS NOT NULL) r
+           ANTI JOIN quarantine q ON q.topic = r.topic AND q."partition" = r."partition" AND q."offset" = r."offset"
+                AND q.reading_index IS NOT DISTINCT FROM r.reading_index""",
+        "invalid readings or messages without a quarantine row",
+    ),
+    (
+        "quarantine holds only what the current rules reject",
+        """SELECT count(*) FROM (SELECT * FROM quarantine WHERE reason_code <> $lost) q
+           ANTI JOIN (SELECT * FROM reparsed WHERE reason_code IS NOT NULL) r
+                ON q.topic = r.topic AND q."partition" = r."partition" AND q."offset" = r."offset"
+                AND q.reading_index IS NOT DISTINCT FROM r.reading_index""",
+        "quarantine rows the current rules accept (`lakehouse replay` moves them) or that match no bronze record",
+    ),
+    (
+        "one quarantine row per reading or message",
+        """SELECT count(*) FROM (SELECT topic, "partition", "offset", reading_index FROM quarantine
+           WHERE reason_code <> $lost GROUP BY ALL HAVING count(*) > 1)""",
+        "readings or messages quarantined more than once",
+    ),
+    (
+        "accepted + quarantined = readings in the message",
+        """SELECT count(*) FROM (
+             SELECT topic, "partition", "offset", count(*) FILTER (WHERE reason_code IS NULL) AS accepted,
+                    count(*) FILTER (WHERE reason_code IS NOT NULL AND reading_index IS NULL) AS message_level,
+                    count(*) FILTER (WHERE reading_index IS NOT NULL) AS readings
+             FROM reparsed GROUP BY ALL
+           ) r LEFT JOIN (
+             SELECT topic, "partition", "offset", count(*) FILTER (WHERE reading_index IS NOT NULL) AS quarantined,
+                    count(*) FILTER (WHERE reading_index IS NULL) AS message_level
+             FROM quarantine WHERE reason_code <> $lost GROUP BY ALL
+           ) q USING (topic, "partition", "offset")
+           WHERE CASE WHEN r.message_level > 0 THEN coalesce(q.message_level, 0) <> 1 OR coalesce(q.quarantined, 0) <> 0
+                      ELSE r.accepted + coalesce(q.quarantined, 0) <> r.readings OR coalesce(q.message_level, 0) <> 0 END""",
+        "bronze records whose accepted and quarantined readings do not add up to the readings in the message",
+    ),
+]
+
+
+def _kafka_offsets(settings: Settings, partitions: dict[tuple[str, int], PartitionCounts]) -> str | None:
+    """Fill Kafka's first and end offsets per partition of the topic; an error message if Kafka cannot be asked."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "kpi-lakehouse-audit",
+                         "enable.auto.commit": False, "log_level": 3})  # fmt: skip
+    try:
+        metadata = consumer.list_topics(settings.topic, timeout=10)
+        topic = metadata.topics.get(settings.topic)
+        if topic is None or topic.error is not None:
+            return f"topic {settings.topic!r} not found on {settings.kafka_bootstrap}"
+        for number in sorted(topic.partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(settings.topic, number), timeout=10)
+            counts = partitions.setdefault((settings.topic, number), PartitionCounts(settings.topic, number))
+            counts.kafka_first_offset, counts.kafka_end_offset = low, high
+    except KafkaException as exc:
+        return f"cannot read offsets from Kafka at {settings.kafka_bootstrap}: {exc}"
+    finally:
+        consumer.close()
+    return None
+
+
+def audit(settings: Settings, on_progress: Callable[[int, int], None] | None = None, kafka: bool = True) -> AuditReport:
+    """Count and check the lake; `on_progress(done, total)` follows the re-reading of bronze."""
+    paths = LakePaths.from_settings(settings)
+    missing = [t.value for t in Table if not duck.table_exists(paths, t)]
+    if missing:
+        raise duck.LakeError(f"the lake at {paths.root} has no {', '.join(missing)} table yet; run `lakehouse pipeline`")
+    connection = duck.connect(paths)
+    total = connection.execute("SELECT count(*) FROM bronze").fetchone()[0]  # type: ignore[index]
+    done = 0
+
+    def advance(rows: int) -> None:
+        nonlocal done
+        done += rows
+        if on_progress:
+            on_progress(done, total)
+
+    _reparse_bronze(connection, Rules.from_settings(settings), advance)
+    report = AuditReport()
+    partitions: dict[tuple[str, int], PartitionCounts] = {}
+    for row in connection.execute(_PER_PARTITION, {"lost": OFFSETS_LOST}).fetchall():
+        topic, partition, *numbers = row
+        counts = PartitionCounts(topic, partition)
+        (counts.bronze_records, counts.bronze_last_offset, counts.readings_in_messages, counts.readings_accepted,
+         counts.readings_quarantined, counts.messages_quarantined, counts.offsets_lost) = numbers  # fmt: skip
+        partitions[(topic, partition)] = counts
+    if kafka:
+        report.kafka_error = _kafka_offsets(settings, partitions)
+    report.partitions = [partitions[key] for key in sorted(partitions)]
+    for name, query, meaning in _CHECKS:
+        parameters = {"lost": OFFSETS_LOST} if "$lost" in query else {}
+        failures = connection.execute(query, parameters).fetchone()[0]  # type: ignore[index]
+        report.checks.append(Check(name, failures == 0, "ok" if failures == 0 else f"{failures:,} {meaning}"))
+    connection.close()
+    return report
