@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -257,6 +258,35 @@ def audit(
 
 
 @app.command()
+def replay(
+    reason: Annotated[Optional[str], typer.Option(help="only quarantine rows with this reason code")] = None,
+    since: Annotated[Optional[str], typer.Option(help="only rows quarantined at or after this instant (ISO 8601)")] = None,
+) -> None:
+    """Re-evaluate quarantined readings and messages with the current rules (e.g. after adding
+    --extra-timestamp-format): now-valid readings move into silver and gold exactly once, the rest keep an updated
+    reason. Safe to run again, or while the pipeline runs."""
+    from lake.timestamps import TimestampError, from_us, parse_timestamp_us
+    from pipeline.errors import PipelineError
+    from pipeline.replay import replay as run_replay
+
+    current = settings()
+    try:
+        since_at = None if since is None else from_us(parse_timestamp_us(since))
+    except TimestampError as exc:
+        _fail(f"--since: {exc}")
+    try:
+        with console.status("replaying quarantine with the current rules"):
+            report = run_replay(current, reason, since_at)
+    except (PipelineError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(
+        f"replayed {report.quarantined_rows:,} quarantine rows from {report.records:,} Kafka records: "
+        f"{report.readings_accepted:,} readings now valid (merged into silver and gold), "
+        f"{report.still_invalid:,} rows still quarantined ({report.reasons_changed:,} with a new reason)"
+    )
+
+
+@app.command()
 def maintain(
     table: Annotated[Optional[list[str]], typer.Option(help="only this table (repeatable): bronze|silver|gold|quarantine")] = None,
     retain_hours: Annotated[float, typer.Option(help="VACUUM keeps files younger than this; under 168 needs care")] = 168,
@@ -311,7 +341,7 @@ def serve(
     current = settings()
     # The app factory reads settings from the environment, also in worker processes.
     for name, value in _overrides.items():
-        os.environ[f"LAKEHOUSE_{name.upper()}"] = str(value)
+        os.environ[f"LAKEHOUSE_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
     uvicorn.run("serve.app:create_app", factory=True, host=current.http_host, port=current.http_port,
                 workers=workers, log_level="info")  # fmt: skip
 

@@ -37,7 +37,7 @@ _TXN_VERSION = "spark.databricks.delta.write.txnVersion"
 _CRASH_AFTER = os.environ.get("LAKEHOUSE_TEST_CRASH_AFTER", "")
 
 
-def _crash_point(stage: str, batch_id: int) -> None:
+def crash_point(stage: str, batch_id: int) -> None:
     if _CRASH_AFTER == f"{stage}:{batch_id}":
         log.warning("LAKEHOUSE_TEST_CRASH_AFTER=%s: killing the pipeline now", _CRASH_AFTER)
         # The whole group (Python and Spark's JVM) when the pipeline leads its own, as the crash tests start it.
@@ -81,7 +81,10 @@ class IngestJob:
         # A concurrent `lakehouse maintain` may conflict; the write is idempotent, so it is simply tried again.
         retry_on_conflict(lambda: writer.save(self.paths.table(table)), f"append to {table.value}")
 
-    def _merge(self, batch_id: int, table: Table, run_merge: Callable[[], object]) -> None:
+    def _merge(self, batch_id: int | None, table: Table, run_merge: Callable[[], object]) -> None:
+        if batch_id is None:  # not a micro-batch (replay): the MERGE itself is idempotent
+            retry_on_conflict(run_merge, f"MERGE into {table.value}")
+            return
         conf = self.spark.conf
         conf.set(_TXN_APP_ID, self._app_id())
         conf.set(_TXN_VERSION, str(batch_id))
@@ -98,7 +101,7 @@ class IngestJob:
         started = time.monotonic()
         report = BatchReport(batch_id)
         self._append(records.withColumn("ingested_at", F.current_timestamp()), Table.BRONZE, batch_id)
-        _crash_point("bronze", batch_id)
+        crash_point("bronze", batch_id)
 
         parsed = records.select(*PASSTHROUGH, "value").mapInArrow(arrow_parser(Rules.from_settings(self.settings)), OUTPUT_DDL)
         parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
@@ -122,15 +125,15 @@ class IngestJob:
                 bad = bad.unionByName(self.spark.createDataFrame(rows, bad.schema))
             if report.quarantined:
                 self._append(bad.withColumn("quarantined_at", F.current_timestamp()), Table.QUARANTINE, batch_id)
-            _crash_point("quarantine", batch_id)
+            crash_point("quarantine", batch_id)
             if report.readings:
                 # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
                 lo, hi = f"timestamp_micros({counts['lo']})", f"timestamp_micros({counts['hi']})"
                 readings = parsed.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
-                self._write_silver(readings, batch_id, lo, hi)
-                _crash_point("silver", batch_id)
-                self._write_gold(readings, batch_id, lo, hi)
-                _crash_point("gold", batch_id)
+                self.write_silver(readings, batch_id, lo, hi)
+                crash_point("silver", batch_id)
+                self.write_gold(readings, batch_id, lo, hi)
+                crash_point("gold", batch_id)
         finally:
             parsed.unpersist()
         report.seconds = time.monotonic() - started
@@ -151,7 +154,8 @@ class IngestJob:
             log.warning("data loss: %s; recorded in quarantine as %s", gap.reason, offsets.REASON_CODE)
         return gaps
 
-    def _write_silver(self, readings: DataFrame, batch_id: int, lo: str, hi: str) -> None:
+    def write_silver(self, readings: DataFrame, batch_id: int | None, lo: str, hi: str) -> None:
+        """MERGE readings into silver: new identities inserted, corrections from later records applied."""
         from delta.tables import DeltaTable
 
         latest = dedupe.latest_per_identity(readings)
@@ -164,7 +168,8 @@ class IngestJob:
         )
         self._merge(batch_id, Table.SILVER, merge.execute)
 
-    def _write_gold(self, readings: DataFrame, batch_id: int, lo: str, hi: str) -> None:
+    def write_gold(self, readings: DataFrame, batch_id: int | None, lo: str, hi: str) -> None:
+        """Recompute from silver the KPIs of the seconds these readings touch, and MERGE them into gold."""
         from delta.tables import DeltaTable
         from pyspark.sql import functions as F
 

@@ -38,6 +38,7 @@ class Reason(str, Enum):
     BAD_TIMESTAMP = "bad_timestamp"
     MISSING_VALUE = "missing_value"
     BAD_VALUE = "bad_value"
+    PARSER_ERROR = "parser_error"  # a bug: the parser failed; `lakehouse replay` re-reads the message once fixed
 
 
 _ONE_US = datetime.resolution
@@ -172,6 +173,11 @@ class ParsedMessage:
     def __len__(self) -> int:
         return len(self.source)
 
+    def truncate(self, length: int) -> None:
+        """Drop the entries after the first `length` (what a message that failed halfway appended)."""
+        for name in self.__slots__:
+            del getattr(self, name)[length:]
+
 
 def _fast_path(payload: bytes, source: int, out: ParsedMessage) -> bool:
     """Decode a message that is valid throughout; False (nothing appended) if anything needs the slow path."""
@@ -202,7 +208,7 @@ def _fast_path(payload: bytes, source: int, out: ParsedMessage) -> bool:
             if not isinstance(item.value, float):
                 return False
             rows.append((device, parse_timestamp_us(item.timestamp), item.value, index))
-    except (msgspec.DecodeError, msgspec.ValidationError, TimestampError, RecursionError):
+    except (msgspec.DecodeError, msgspec.ValidationError, TimestampError, RecursionError, UnicodeDecodeError):
         return False
     for device, timestamp_us, value, index in rows:
         out.reading(source, device, timestamp_us, value, index)
@@ -264,8 +270,14 @@ def parse_message(payload: bytes | None, source: int, out: ParsedMessage, rules:
     if payload is None or not payload.strip():
         out.quarantine(source, None, Reason.NOT_JSON, "message is empty", None if payload is None else "")
         return
-    if not _fast_path(payload, source, out):
-        _slow_path(payload, source, out, rules)
+    mark = len(out)
+    try:
+        if not _fast_path(payload, source, out):
+            _slow_path(payload, source, out, rules)
+    except Exception as exc:  # noqa: BLE001 - no message may stop the stream, not even one that finds a bug
+        out.truncate(mark)
+        out.quarantine(source, None, Reason.PARSER_ERROR, f"the parser failed on this message: {exc!r:.500}",
+                       payload.decode("utf-8", "backslashreplace"))  # fmt: skip
 
 
 def parse_messages(payloads: list[bytes | None], rules: Rules = CONTRACT_RULES) -> ParsedMessage:

@@ -22,12 +22,17 @@ LAKEHOUSE = [sys.executable, "-m", "lakehouse"]
 def env_for(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     for name, value in settings.model_dump(exclude_none=True).items():
-        env[f"LAKEHOUSE_{name.upper()}"] = str(value)
+        env[f"LAKEHOUSE_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return env
 
 
-def lakehouse(settings: Settings, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*LAKEHOUSE, *args], env=env_for(settings), capture_output=True, text=True, timeout=timeout)
+def lakehouse(
+    settings: Settings, *args: str, timeout: float = 900, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a `lakehouse` command in its own process group (so a crash hook takes Spark's JVM down with it)."""
+    env = env_for(settings) | (env_extra or {})
+    return subprocess.run([*LAKEHOUSE, *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)  # fmt: skip
 
 
 def dumps(document: object) -> bytes:

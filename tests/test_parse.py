@@ -118,7 +118,7 @@ def test_invalid_readings_keep_their_valid_siblings() -> None:
         (b'{"device_id": "d", "timestamp": "2024-07-30T12:00:00Z", "value": true}', "bad_value", 0),
         (b'{"device_id": "d", "timestamp": "2024-07-30T12:00:00Z", "value": 1e999}', "bad_value", 0),
         (b'{"device_id": "d", "timestamp": "2024-07-30T12:00:00Z", "value": NaN}', "not_json", None),
-        (b"[" * 10_000 + b"]" * 10_000, "not_json", None),
+        (b"[" * 10_000 + b"]" * 10_000, "too_deep", None),
     ],
 )
 def test_quarantine_reasons(payload: bytes, reason: str, index: int | None) -> None:
@@ -145,3 +145,33 @@ def test_big_batch_is_read_whole() -> None:
     assert len(parsed) == 80_000
     assert parsed.reason_code.count(None) == 80_000
     assert sum(parsed.value) == pytest.approx(sum(i * 0.5 for i in range(80_000)), rel=1e-12)
+
+
+def test_invalid_utf8_inside_a_string_is_quarantined_not_raised() -> None:
+    # msgspec raises UnicodeDecodeError (not a DecodeError) for bad bytes inside a JSON string.
+    parsed = parse_messages([b'{"device_id": "caf\xe9", "timestamp": "2024-07-30T12:00:00Z", "value": 1}'])
+    assert parsed.reason_code == ["not_utf8"] and parsed.reading_index == [None]
+
+
+def test_a_parser_failure_quarantines_the_message_instead_of_stopping_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.parse as parse
+
+    def broken(*_args: object) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(parse, "_slow_path", broken)
+    good = b'{"device_id": "d", "timestamp": "2024-07-30T12:00:00Z", "value": 1}'
+    parsed = parse_messages([good, b'[{"device_id": "d", "timestamp": "2024-07-30T12:00:00Z", "value": 1}, 5]', good])
+    assert parsed.source == [0, 1, 2]  # the half-parsed message left nothing behind
+    assert parsed.reason_code == [None, "parser_error", None]
+    assert "KeyError('a bug')" in (parsed.reason[1] or "")
+
+
+def test_extra_timestamp_formats_are_tried_after_iso_8601() -> None:
+    from pipeline.parse import Rules
+
+    message = b'{"device_id": "d", "timestamp": "30/07/2024 14:00:01", "value": 1}'
+    assert parse_messages([message]).reason_code == ["bad_timestamp"]
+    day_first = Rules(extra_timestamp_formats=("%d/%m/%Y %H:%M:%S",))
+    parsed = parse_messages([message, b'{"device_id": "d", "timestamp": "2024-07-30T14:00:01Z", "value": 1}'], day_first)
+    assert parsed.reason_code == [None, None] and parsed.timestamp_us[0] == parsed.timestamp_us[1] == 1722348001000000

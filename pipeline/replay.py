@@ -1,0 +1,162 @@
+"""Re-evaluates quarantined messages and readings with the current rules: what is now valid moves into silver and
+gold, what is still invalid stays with its reason brought up to date.
+
+The original bytes come from bronze (quarantine's `raw` of an unreadable message is not always the bytes Kafka
+held). Writes go silver, gold, then quarantine, each an idempotent MERGE: a replay stopped at any point and run
+again, or run twice, ends in the same tables as one complete run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from lake.maintenance import retry_on_conflict
+from lake.settings import Settings
+from lake.tables import LakePaths, Table
+from pipeline.job import IngestJob, crash_point
+from pipeline.offsets import REASON_CODE as OFFSETS_LOST
+from pipeline.parse import OUTPUT_DDL, PASSTHROUGH, Reason, Rules, arrow_parser
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger("lakehouse.replay")
+
+RECORD = ("topic", "partition", "offset")
+
+
+@dataclass
+class ReplayReport:
+    quarantined_rows: int = 0  # rows selected for replay
+    records: int = 0  # Kafka records they come from
+    readings_accepted: int = 0  # now valid, merged into silver
+    still_invalid: int = 0  # quarantine rows after the replay for those records
+    reasons_changed: int = 0
+
+
+def _selected(spark: SparkSession, paths: LakePaths, reason: str | None, since: datetime | None) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    rows = spark.read.format("delta").load(paths.table(Table.QUARANTINE)).where(F.col("reason_code") != OFFSETS_LOST)
+    if reason is not None:
+        rows = rows.where(F.col("reason_code") == reason)
+    if since is not None:
+        rows = rows.where(F.col("quarantined_at") >= F.lit(since))
+    return rows.select(*RECORD, "reading_index", "reason_code", "reason")
+
+
+def replay(
+    settings: Settings,
+    reason: str | None = None,
+    since: datetime | None = None,
+    spark: SparkSession | None = None,
+) -> ReplayReport:
+    """Replay the quarantine rows with this reason code (all but lost offsets when None) quarantined since `since`."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    from pipeline.delta_tables import create_tables
+    from pipeline.spark import build_session
+
+    if reason is not None and reason not in {r.value for r in Reason}:
+        raise ValueError(f"unknown reason code {reason!r}; known: {', '.join(r.value for r in Reason)}")
+    spark = spark or build_session(settings, app_name="kpi-lakehouse-replay")
+    paths = LakePaths.from_settings(settings)
+    create_tables(spark, paths)
+    report = ReplayReport()
+
+    # Fixed before any write: the quarantine table changes below.
+    targets = _selected(spark, paths, reason, since).localCheckpoint(eager=True)
+    report.quarantined_rows = targets.count()
+    if not report.quarantined_rows:
+        return report
+    records = targets.select(*RECORD).distinct()
+    report.records = records.count()
+    bronze = spark.read.format("delta").load(paths.table(Table.BRONZE))
+    reparsed = (
+        bronze.join(records, list(RECORD), "left_semi")
+        .select(*PASSTHROUGH, "value")
+        .mapInArrow(arrow_parser(Rules.from_settings(settings)), OUTPUT_DDL)
+    )
+    # A message-level row stands for every entry of its record; a reading's row for the entry at its index.
+    t, r = targets.alias("t"), reparsed.alias("r")
+    on_record = [F.col(f"t.{c}") == F.col(f"r.{c}") for c in RECORD]
+    at_index = (
+        F.col("t.reading_index").isNull()
+        | F.col("r.reading_index").isNull()  # the message as a whole is now unreadable
+        | (F.col("t.reading_index") == F.col("r.reading_index"))
+    )
+    fresh = r.join(t, [*on_record, at_index], "left_semi").localCheckpoint(eager=True)
+
+    job = IngestJob(spark, settings, paths)
+    readings = fresh.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
+    bounds = readings.agg(F.count("*"), F.min(F.unix_micros("timestamp")), F.max(F.unix_micros("timestamp"))).first()
+    report.readings_accepted = bounds[0]
+    if report.readings_accepted:
+        lo, hi = f"timestamp_micros({bounds[1]})", f"timestamp_micros({bounds[2]})"
+        job.write_silver(readings, None, lo, hi)
+        crash_point("replay_silver", 0)
+        job.write_gold(readings, None, lo, hi)
+        crash_point("replay_gold", 0)
+
+    # Each target row keeps its new reason or, now valid, is deleted; a message-level row whose message now reads
+    # gives way to its invalid readings' own rows.
+    still_bad = fresh.where("reason_code IS NOT NULL").select(
+        *RECORD, "reading_index", "reason_code", "reason", "raw", "kafka_timestamp"
+    )
+    b = still_bad.alias("b")
+    same_key = [F.col(f"t.{c}") == F.col(f"b.{c}") for c in RECORD] + [
+        F.col("t.reading_index").eqNullSafe(F.col("b.reading_index"))
+    ]
+    kept_or_dropped = t.join(b, same_key, "left").select(
+        *[F.col(f"t.{c}").alias(c) for c in (*RECORD, "reading_index")],
+        F.col("b.reason_code").alias("new_reason_code"),
+        F.col("b.reason").alias("new_reason"),
+        F.col("b.raw").alias("raw"),
+        F.col("b.kafka_timestamp").alias("kafka_timestamp"),
+    )
+    added = b.join(t, same_key, "left_anti").select(
+        *RECORD, "reading_index", F.col("reason_code").alias("new_reason_code"), F.col("reason").alias("new_reason"),
+        "raw", "kafka_timestamp",
+    )  # fmt: skip
+    changes = kept_or_dropped.unionByName(added).localCheckpoint(eager=True)
+    report.still_invalid = changes.where("new_reason_code IS NOT NULL").count()
+    report.reasons_changed = (
+        changes.alias("c")
+        .join(t, [F.col(f"c.{c}") == F.col(f"t.{c}") for c in RECORD]
+              + [F.col("c.reading_index").eqNullSafe(F.col("t.reading_index"))])  # fmt: skip
+        .where("c.new_reason_code IS NOT NULL AND (c.new_reason_code <> t.reason_code OR c.new_reason <> t.reason)")
+        .count()
+    )
+    quarantine = DeltaTable.forPath(spark, paths.table(Table.QUARANTINE))
+    merge = (
+        quarantine.alias("q")
+        .merge(
+            changes.alias("c"),
+            "q.topic = c.topic AND q.`partition` = c.`partition` AND q.`offset` = c.`offset` "
+            f"AND q.reading_index <=> c.reading_index AND q.reason_code <> '{OFFSETS_LOST}'",
+        )
+        .whenMatchedDelete(condition="c.new_reason_code IS NULL")
+        .whenMatchedUpdate(
+            condition="q.reason_code <> c.new_reason_code OR q.reason <> c.new_reason",
+            set={"reason_code": "c.new_reason_code", "reason": "c.new_reason"},
+        )
+        .whenNotMatchedInsert(
+            condition="c.new_reason_code IS NOT NULL",
+            values={
+                **{c: f"c.`{c}`" for c in (*RECORD, "reading_index", "raw", "kafka_timestamp")},
+                "reason_code": "c.new_reason_code",
+                "reason": "c.new_reason",
+                "quarantined_at": "current_timestamp()",
+            },
+        )
+    )
+    retry_on_conflict(merge.execute, "MERGE into quarantine")
+    log.info(
+        "replay: %d quarantine rows from %d records; %d readings now valid, %d rows still invalid (%d new reasons)",
+        report.quarantined_rows, report.records, report.readings_accepted, report.still_invalid, report.reasons_changed,
+    )  # fmt: skip
+    return report

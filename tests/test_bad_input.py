@@ -1,0 +1,238 @@
+"""Bad input sent raw by another Kafka client (confluent-kafka without the project's checks): where each lands,
+the accounting of `lakehouse audit`, and `lakehouse replay` after a rule change, also when it crashes midway."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from lake import duck
+from lake.settings import Settings
+from lake.tables import LakePaths
+from tests.helpers import dumps, lakehouse
+from tests.reference import Reference, assert_kpis_equal, gold_kpis
+
+pytestmark = [pytest.mark.kafka, pytest.mark.spark]
+
+T0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
+DAY_FIRST = "%d/%m/%Y %H:%M:%S"  # the format a rule change accepts later
+
+
+def at(seconds: float) -> str:
+    return (T0 + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class Case:
+    name: str
+    payload: bytes | None
+    quarantined: list[tuple[int | None, str]] = field(default_factory=list)  # (reading index, reason code)
+    readings: list[tuple[str, datetime, float]] = field(default_factory=list)  # valid readings it carries
+    after_replay: list[tuple[int | None, str]] | None = None  # quarantine once DAY_FIRST is accepted
+
+
+def reading(device: str, seconds: float, value: float) -> dict[str, object]:
+    return {"device_id": device, "timestamp": at(seconds), "value": value}
+
+
+def one(device: str, seconds: float, value: float) -> tuple[str, datetime, float]:
+    return (device, T0 + timedelta(seconds=seconds), value)
+
+
+def cases(limit: int) -> list[Case]:
+    ok = reading("ok-1", 1, 1.0)
+    found = [
+        Case("not JSON", b"temperature=21.5", [(None, "not_json")]),
+        Case("truncated JSON", dumps(ok)[:-9], [(None, "not_json")]),
+        Case("not UTF-8", b'{"device_id": "caf\xe9", "timestamp": "' + at(2).encode() + b'", "value": 1}', [(None, "not_utf8")]),
+        Case("empty message", b"", [(None, "not_json")]),
+        Case("null value (tombstone)", None, [(None, "not_json")]),
+        Case("JSON null", b"null", [(None, "bad_shape")]),
+        Case("top-level number", b"42.5", [(None, "bad_shape")]),
+        Case("top-level string", b'"pump-7 42.5"', [(None, "bad_shape")]),
+        Case("no device_id", dumps({"timestamp": at(3), "value": 3}), [(0, "missing_device_id")]),
+        Case("empty device_id", dumps({"device_id": "", "timestamp": at(3), "value": 3}), [(0, "bad_device_id")]),
+        Case("numeric device_id", dumps({"device_id": 17, "timestamp": at(3), "value": 3}), [(0, "bad_device_id")]),
+        Case("no timestamp", dumps({"device_id": "d", "value": 3}), [(0, "missing_timestamp")]),
+        Case("timestamp not a date", dumps({"device_id": "d", "timestamp": "soon", "value": 3}), [(0, "bad_timestamp")]),
+        Case("year 0", dumps({"device_id": "d", "timestamp": "0000-07-30T12:00:00Z", "value": 3}), [(0, "bad_timestamp")]),
+        Case("year 10000", dumps({"device_id": "d", "timestamp": "10000-07-30T12:00:00Z", "value": 3}), [(0, "bad_timestamp")]),
+        Case("no value", dumps({"device_id": "d", "timestamp": at(4)}), [(0, "missing_value")]),
+        Case("value a string", dumps({"device_id": "d", "timestamp": at(4), "value": "42"}), [(0, "bad_value")]),
+        Case("value null", dumps({"device_id": "d", "timestamp": at(4), "value": None}), [(0, "bad_value")]),
+        Case("value a boolean", dumps({"device_id": "d", "timestamp": at(4), "value": True}), [(0, "bad_value")]),
+        Case("value 1e999", f'{{"device_id": "d", "timestamp": "{at(4)}", "value": 1e999}}'.encode(), [(0, "bad_value")]),
+        Case("readings not an array", dumps({"device_id": "d", "readings": {"timestamp": at(5), "value": 1}}), [(None, "bad_shape")]),
+        Case("empty batch", dumps({"device_id": "d", "readings": []}), [(None, "no_readings")]),
+        Case("empty array", b"[]", [(None, "no_readings")]),
+        Case("nested 10,000 levels", b'{"device_id": "d", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", [(None, "too_deep")]),
+        # Duplicate keys: the last one wins, as in JavaScript's JSON.parse (README, "Input rules").
+        Case("duplicate keys", b'{"device_id": "dup", "timestamp": "' + at(6).encode() + b'", "value": 1, "value": 2}',
+             readings=[one("dup", 6, 2.0)]),  # fmt: skip
+        Case("day-first timestamp", dumps({"device_id": "eu-1", "timestamp": "30/07/2024 12:00:07", "value": 7.5}),
+             [(0, "bad_timestamp")], after_replay=[]),  # fmt: skip
+    ]
+    # A batch of 10 valid and 3 invalid readings, one of them accepted after the rule change.
+    items: list[object] = [{"timestamp": at(8 + i / 10), "value": float(i)} for i in range(10)]
+    items[3:3] = [{"timestamp": at(8), "value": "n/a"}]
+    items[7:7] = [{"timestamp": "30/07/2024 12:00:09", "value": 90.0}]
+    items.append(["not", "a", "reading"])
+    batch = Case("10 valid, 3 invalid", dumps({"device_id": "batch-1", "readings": items}),
+                 [(3, "bad_value"), (7, "bad_timestamp"), (12, "bad_reading_shape")],
+                 [one("batch-1", 8 + i / 10, float(i)) for i in range(10)],
+                 after_replay=[(3, "bad_value"), (12, "bad_reading_shape")])  # fmt: skip
+    found.append(batch)
+    found.append(big_batch(limit))
+    found.append(Case("valid reading after all of them", dumps(ok), readings=[one("ok-1", 1, 1.0)]))
+    return found
+
+
+def big_batch(limit: int) -> Case:
+    """A batch of exactly `limit` bytes (5 MiB) with one invalid reading in the middle."""
+    readings, valid, size = [], [], 64
+    i = 0
+    while size < limit - 200:
+        item = {"timestamp": at(20 + i / 2000), "value": round(i * 0.37 % 101, 3)}
+        readings.append(item)
+        size += len(dumps(item)) + 1
+        i += 1
+    readings[len(readings) // 2] = {"timestamp": at(20), "value": None}
+    bad_index = len(readings) // 2
+    for index, item in enumerate(readings):
+        if index != bad_index:
+            valid.append(one("big-1", 20 + index / 2000, item["value"]))
+    payload = dumps({"device_id": "big-1", "readings": readings, "pad": ""})
+    payload = payload[:-2] + b" " * (limit - len(payload)) + b'"}'
+    assert len(payload) == limit
+    return Case("5 MiB batch, one invalid reading", payload, [(bad_index, "bad_value")], valid)
+
+
+def send_raw(settings: Settings, payloads: list[bytes | None]) -> list[tuple[int, int]]:
+    """Sends with a plain confluent-kafka producer, no key; returns each message's (partition, offset)."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "message.max.bytes": 16 * 1024 * 1024,
+                         "acks": "all", "linger.ms": 0})  # fmt: skip
+    where: dict[int, tuple[int, int]] = {}
+    for number, payload in enumerate(payloads):
+
+        def delivered(error: object, message: object, number: int = number) -> None:
+            assert error is None, error
+            where[number] = (message.partition(), message.offset())  # type: ignore[attr-defined]
+
+        producer.produce(settings.topic, payload, on_delivery=delivered)
+        producer.flush(30)  # one at a time: the order of the cases is the order in Kafka
+    return [where[n] for n in range(len(payloads))]
+
+
+def quarantine_by_record(settings: Settings) -> dict[tuple[int, int], list[tuple[int | None, str]]]:
+    lake = duck.connect(LakePaths.from_settings(settings))
+    rows = lake.sql('SELECT "partition", "offset", reading_index, reason_code FROM quarantine').fetchall()
+    found: dict[tuple[int, int], list[tuple[int | None, str]]] = {}
+    for partition, offset, index, reason in rows:
+        found.setdefault((partition, offset), []).append((index, reason))
+    return {key: sorted(value, key=lambda entry: (entry[0] is not None, entry[0] or 0)) for key, value in found.items()}
+
+
+def assert_gold(settings: Settings, reference: Reference) -> None:
+    gold = gold_kpis(duck.connect(LakePaths.from_settings(settings)))
+    expected = reference.buckets()
+    assert set(gold) == set(expected)
+    for second, want in expected.items():
+        assert_kpis_equal(gold[second], want, f"gold {second}")
+
+
+def audit(settings: Settings) -> dict[str, object]:
+    result = lakehouse(settings, "audit", "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == (0 if report["ok"] else 1), result.stderr
+    return report
+
+
+def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_settings: Settings, topic: str) -> None:
+    found = cases(lake_settings.max_message_bytes)
+    where = send_raw(lake_settings, [case.payload for case in found])
+    run = lakehouse(lake_settings, "pipeline", "--available-now")
+    assert run.returncode == 0, run.stderr[-5000:]
+
+    # Each case's record: its quarantine rows, exactly.
+    quarantined = quarantine_by_record(lake_settings)
+    table = []
+    for case, record in zip(found, where, strict=True):
+        got = quarantined.get(record, [])
+        table.append(f"{case.name:34} -> {got if got else 'silver'}")
+        assert got == case.quarantined, case.name
+    print("\n".join(table))
+    reference = Reference()
+    for case in found:
+        for device, moment, value in case.readings:
+            reference.add(device, moment, value)
+    assert_gold(lake_settings, reference)
+
+    # The accounting adds up, per partition and in total.
+    report = audit(lake_settings)
+    assert report["ok"], report["checks"]
+    totals = report["totals"]
+    assert totals["bronze_records"] == len(found)
+    assert totals["readings_accepted"] == sum(len(case.readings) for case in found)
+    assert totals["readings_quarantined"] == sum(1 for case in found for index, _ in case.quarantined if index is not None)
+    assert totals["messages_quarantined"] == sum(1 for case in found for index, _ in case.quarantined if index is None)
+    assert sum(p["kafka_end_offset"] - p["kafka_first_offset"] for p in report["partitions"]) == len(found)
+    assert all(p["not_yet_ingested"] == 0 for p in report["partitions"])
+
+    # The rules change: day-first timestamps are accepted. Under the new rules the audit sees quarantine rows
+    # that are now valid, until replay moves them.
+    new_rules = lake_settings.model_copy(update={"extra_timestamp_formats": [DAY_FIRST]})
+    stale = audit(new_rules)
+    assert not stale["ok"]
+    failed = {c["name"]: c["detail"] for c in stale["checks"] if not c["ok"]}
+    assert failed == {
+        "every valid reading is in silver": "2 valid readings whose identity is missing from silver",
+        "quarantine holds only what the current rules reject": "2 quarantine rows the current rules accept "
+        "(`lakehouse replay` moves them) or that match no bronze record",
+        "accepted + quarantined = readings in the message": "2 bronze records whose accepted and quarantined "
+        "readings do not add up to the readings in the message",
+    }
+    reference.add("eu-1", T0 + timedelta(seconds=7), 7.5)
+    reference.add("batch-1", T0 + timedelta(seconds=9), 90.0)
+
+    # A replay killed after its silver commit (before gold and quarantine), then run to the end, then again.
+    crashed = lakehouse(new_rules.model_copy(), "replay", "--reason", "bad_timestamp",
+                        env_extra={"LAKEHOUSE_TEST_CRASH_AFTER": "replay_silver:0"})  # fmt: skip
+    assert crashed.returncode != 0
+    done = lakehouse(new_rules, "replay", "--reason", "bad_timestamp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 readings now valid" in done.stderr
+    assert_gold(lake_settings, reference)
+    quarantined = quarantine_by_record(lake_settings)
+    for case, record in zip(found, where, strict=True):
+        expected = case.quarantined if case.after_replay is None else case.after_replay
+        assert quarantined.get(record, []) == expected, case.name
+    reasons = duck.connect(LakePaths.from_settings(lake_settings)).sql(
+        "SELECT reason FROM quarantine WHERE reason_code = 'bad_timestamp'"
+    ).fetchall()
+    assert reasons and all("LAKEHOUSE_EXTRA_TIMESTAMP_FORMATS" in reason for (reason,) in reasons)  # brought up to date
+
+    again = lakehouse(new_rules, "replay")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 readings now valid" in again.stderr and "(0 with a new reason)" in again.stderr
+    assert_gold(lake_settings, reference)
+    after = audit(new_rules)
+    assert after["ok"], after["checks"]
+    assert after["totals"]["readings_accepted"] == report["totals"]["readings_accepted"] + 2
+
+
+def test_a_message_over_the_broker_limit_is_refused_by_the_broker(lake_settings: Settings, topic: str) -> None:
+    from confluent_kafka import KafkaError, Producer
+
+    refused: list[KafkaError] = []
+    producer = Producer({"bootstrap.servers": lake_settings.kafka_bootstrap, "message.max.bytes": 32 * 1024 * 1024,
+                         "compression.type": "none"})  # fmt: skip
+    payload = b'{"device_id": "x", "pad": "' + b"x" * (lake_settings.kafka_limit_bytes + 1024) + b'"}'
+    producer.produce(lake_settings.topic, payload, on_delivery=lambda error, _message: refused.append(error))
+    producer.flush(30)
+    assert refused and refused[0] is not None and refused[0].code() == KafkaError.MSG_SIZE_TOO_LARGE
