@@ -258,6 +258,29 @@ def audit(
 
 
 @app.command()
+def doctor(as_json: Annotated[bool, typer.Option("--json", help="print the findings as JSON")] = False) -> None:
+    """Check the set-up: Java, jars, DuckDB's delta extension, Kafka and the topic, message size limits on every
+    layer (producer <= topic <= broker, consumer), the checkpoint, the lake's disk. Exits 1 when a check fails."""
+    from rich.table import Table as RichTable
+
+    from pipeline.doctor import FAIL, WARN, as_dicts, diagnose
+
+    with console.status("checking") as status:
+        findings = diagnose(settings(), lambda step: status.update(f"checking {step}"))
+    failed = any(f.status == FAIL for f in findings)
+    if as_json:
+        print(json.dumps(as_dicts(findings), indent=2))
+        raise typer.Exit(1 if failed else 0)
+    table = RichTable("check", "status", "detail", "what to do", show_lines=True)
+    style = {FAIL: "[bold red]FAIL[/]", WARN: "[yellow]warn[/]"}
+    for f in findings:
+        table.add_row(f.check, style.get(f.status, "[green]ok[/]"), escape(f.detail), escape(f.fix))
+    Console().print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def replay(
     reason: Annotated[Optional[str], typer.Option(help="only quarantine rows with this reason code")] = None,
     since: Annotated[Optional[str], typer.Option(help="only rows quarantined at or after this instant (ISO 8601)")] = None,

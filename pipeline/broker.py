@@ -196,8 +196,23 @@ def ensure_topic(settings: Settings, timeout_s: float = 30.0) -> bool:
         future.result(timeout=timeout_s)
     except KafkaException as exc:
         if exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            raise_topic_limit(admin, settings, timeout_s)
             return False
         raise
+    return True
+
+
+def raise_topic_limit(admin: object, settings: Settings, timeout_s: float = 30.0) -> bool:
+    """Raise an existing topic's max.message.bytes to the project's limit (never lower it); True if changed."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+
+    resource = ConfigResource(ResourceType.TOPIC, settings.topic)
+    current = admin.describe_configs([resource])[resource].result(timeout=timeout_s)  # type: ignore[attr-defined]
+    if int(current["max.message.bytes"].value) >= settings.kafka_limit_bytes:
+        return False
+    entry = ConfigEntry("max.message.bytes", str(settings.kafka_limit_bytes), incremental_operation=AlterConfigOpType.SET)
+    change = ConfigResource(ResourceType.TOPIC, settings.topic, incremental_configs=[entry])
+    admin.incremental_alter_configs([change])[change].result(timeout=timeout_s)  # type: ignore[attr-defined]
     return True
 
 

@@ -1,0 +1,233 @@
+"""`lakehouse doctor`: checks the set-up facts users get wrong, message size limits first, and says what to change.
+
+A message at LAKEHOUSE_MAX_MESSAGE_BYTES must pass the producer, the topic, the broker and Spark's Kafka consumer;
+each layer has its own setting, and the smallest one wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lake.settings import Settings
+from lake.tables import LakePaths
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+# What a record batch holding one message adds to the message's own size (headers, key, batch framing).
+FRAMING_BYTES = 1024
+GIB = 1024**3
+
+
+@dataclass
+class Finding:
+    check: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+def _size(n: int) -> str:
+    return f"{n:,} B ({n / 1024 / 1024:.2f} MiB)"
+
+
+def _java() -> Finding:
+    if shutil.which("java") is None:
+        return Finding("Java", FAIL, "no `java` on PATH", "install a JDK 17+ (Debian: apt-get install openjdk-17-jre-headless)")
+    out = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
+    match = re.search(r'version "(\d+)', out)
+    major = int(match.group(1)) if match else 0
+    if major < 17:
+        return Finding("Java", FAIL, f"java {major or 'of unknown version'} found", "Spark 4 needs Java 17 or 21")
+    return Finding("Java", OK, f"java {major}")
+
+
+def _jars(settings: Settings) -> Finding:
+    from pipeline import jars
+
+    try:
+        spark_jars = jars.spark_jars(settings.home)
+    except Exception as exc:  # noqa: BLE001 - the message of a missing folder is the finding
+        return Finding("JVM jars", FAIL, str(exc), "run `lakehouse setup`")
+    return Finding("JVM jars", OK, f"{len(spark_jars)} jars for Spark under {settings.home / 'jars'}")
+
+
+def _duckdb() -> Finding:
+    from lake import duck
+
+    try:
+        path = duck.delta_extension()
+    except duck.LakeError as exc:
+        return Finding("DuckDB delta extension", FAIL, str(exc), "pip install duckdb-extension-delta==<duckdb version>")
+    return Finding("DuckDB delta extension", OK, str(path.name))
+
+
+def _configs(admin: object, resource: object) -> dict[str, object]:
+    futures = admin.describe_configs([resource])  # type: ignore[attr-defined]
+    return next(iter(futures.values())).result(timeout=10)  # type: ignore[no-any-return]
+
+
+def _kafka(settings: Settings) -> list[Finding]:
+    from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+
+    from pipeline.produce import producer_config
+    from pipeline.source import kafka_options
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0})
+    try:
+        metadata = admin.list_topics(timeout=8)
+    except Exception as exc:  # noqa: BLE001
+        return [Finding("Kafka", FAIL, f"cannot reach {settings.kafka_bootstrap}: {exc}",
+                        "start the local broker (`lakehouse kafka start`) or set LAKEHOUSE_KAFKA_BOOTSTRAP")]  # fmt: skip
+    findings = [Finding("Kafka", OK, f"{len(metadata.brokers)} broker(s) at {settings.kafka_bootstrap}")]
+    topic = metadata.topics.get(settings.topic)
+    if topic is None or topic.error is not None:
+        findings.append(Finding("topic", FAIL, f"topic {settings.topic!r} does not exist",
+                                "`lakehouse kafka start` creates it (or create it with the settings in README, 'Message size')"))  # fmt: skip
+        return findings
+    findings.append(Finding("topic", OK, f"{settings.topic!r}, {len(topic.partitions)} partitions"))
+
+    need = settings.max_message_bytes + FRAMING_BYTES
+    topic_config = _configs(admin, ConfigResource(ResourceType.TOPIC, settings.topic))
+    broker_id = min(metadata.brokers)
+    broker_config = _configs(admin, ConfigResource(ResourceType.BROKER, str(broker_id)))
+    producer_limit = int(producer_config(settings)["message.max.bytes"])  # type: ignore[call-overload]
+    topic_limit = int(topic_config["max.message.bytes"].value)
+    broker_limit = int(broker_config["message.max.bytes"].value)
+    socket_limit = int(broker_config["socket.request.max.bytes"].value)
+    consumer_limit = int(kafka_options(settings)["kafka.max.partition.fetch.bytes"])
+    limit_name = f"LAKEHOUSE_MAX_MESSAGE_BYTES={settings.max_message_bytes:,}"
+    chain = (f"message {_size(settings.max_message_bytes)} <= producer {_size(producer_limit)}, "
+             f"topic {_size(topic_limit)}, broker {_size(broker_limit)}, consumer fetch {_size(consumer_limit)}")  # fmt: skip
+    findings.append(Finding("size limits", OK, chain))
+    if producer_limit < need:
+        findings.append(Finding("producer limit", FAIL, f"producer message.max.bytes {producer_limit:,} < {need:,}",
+                                "the producer derives it from LAKEHOUSE_MAX_MESSAGE_BYTES; report this"))  # fmt: skip
+    if topic_limit < need:
+        findings.append(Finding(
+            "topic limit", FAIL,
+            f"topic {settings.topic!r} max.message.bytes is {topic_limit:,}: a message at {limit_name} plus framing "
+            f"({need:,}) is refused",
+            "`lakehouse kafka start` raises it on the local broker; elsewhere: kafka-configs.sh --alter --entity-type "
+            f"topics --entity-name {settings.topic} --add-config max.message.bytes={settings.kafka_limit_bytes}",
+        ))  # fmt: skip
+    if broker_limit < need:
+        status = WARN if topic_limit >= need else FAIL
+        findings.append(Finding(
+            "broker limit", status,
+            f"broker {broker_id} message.max.bytes is {broker_limit:,} < {need:,} (topics without their own "
+            "max.message.bytes refuse messages at the limit)",
+            f"set message.max.bytes={settings.kafka_limit_bytes} in the broker's server.properties; the local broker: "
+            "`lakehouse kafka stop && lakehouse kafka start` with the same settings",
+        ))  # fmt: skip
+    if socket_limit < need:
+        findings.append(Finding("broker request size", FAIL,
+                                f"broker {broker_id} socket.request.max.bytes is {socket_limit:,} < {need:,}",
+                                f"set socket.request.max.bytes >= {2 * settings.kafka_limit_bytes} on the brokers"))  # fmt: skip
+    if consumer_limit < topic_limit:
+        findings.append(Finding("consumer fetch size", WARN,
+                                f"max.partition.fetch.bytes {consumer_limit:,} < topic limit {topic_limit:,}",
+                                "raise LAKEHOUSE_MAX_MESSAGE_BYTES to the topic's limit, so Spark fetches whole batches"))  # fmt: skip
+    timestamps = topic_config["message.timestamp.type"].value
+    if timestamps != "LogAppendTime":
+        findings.append(Finding(
+            "topic timestamps", WARN,
+            f"message.timestamp.type is {timestamps}: corrections in different partitions are ordered by producer "
+            "clocks, not by arrival",
+            f"kafka-configs.sh --alter --entity-type topics --entity-name {settings.topic} "
+            "--add-config message.timestamp.type=LogAppendTime",
+        ))  # fmt: skip
+    findings.extend(_checkpoint(settings, admin))
+    return findings
+
+
+def _checkpoint(settings: Settings, admin: object) -> list[Finding]:
+    """The streaming checkpoint belongs to this topic, and Kafka still holds the offsets it would read next."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    offsets_dir = Path(LakePaths.from_settings(settings).checkpoint("ingest")) / "offsets"
+    if "://" in str(offsets_dir) or not offsets_dir.is_dir():
+        return []
+    batches = sorted((p for p in offsets_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    if not batches:
+        return []
+    lines = batches[-1].read_text().splitlines()
+    positions: dict[str, dict[str, int]] = json.loads(lines[-1]) if len(lines) >= 3 else {}
+    if settings.topic not in positions:
+        return [Finding("checkpoint", FAIL,
+                        f"the checkpoint at {offsets_dir.parent} reads topic(s) {sorted(positions)}, not {settings.topic!r}",
+                        "use the topic it was made for, or another LAKEHOUSE_CHECKPOINT_ROOT / LAKEHOUSE_LAKE_ROOT")]  # fmt: skip
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "kpi-lakehouse-doctor", "log_level": 0})
+    lost = []
+    try:
+        for partition, next_offset in positions[settings.topic].items():
+            low, _high = consumer.get_watermark_offsets(TopicPartition(settings.topic, int(partition)), timeout=8)
+            if next_offset < low:
+                lost.append(f"partition {partition}: offsets {next_offset}..{low - 1}")
+    finally:
+        consumer.close()
+    if lost:
+        return [Finding("checkpoint", FAIL, "Kafka deleted records the pipeline has not read: " + "; ".join(lost),
+                        "run `lakehouse pipeline --no-fail-on-data-loss` once (gaps are recorded in quarantine)")]  # fmt: skip
+    return [Finding("checkpoint", OK, f"batch {batches[-1].name}, Kafka still holds every offset it reads next")]
+
+
+def _lake(settings: Settings) -> list[Finding]:
+    root = LakePaths.from_settings(settings).root
+    if "://" in root and not root.startswith("file://"):
+        return [Finding("lake", OK, f"{root} (object storage: not checked here)")]
+    folder = Path(root.removeprefix("file://"))
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    findings = []
+    if not os.access(existing, os.W_OK):
+        findings.append(Finding("lake", FAIL, f"{existing} is not writable", "set LAKEHOUSE_LAKE_ROOT to a writable folder"))
+    status = OK if free >= 5 * GIB else WARN
+    findings.append(Finding("disk", status, f"{free / GIB:.1f} GiB free at {existing}",
+                            "" if status == OK else "free space or move LAKEHOUSE_LAKE_ROOT; `lakehouse maintain` vacuums old files"))  # fmt: skip
+    return findings
+
+
+def _memory(settings: Settings) -> Finding:
+    per_trigger = settings.max_offsets_per_trigger * settings.max_message_bytes
+    heap = _parse_memory(settings.spark_driver_memory)
+    detail = (f"a micro-batch reads at most {settings.max_offsets_per_trigger:,} records x "
+              f"{_size(settings.max_message_bytes)} = {per_trigger / GIB:.1f} GiB; driver heap {settings.spark_driver_memory}")  # fmt: skip
+    if heap and per_trigger > 8 * heap:
+        return Finding("micro-batch bound", WARN, detail + " (Spark spills to disk, but a batch of large messages "
+                       "takes long before its first commit)",
+                       "lower LAKEHOUSE_MAX_OFFSETS_PER_TRIGGER for backlogs of large messages")  # fmt: skip
+    return Finding("micro-batch bound", OK, detail)
+
+
+def _parse_memory(text: str) -> int | None:
+    match = re.fullmatch(r"(\d+)([kmgt]?)b?", text.strip().lower())
+    if not match:
+        return None
+    return int(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " ")
+
+
+def diagnose(settings: Settings, on_step: Callable[[str], None] | None = None) -> list[Finding]:
+    steps: list[tuple[str, Callable[[], list[Finding]]]] = [
+        ("Java", lambda: [_java()]),
+        ("jars", lambda: [_jars(settings)]),
+        ("DuckDB", lambda: [_duckdb()]),
+        ("Kafka", lambda: _kafka(settings)),
+        ("lake", lambda: _lake(settings)),
+        ("memory", lambda: [_memory(settings)]),
+    ]
+    findings: list[Finding] = []
+    for name, step in steps:
+        if on_step:
+            on_step(name)
+        findings.extend(step())
+    return findings
+
+
+def as_dicts(findings: list[Finding]) -> list[dict[str, str]]:
+    return [asdict(f) for f in findings]
