@@ -31,8 +31,10 @@ def build_session(settings: Settings, app_name: str = "kpi-lakehouse", extra: di
         "spark.sql.shuffle.partitions": str(settings.shuffle_partitions),
         "spark.ui.enabled": "false",
         "spark.ui.showConsoleProgress": "false",
-        # Each Arrow batch handed to the parser holds at most this many Kafka records (up to 5 MiB each).
-        "spark.sql.execution.arrow.maxRecordsPerBatch": "64",
+        # Arrow batches handed to the parser: many small messages, or few large ones (a 5 MiB message alone when
+        # needed), so a Python worker's memory stays bounded whatever the message sizes.
+        "spark.sql.execution.arrow.maxRecordsPerBatch": "10000",
+        "spark.sql.execution.arrow.maxBytesPerBatch": str(32 * 1024 * 1024),
         "spark.sql.streaming.stopGracefullyOnShutdown": "true",
         # New tables stay readable by DuckDB's pinned delta reader (no deletion vectors).
         "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",

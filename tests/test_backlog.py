@@ -1,0 +1,148 @@
+"""A backlog of 5 MiB messages produced before the pipeline starts: every layer lets them through, each
+micro-batch is bounded by LAKEHOUSE_MAX_OFFSETS_PER_TRIGGER, and the pipeline's memory stays bounded."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from lake import duck
+from lake.settings import MIB, Settings
+from lake.tables import LakePaths
+from tests.helpers import LAKEHOUSE, env_for, lakehouse
+
+pytestmark = [pytest.mark.kafka, pytest.mark.spark]
+
+T0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
+MESSAGES = 42  # 42 x 5 MiB = 210 MiB
+PER_TRIGGER = 12
+DRIVER_HEAP = "1g"
+READINGS_PER_SECOND = 4000  # per device
+
+
+def value_of(device: int, index: int) -> float:
+    return ((device * 7919 + index * 104729) % 1_000_003) / 100
+
+
+def backlog(path: Path, limit: int) -> dict[datetime, tuple[list[float], set[int]]]:
+    """Writes MESSAGES batches of at most `limit` bytes (one device each) to NDJSON; returns values and devices
+    per second."""
+    per_second: dict[datetime, tuple[list[float], set[int]]] = defaultdict(lambda: ([], set()))
+    with path.open("wb") as out:
+        for device in range(MESSAGES):
+            head = f'{{"device_id": "bulk-{device:02d}", "readings": ['.encode()
+            parts, size, index = [], len(head) + 2, 0
+            while True:
+                micros = index * (1_000_000 // READINGS_PER_SECOND)
+                moment = T0 + timedelta(microseconds=micros)
+                value = value_of(device, index)
+                part = f'{{"timestamp": "{moment:%Y-%m-%dT%H:%M:%S.%f}Z", "value": {value!r}}}'.encode()
+                if size + len(part) + 1 > limit:
+                    break
+                parts.append(part)
+                size += len(part) + 1
+                values, devices = per_second[moment.replace(microsecond=0)]
+                values.append(value)
+                devices.add(device)
+                index += 1
+            message = head + b",".join(parts) + b"]}"
+            assert limit - 200 < len(message) <= limit
+            out.write(message + b"\n")
+    return per_second
+
+
+def expected_kpis(numbers: list[float], devices: set[int]) -> dict[str, object]:
+    n = len(numbers)
+    mean = math.fsum(numbers) / n
+    return {
+        "reading_count": n,
+        "device_count": len(devices),
+        "average_value": mean,
+        "min_value": min(numbers),
+        "max_value": max(numbers),
+        "sum_value": math.fsum(numbers),
+        "stddev_value": math.sqrt(math.fsum((x - mean) ** 2 for x in numbers) / (n - 1)),
+    }
+
+
+def tree_rss(root: int) -> tuple[int, int]:
+    """Resident memory of a process and its descendants: (total, the largest single process)."""
+    children: dict[int, list[int]] = defaultdict(list)
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        children[int(stat[1])].append(int(entry))
+        line = next((x for x in status.splitlines() if x.startswith("VmRSS:")), None)
+        rss[int(entry)] = int(line.split()[1]) * 1024 if line else 0
+    total, largest, stack = 0, 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        largest = max(largest, rss.get(pid, 0))
+        stack.extend(children.get(pid, []))
+    return total, largest
+
+
+def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str, tmp_path: Path) -> None:
+    settings = lake_settings.model_copy(update={"max_offsets_per_trigger": PER_TRIGGER, "spark_driver_memory": DRIVER_HEAP})
+    ndjson = tmp_path / "backlog.ndjson"
+    per_second = backlog(ndjson, settings.max_message_bytes)
+    assert ndjson.stat().st_size >= 200 * MIB
+    sent = lakehouse(settings, "produce", str(ndjson))
+    assert sent.returncode == 0, sent.stderr
+    assert f"sent {MESSAGES} messages" in sent.stderr
+
+    started = time.monotonic()
+    pipeline = subprocess.Popen([*LAKEHOUSE, "pipeline", "--available-now"], env=env_for(settings),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    peak_total = peak_process = 0
+    while pipeline.poll() is None:
+        total, largest = tree_rss(pipeline.pid)
+        peak_total, peak_process = max(peak_total, total), max(peak_process, largest)
+        time.sleep(0.25)
+    stdout, stderr = pipeline.communicate()
+    seconds = time.monotonic() - started
+    assert pipeline.returncode == 0, stderr[-5000:]
+    batches = int(stderr.rsplit(" micro-batches:", 1)[0].rsplit("\n", 1)[-1].split()[-1])
+    readings = sum(len(values) for values, _ in per_second.values())
+    print(f"\n{MESSAGES} messages ({ndjson.stat().st_size / MIB:.0f} MiB, {readings:,} readings) in {batches} "
+          f"micro-batches, {seconds:.0f} s ({ndjson.stat().st_size / MIB / seconds:.1f} MiB/s end to end); "
+          f"peak RSS: pipeline tree {peak_total / MIB:.0f} MiB, largest process {peak_process / MIB:.0f} MiB "
+          f"(driver heap {DRIVER_HEAP})")  # fmt: skip
+
+    # Each micro-batch took at most PER_TRIGGER records.
+    assert batches >= math.ceil(MESSAGES / PER_TRIGGER)
+    # Bounded by the settings: the JVM stays near its heap plus Spark's and Java's own overhead (< 1.5 GiB
+    # here), and the tree (JVM, the Python driver, two Python workers with Arrow batches of at most 32 MiB)
+    # under 4 GiB, while 210 MiB of messages expand to ~8x as many bytes of parsed rows.
+    assert peak_process < 1024 * MIB + 1536 * MIB
+    assert peak_total < 4096 * MIB
+
+    lake = duck.connect(LakePaths.from_settings(settings))
+    assert lake.sql("SELECT count(*), sum(octet_length(value)) FROM bronze").fetchone() == (
+        MESSAGES, ndjson.stat().st_size - MESSAGES,
+    )  # fmt: skip
+    assert lake.sql("SELECT count(*) FROM silver").fetchone() == (readings,)
+    assert lake.sql("SELECT count(*) FROM quarantine").fetchone() == (0,)
+    gold = {row[0].astimezone(UTC): row[1:] for row in lake.sql(
+        'SELECT "timestamp", reading_count, device_count, average_value, min_value, max_value, sum_value, stddev_value FROM gold'
+    ).fetchall()}  # fmt: skip
+    assert set(gold) == set(per_second)
+    fields = ("reading_count", "device_count", "average_value", "min_value", "max_value", "sum_value", "stddev_value")
+    for second, (values, devices) in per_second.items():
+        want = expected_kpis(values, devices)
+        for name, have in zip(fields, gold[second], strict=True):
+            assert math.isclose(have, want[name], rel_tol=1e-9), f"{second} {name}: {have} != {want[name]}"
