@@ -352,6 +352,45 @@ def maintain(
 
 
 @app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="a small smoke run (about two minutes) instead of the full sizes")] = False,
+    part: Annotated[Optional[list[str]], typer.Option(help="only this part (repeatable): ingest|freshness|lookups")] = None,
+    folder: Annotated[Path, typer.Option(help="work folder (deleted and made again)")] = Path("data/bench"),
+    port: Annotated[int, typer.Option(help="port of the benchmark's own Kafka broker (and the next one)")] = 19492,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the figures to this JSON file")] = None,
+    markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="also write the table to this file")] = None,
+) -> None:
+    """Measure ingest, freshness and lookups beside references run on the same machine in the same run, and print
+    figure, ours, reference, ratio, goal and whether it is met. Starts its own Kafka broker, pipeline and API."""
+    from rich.table import Table as RichTable
+
+    from bench.run import PARTS, Plan, as_json, markdown, run
+
+    chosen = part or list(PARTS)
+    unknown = set(chosen) - set(PARTS)
+    if unknown:
+        _fail(f"unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
+    current = settings().model_copy(update={"kafka_bootstrap": f"localhost:{port}"})
+    with console.status("benchmark") as status:
+        figures = run(current, Plan.quick() if quick else Plan(), chosen, folder.resolve(),
+                      lambda text: (status.update(text), console.log(text)))  # fmt: skip
+    table = RichTable("figure", "ours", "reference", "ratio", "goal", "met", title="kpi-lakehouse bench")
+    for f in figures:
+        reference = f"{f.reference:,.2f} {f.unit}\n{f.reference_name}" if f.reference is not None else ""
+        met = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[f.met]
+        table.add_row(f.name, f"{f.ours:,.2f} {f.unit}", reference, f"{f.ratio:.3g}" if f.ratio else "", f.goal, met)
+    Console(width=160).print(table)
+    for f in figures:
+        if f.note:
+            console.print(f"{f.name}: {f.note}")
+    command = "lakehouse bench" + (" --quick" if quick else "") + "".join(f" --part {p}" for p in part or [])
+    if json_out:
+        json_out.write_text(json.dumps(as_json(figures), indent=2))
+    if markdown_out:
+        markdown_out.write_text(markdown(figures, command))
+
+
+@app.command()
 def serve(
     port: Annotated[Optional[int], typer.Option(help="port (overrides --http-port / LAKEHOUSE_HTTP_PORT)")] = None,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,

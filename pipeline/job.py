@@ -53,6 +53,20 @@ class BatchReport:
     readings: int = 0
     quarantined: int = 0
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, in order
+
+
+class _StageClock:
+    """Records the seconds since the previous call under each stage's name."""
+
+    def __init__(self, stages: dict[str, float]) -> None:
+        self.stages = stages
+        self.last = time.monotonic()
+
+    def __call__(self, name: str) -> None:
+        now = time.monotonic()
+        self.stages[name] = now - self.last
+        self.last = now
 
 
 @dataclass
@@ -100,7 +114,11 @@ class IngestJob:
 
         started = time.monotonic()
         report = BatchReport(batch_id)
+        stage = _StageClock(report.stages)
+        # Kafka is read once: the bronze write fills this cache, the parser reads from it.
+        records = records.persist(StorageLevel.MEMORY_AND_DISK)
         self._append(records.withColumn("ingested_at", F.current_timestamp()), Table.BRONZE, batch_id)
+        stage("bronze")
         crash_point("bronze", batch_id)
 
         parsed = records.select(*PASSTHROUGH, "value").mapInArrow(arrow_parser(Rules.from_settings(self.settings)), OUTPUT_DDL)
@@ -115,6 +133,7 @@ class IngestJob:
                 F.max(F.unix_micros("timestamp")).alias("hi"),
             ).first()
             report.records, report.readings, report.quarantined = counts["records"], counts["readings"], counts["quarantined"]
+            stage("parse")
             bad = parsed.where("reason_code IS NOT NULL").select(
                 "topic", "partition", "offset", "reading_index", "reason_code", "reason", "raw", "kafka_timestamp",
             )  # fmt: skip
@@ -125,22 +144,27 @@ class IngestJob:
                 bad = bad.unionByName(self.spark.createDataFrame(rows, bad.schema))
             if report.quarantined:
                 self._append(bad.withColumn("quarantined_at", F.current_timestamp()), Table.QUARANTINE, batch_id)
+                stage("quarantine")
             crash_point("quarantine", batch_id)
             if report.readings:
                 # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
                 lo, hi = f"timestamp_micros({counts['lo']})", f"timestamp_micros({counts['hi']})"
                 readings = parsed.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
                 self.write_silver(readings, batch_id, lo, hi)
+                stage("silver")
                 crash_point("silver", batch_id)
                 self.write_gold(readings, batch_id, lo, hi)
+                stage("gold")
                 crash_point("gold", batch_id)
         finally:
             parsed.unpersist()
+            records.unpersist()
         report.seconds = time.monotonic() - started
         self.reports.append(report)
         log.info(
-            "batch %d: %d records, %d readings, %d quarantined, %.1f s",
+            "batch %d: %d records, %d readings, %d quarantined, %.1f s (%s)",
             batch_id, report.records, report.readings, report.quarantined, report.seconds,
+            ", ".join(f"{name} {seconds:.1f}" for name, seconds in report.stages.items()),
         )  # fmt: skip
 
     def _lost_offsets(self, parsed: DataFrame) -> list[offsets.Gap]:

@@ -1,0 +1,1 @@
+"""Benchmarks: `lakehouse bench` and the design it is compared with."""

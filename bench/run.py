@@ -1,0 +1,509 @@
+"""`lakehouse bench`: ingest, freshness, lookups and memory, each beside a reference measured in the same run.
+
+It starts what it needs (a local Kafka broker on its own port with fresh storage, the pipeline and the API as
+subprocesses, a Spark session for the references) in a work folder, and reports medians and ratios, never a
+single timing against a fixed number alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+
+from lake.settings import MIB, Settings
+
+LAKEHOUSE = [sys.executable, "-m", "lakehouse"]
+
+
+@dataclass
+class Figure:
+    name: str
+    ours: float
+    unit: str
+    reference: float | None = None
+    reference_name: str = ""
+    goal: str = ""
+    met: bool | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.reference in (None, 0) or self.ours == 0:
+            return None
+        return self.ours / self.reference  # type: ignore[operator]
+
+
+@dataclass
+class Plan:
+    """Sizes of one run; `quick()` is the smoke run CI makes."""
+
+    ingest_mib: int = 1024
+    freshness_readings: int = 60
+    freshness_rate: float = 2.0
+    lookup_seconds: int = 1_000_000
+    lookup_rate: float = 500
+    lookup_duration_s: float = 10
+    tutorial_requests: int = 20
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(ingest_mib=5, freshness_readings=6, freshness_rate=2.0, lookup_seconds=20_000, lookup_rate=100,
+                   lookup_duration_s=3, tutorial_requests=5)  # fmt: skip
+
+
+@dataclass
+class Context:
+    settings: Settings  # broker, jars, Spark sizing; each part gets its own topic and lake under `folder`
+    folder: Path
+    plan: Plan
+    say: Callable[[str], None]
+    figures: list[Figure] = field(default_factory=list)
+    _spark: object | None = None
+
+    def part(self, name: str) -> Settings:
+        return self.settings.model_copy(update={
+            "topic": f"bench-{name}-{uuid.uuid4().hex[:6]}",
+            "lake_root": str(self.folder / name / "lake"),
+            "checkpoint_root": None,
+        })  # fmt: skip
+
+    def spark(self):  # type: ignore[no-untyped-def]
+        if self._spark is None:
+            from pipeline.spark import build_session
+
+            self._spark = build_session(self.settings, app_name="kpi-lakehouse-bench")
+        return self._spark
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in settings.model_dump(exclude_none=True).items():
+        env[f"LAKEHOUSE_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return env
+
+
+def _tree_rss(root: int) -> int:
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            pages = int(Path(f"/proc/{entry}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+        rss[int(entry)] = pages * os.sysconf("SC_PAGE_SIZE")
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def _api(settings: Settings, log: Path) -> Iterator[int]:
+    import httpx
+
+    port = _free_port()
+    with log.open("ab") as output:
+        server = subprocess.Popen([*LAKEHOUSE, "serve", "--port", str(port)], env=env_for(settings), stdout=output,
+                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not start; see {log}")
+            time.sleep(0.3)
+        yield port
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _produce(settings: Settings, payloads: list[bytes]) -> None:
+    from pipeline.broker import ensure_topic
+    from pipeline.produce import produce
+
+    ensure_topic(settings)
+    report = produce(settings, payloads)
+    report.raise_for_problems(settings.max_message_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------- ingest
+
+
+def bench_ingest(ctx: Context) -> None:
+    from pipeline.synthetic import Fleet, generate
+
+    settings = ctx.part("ingest")
+    count = max(1, round(ctx.plan.ingest_mib * MIB / settings.max_message_bytes))
+    ctx.say(f"ingest: generating {count} messages of 5 MiB")
+    fleet = Fleet(devices=200, messages=count, full_batches=count, max_message_bytes=settings.max_message_bytes,
+                  span_seconds=3600, seed=3)  # fmt: skip
+    payloads = list(generate(fleet))
+    total = sum(len(p) for p in payloads)
+    _produce(settings, payloads)
+
+    ctx.say(f"ingest: the pipeline on {total / MIB:.0f} MiB already in Kafka")
+    started = time.monotonic()
+    log = ctx.folder / "ingest-pipeline.log"
+    with log.open("wb") as output:
+        pipeline = subprocess.Popen([*LAKEHOUSE, "pipeline", "--available-now"], env=env_for(settings), stdout=output,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    peak = 0
+    while pipeline.poll() is None:
+        peak = max(peak, _tree_rss(pipeline.pid))
+        time.sleep(0.2)
+    wall = time.monotonic() - started
+    if pipeline.returncode != 0:
+        raise RuntimeError(f"the pipeline failed; see {log}")
+    # From the first micro-batch's start to the last one's end: Spark's start is left out, the work between
+    # micro-batches (offsets, checkpoint commits) is counted.
+    batch_seconds, readings, ends = [], 0, []
+    for line in log.read_text(errors="replace").splitlines():
+        if " lakehouse.pipeline: batch " in line:
+            fields = line.split(" lakehouse.pipeline: batch ", 1)[1].split(" (", 1)[0].replace(",", "").split()
+            readings += int(fields[3])
+            batch_seconds.append(float(fields[-2]))
+            ends.append(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    if not ends:
+        raise RuntimeError(f"the pipeline logged no micro-batch; see {log}")
+    processing = ends[-1] - (ends[0] - batch_seconds[0])
+
+    references = _ingest_references(ctx, settings, payloads)
+    ours_mb = total / 1e6 / processing
+    ctx.figures.append(Figure("ingest, Kafka to gold (micro-batches)", ours_mb, "MB/s", references["spark"],
+                              "Spark from_json + explode + groupBy", "≥ 100 MB/s", ours_mb >= 100,
+                              f"{readings:,} readings, {readings / processing:,.0f} readings/s; "
+                              f"{len(batch_seconds)} micro-batches; {wall:.0f} s wall with Spark's start"))  # fmt: skip
+    ctx.figures.append(Figure("ingest vs msgspec typed parse, 1 core", ours_mb, "MB/s", references["msgspec"],
+                              "msgspec decode only"))  # fmt: skip
+    ctx.figures.append(Figure("ingest vs DuckDB read_json + unnest", ours_mb, "MB/s", references["duckdb"],
+                              "DuckDB read_json + unnest + group by"))  # fmt: skip
+    heap = settings.spark_driver_memory
+    ctx.figures.append(Figure(
+        "pipeline peak RSS (JVM + Python)", peak / MIB, "MiB", goal="bounded by settings",
+        met=peak < 4096 * MIB,
+        note=f"{total / MIB:.0f} MiB backlog of 5 MiB messages; driver heap {heap}, "
+        f"{settings.max_offsets_per_trigger} records per trigger",
+    ))  # fmt: skip
+
+
+class _Item(msgspec.Struct):
+    timestamp: str
+    value: float
+    device_id: str | None = None
+
+
+class _Message(msgspec.Struct):
+    device_id: str
+    readings: list[_Item]
+
+
+def _ingest_references(ctx: Context, settings: Settings, payloads: list[bytes]) -> dict[str, float]:
+    total_mb = sum(len(p) for p in payloads) / 1e6
+
+    decode = msgspec.json.Decoder(_Message).decode
+    runs = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for payload in payloads:
+            decode(payload)
+        runs.append(time.perf_counter() - started)
+    results = {"msgspec": total_mb / statistics.median(runs)}
+
+    import duckdb
+
+    ndjson = ctx.folder / "ingest.ndjson"
+    ndjson.write_bytes(b"\n".join(payloads) + b"\n")
+    query = f"""
+        SELECT date_trunc('second', r.timestamp::TIMESTAMPTZ) AS second, count(*), count(DISTINCT device_id),
+               avg(r.value), min(r.value), max(r.value), sum(r.value), stddev_samp(r.value)
+        FROM (SELECT device_id, unnest(readings) AS r FROM read_json('{ndjson}', format='newline_delimited',
+              columns={{'device_id': 'VARCHAR', 'readings': 'STRUCT("timestamp" VARCHAR, value DOUBLE)[]'}},
+              maximum_object_size={2 * settings.max_message_bytes}))
+        GROUP BY ALL
+    """
+    runs = []
+    for _ in range(3):
+        connection = duckdb.connect()
+        started = time.perf_counter()
+        connection.sql(query).fetchall()
+        runs.append(time.perf_counter() - started)
+        connection.close()
+    results["duckdb"] = total_mb / statistics.median(runs)
+    ndjson.unlink()
+
+    ctx.say("ingest: Spark reference")
+    from pyspark.sql import functions as F
+
+    spark = ctx.spark()
+    schema = "device_id STRING, readings ARRAY<STRUCT<timestamp: STRING, value: DOUBLE>>"
+    frame = (
+        spark.read.format("kafka")
+        .option("kafka.bootstrap.servers", settings.kafka_bootstrap)
+        .option("subscribe", settings.topic)
+        .option("kafka.max.partition.fetch.bytes", str(settings.kafka_limit_bytes))
+        .load()
+        .select(F.from_json(F.col("value").cast("string"), schema).alias("m"))
+        .select("m.device_id", F.explode("m.readings").alias("r"))
+        .groupBy(F.date_trunc("second", F.to_timestamp("r.timestamp")).alias("second"))
+        .agg(F.count("*"), F.count_distinct("device_id"), F.avg("r.value"), F.min("r.value"), F.max("r.value"),
+             F.sum("r.value"), F.stddev_samp("r.value"))  # fmt: skip
+    )
+    runs = []
+    for _ in range(2):
+        started = time.perf_counter()
+        frame.collect()
+        runs.append(time.perf_counter() - started)
+    results["spark"] = total_mb / statistics.median(runs)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------- freshness
+
+
+def bench_freshness(ctx: Context) -> None:
+    import httpx
+
+    from lake.timestamps import format_utc
+    from pipeline.broker import ensure_topic
+    from pipeline.produce import produce
+
+    settings = ctx.part("freshness")
+    ensure_topic(settings)
+    base = datetime(2031, 1, 1, tzinfo=UTC)
+    log = ctx.folder / "freshness-pipeline.log"
+
+    def reading(second: int) -> bytes:
+        moment = base + timedelta(seconds=second)
+        return json.dumps({"device_id": "fresh-1", "timestamp": format_utc(moment), "value": float(second)}).encode()
+
+    produce(settings, [reading(0)])  # the tables exist once the first batch commits
+    with log.open("wb") as output:
+        pipeline = subprocess.Popen([*LAKEHOUSE, "pipeline"], env=env_for(settings), stdout=output,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    latencies: list[float] = []
+    try:
+        with _api(settings, ctx.folder / "freshness-api.log") as port, httpx.Client(timeout=5) as client:
+            url = f"http://127.0.0.1:{port}/kpis/"
+            deadline = time.monotonic() + 300
+            while client.get(url + format_utc(base)).status_code != 200:
+                if pipeline.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the pipeline did not produce gold; see {log}")
+                time.sleep(0.2)
+            ctx.say(f"freshness: {ctx.plan.freshness_readings} single readings at {ctx.plan.freshness_rate}/s")
+            sent: dict[int, float] = {}
+            done = threading.Event()
+
+            def send() -> None:
+                for n in range(1, ctx.plan.freshness_readings + 1):
+                    sent[n] = time.monotonic()
+                    produce(settings, [reading(n)])
+                    time.sleep(max(0.0, 1 / ctx.plan.freshness_rate - (time.monotonic() - sent[n])))
+                done.set()
+
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            seen: set[int] = set()
+            deadline = time.monotonic() + ctx.plan.freshness_readings / ctx.plan.freshness_rate + 120
+            while len(seen) < ctx.plan.freshness_readings and time.monotonic() < deadline:
+                for n in sorted(set(sent) - seen):
+                    if client.get(url + format_utc(base + timedelta(seconds=n))).status_code == 200:
+                        seen.add(n)
+                        latencies.append(time.monotonic() - sent[n])
+                time.sleep(0.02)
+            sender.join(timeout=60)
+    finally:
+        pipeline.send_signal(signal.SIGTERM)
+        try:
+            pipeline.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(pipeline.pid, signal.SIGKILL)
+    if not latencies:
+        raise RuntimeError("no reading became visible")
+    ordered = sorted(latencies)
+    p50, p95 = statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    note = f"{len(latencies)} of {ctx.plan.freshness_readings} readings seen; trigger {settings.trigger_interval}"
+    ctx.figures.append(Figure("freshness p50, produce to API", p50, "s", goal="≤ 1 s", met=p50 <= 1, note=note))
+    ctx.figures.append(Figure("freshness p95, produce to API", p95, "s", goal="≤ 2 s", met=p95 <= 2))
+
+
+# --------------------------------------------------------------------------------------------------- lookups
+
+
+def bench_lookups(ctx: Context) -> None:
+    from bench import loadgen
+    from bench.tutorial import write_csv_batches
+    from lake import duck
+    from lake.tables import LakePaths, Table
+    from pipeline.delta_tables import create_tables
+
+    settings = ctx.part("lookups")
+    paths = LakePaths.from_settings(settings)
+    seconds = ctx.plan.lookup_seconds
+    ctx.say(f"lookups: a gold table of {seconds:,} seconds")
+    spark = ctx.spark()
+    create_tables(spark, paths)
+    start = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
+    spark.range(seconds).selectExpr(
+        f"timestamp_seconds({start} + id) AS `timestamp`",
+        "CAST(1 + id % 40 AS BIGINT) AS reading_count",
+        "CAST(1 + id % 7 AS BIGINT) AS device_count",
+        "CAST(50 + (id % 1000) / 10 AS DOUBLE) AS average_value",
+        "CAST((id % 1000) / 10 AS DOUBLE) AS min_value",
+        "CAST(100 + (id % 1000) / 10 AS DOUBLE) AS max_value",
+        "CAST((1 + id % 40) * (50 + (id % 1000) / 10) AS DOUBLE) AS sum_value",
+        "CAST(CASE WHEN id % 40 = 0 THEN NULL ELSE 3.5 END AS DOUBLE) AS stddev_value",
+        "current_timestamp() AS updated_at",
+    ).repartition(4).write.format("delta").mode("append").save(paths.table(Table.GOLD))
+
+    csv_folder = ctx.folder / "lookups" / "tutorial-csv"
+    lake = duck.connect(paths)
+    gold = lake.sql("SELECT strftime(\"timestamp\", '%Y-%m-%dT%H:%M:%SZ') AS \"timestamp\", reading_count, "
+                    "device_count, average_value, min_value, max_value, sum_value, stddev_value FROM gold "
+                    "ORDER BY \"timestamp\"")  # fmt: skip
+    files = write_csv_batches(gold, csv_folder, seconds_per_batch=1000)
+    stamps = [row[0] for row in lake.sql("SELECT strftime(\"timestamp\", '%Y-%m-%dT%H:%M:%SZ') FROM gold").fetchall()]
+    lake.close()
+
+    with _api(settings, ctx.folder / "lookups-api.log") as port:
+        paths_of = loadgen.random_paths("/kpis/", stamps)
+        loadgen.sequential("127.0.0.1", port, paths_of, 200)  # warm-up
+        lone = loadgen.sequential("127.0.0.1", port, paths_of, 300)
+        ctx.say(f"lookups: {ctx.plan.lookup_rate:.0f} requests/s for {ctx.plan.lookup_duration_s:.0f} s")
+        loaded = loadgen.open_loop("127.0.0.1", port, paths_of, ctx.plan.lookup_rate, ctx.plan.lookup_duration_s)
+        kpi_peak = loadgen.closed_loop("127.0.0.1", port, paths_of, 5, connections=16)
+        trivial_peak = loadgen.closed_loop("127.0.0.1", port, lambda: "/livez", 5, connections=16)
+
+    port = _free_port()
+    with (ctx.folder / "tutorial-api.log").open("ab") as output:
+        tutorial = subprocess.Popen([sys.executable, "-m", "bench.tutorial", "--folder", str(csv_folder), "--port",
+                                     str(port)], stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_for_port(port)
+        replaced = loadgen.sequential("127.0.0.1", port, loadgen.random_paths("/kpis/", stamps, seed=2),
+                                      ctx.plan.tutorial_requests)  # fmt: skip
+    finally:
+        tutorial.terminate()
+        tutorial.wait(timeout=30)
+
+    ok = loaded.statuses.get(200, 0)
+    ctx.figures.append(Figure(f"lookup p99 at {ctx.plan.lookup_rate:.0f} requests/s", loaded.percentile(0.99) * 1000,
+                              "ms", goal="≤ 5 ms", met=loaded.percentile(0.99) <= 0.005,
+                              note=f"gold of {seconds:,} seconds; {ok:,} of {loaded.requests:,} answered 200, "
+                              f"{loaded.server_errors} errors; p50 {loaded.median * 1000:.2f} ms"))  # fmt: skip
+    ctx.figures.append(Figure("lookup throughput vs trivial route", kpi_peak.throughput, "requests/s",
+                              trivial_peak.throughput, "GET /livez on the same server", "≥ 50 %",
+                              kpi_peak.throughput >= 0.5 * trivial_peak.throughput, "16 connections, 5 s"))  # fmt: skip
+    speedup = replaced.median / lone.median
+    ctx.figures.append(Figure("lookup p50, one client", lone.median * 1000, "ms", replaced.median * 1000,
+                              f"Flask + pandas over {files:,} kpi_*.csv files", "≥ 100x faster", speedup >= 100,
+                              f"{speedup:,.0f}x faster"))  # fmt: skip
+
+
+def _wait_for_port(port: int, timeout_s: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+# ----------------------------------------------------------------------------------------------------- run
+
+PARTS: dict[str, Callable[[Context], None]] = {
+    "ingest": bench_ingest,
+    "freshness": bench_freshness,
+    "lookups": bench_lookups,
+}
+
+
+def run(settings: Settings, plan: Plan, parts: list[str], folder: Path, say: Callable[[str], None]) -> list[Figure]:
+    import logging
+
+    from pipeline.broker import LocalBroker
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    broker = LocalBroker.from_settings(settings)
+    broker.stop()
+    shutil.rmtree(broker.folder, ignore_errors=True)
+    say(f"starting a Kafka broker on {settings.kafka_bootstrap}")
+    broker.start()
+    ctx = Context(settings, folder, plan, say)
+    try:
+        for name in parts:
+            PARTS[name](ctx)
+    finally:
+        if ctx._spark is not None:
+            ctx._spark.stop()  # type: ignore[attr-defined]
+        broker.stop()
+    return ctx.figures
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def as_json(figures: list[Figure]) -> list[dict[str, object]]:
+    return [asdict(f) | {"ratio": f.ratio} for f in figures]
+
+
+def markdown(figures: list[Figure], command: str) -> str:
+    lines = [
+        "| figure | ours | reference | ratio | goal | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        reference = f"{f.reference:,.2f} {f.unit} ({f.reference_name})" if f.reference is not None else ""
+        ratio = f"{f.ratio:.3g}" if f.ratio is not None else ""
+        met = {True: "yes", False: "**no**", None: ""}[f.met]
+        lines.append(f"| {f.name} | {f.ours:,.2f} {f.unit} | {reference} | {ratio} | {f.goal} | {met} |")
+    notes = [f"- {f.name}: {f.note}" for f in figures if f.note]
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join([f"Measured {when} on {machine()} with `{command}`.", "", *lines, "", *notes, ""])

@@ -1,0 +1,39 @@
+"""The smoke run of `lakehouse bench --quick`: every part runs from a fresh set-up and reports its figures.
+Timings are not asserted (a benchmark is not a timed test); what the figures count is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HOME
+from tests.helpers import LAKEHOUSE
+
+pytestmark = [pytest.mark.kafka, pytest.mark.spark]
+
+
+def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
+    figures_file = tmp_path / "figures.json"
+    markdown_file = tmp_path / "BENCHMARKS-table.md"
+    result = subprocess.run(
+        [*LAKEHOUSE, "--home", str(HOME), "--spark-master", "local[2]", "--shuffle-partitions", "2", "bench", "--quick",
+         "--folder", str(tmp_path / "bench"), "--json", str(figures_file), "--markdown", str(markdown_file)],
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    print(result.stdout)
+    figures = {f["name"]: f for f in json.loads(figures_file.read_text())}
+    ingest = figures["ingest, Kafka to gold (micro-batches)"]
+    assert ingest["ours"] > 0 and ingest["reference"] > 0 and ingest["met"] in (True, False)
+    assert "readings/s" in ingest["note"]
+    for name in ("ingest vs msgspec typed parse, 1 core", "ingest vs DuckDB read_json + unnest"):
+        assert figures[name]["reference"] > 0
+    assert figures["freshness p50, produce to API"]["note"].startswith("6 of 6 readings seen")
+    lookups = figures["lookup p99 at 100 requests/s"]
+    assert "300 of 300 answered 200, 0 errors" in lookups["note"]
+    assert figures["lookup throughput vs trivial route"]["reference"] > 0
+    assert figures["lookup p50, one client"]["reference"] > 0
+    assert "| figure | ours | reference | ratio | goal | met |" in markdown_file.read_text()
