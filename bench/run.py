@@ -92,13 +92,11 @@ class Context:
 
 
 def env_for(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for name, value in settings.model_dump(exclude_none=True).items():
-        env[f"LAKEHOUSE_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return env
+    return dict(os.environ) | settings.as_env()
 
 
-def _tree_rss(root: int) -> int:
+def tree_rss(root: int) -> int:
+    """Resident memory of a process and all its descendants (Spark's JVM, Python workers), in bytes."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -187,7 +185,7 @@ def bench_ingest(ctx: Context) -> None:
                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     peak = 0
     while pipeline.poll() is None:
-        peak = max(peak, _tree_rss(pipeline.pid))
+        peak = max(peak, tree_rss(pipeline.pid))
         time.sleep(0.2)
     wall = time.monotonic() - started
     if pipeline.returncode != 0:

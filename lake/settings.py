@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -50,6 +51,13 @@ class Settings(BaseSettings):
         if value not in {"earliest", "latest"}:
             raise ValueError("starting_offsets must be 'earliest' or 'latest'")
         return value
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as LAKEHOUSE_* variables, for a subprocess (lists as JSON, as pydantic-settings reads them)."""
+        return {
+            f"LAKEHOUSE_{name.upper()}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            for name, value in self.model_dump(exclude_none=True).items()
+        }
 
     @property
     def checkpoints(self) -> str:

@@ -20,10 +20,7 @@ LAKEHOUSE = [sys.executable, "-m", "lakehouse"]
 
 
 def env_for(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for name, value in settings.model_dump(exclude_none=True).items():
-        env[f"LAKEHOUSE_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return env
+    return dict(os.environ) | settings.as_env()
 
 
 def lakehouse(

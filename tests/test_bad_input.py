@@ -4,7 +4,6 @@ the accounting of `lakehouse audit`, and `lakehouse replay` after a rule change,
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
