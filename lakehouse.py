@@ -22,7 +22,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-kafka_app = typer.Typer(help="Run the local Apache Kafka broker (KRaft) and create the topic.", no_args_is_help=True)
+kafka_app = typer.Typer(
+    help="Run the local Apache Kafka broker, or a local cluster of brokers (KRaft), and create the topic.",
+    no_args_is_help=True,
+)
 app.add_typer(kafka_app, name="kafka")
 console = Console(stderr=True, soft_wrap=True)
 _overrides: dict[str, object] = {}
@@ -42,12 +45,16 @@ def main(
     kafka_bootstrap: Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers (env LAKEHOUSE_KAFKA_BOOTSTRAP, default localhost:9092)")] = None,
     topic: Annotated[Optional[str], typer.Option(help="topic (env LAKEHOUSE_TOPIC, default device-data)")] = None,
     topic_partitions: Annotated[Optional[int], typer.Option(help="partitions of a new topic (env LAKEHOUSE_TOPIC_PARTITIONS, default 4)")] = None,
+    topic_replication: Annotated[Optional[int], typer.Option(help="replicas of a new topic's partitions (env LAKEHOUSE_TOPIC_REPLICATION, default: the cluster's)")] = None,
+    topic_min_insync_replicas: Annotated[Optional[int], typer.Option(help="min.insync.replicas of a new topic (env LAKEHOUSE_TOPIC_MIN_INSYNC_REPLICAS, default: the cluster's)")] = None,
+    kafka_properties: Annotated[Optional[Path], typer.Option(help="Kafka client properties file: security.protocol, sasl.*, ssl.* (env LAKEHOUSE_KAFKA_PROPERTIES)")] = None,
     max_message_bytes: Annotated[Optional[int], typer.Option(help="message size limit on every layer (env LAKEHOUSE_MAX_MESSAGE_BYTES, default 5242880)")] = None,
     lake_root: Annotated[Optional[str], typer.Option(help="folder or URI of the Delta tables (env LAKEHOUSE_LAKE_ROOT, default data/lake)")] = None,
     checkpoint_root: Annotated[Optional[str], typer.Option(help="folder or URI of checkpoints (env LAKEHOUSE_CHECKPOINT_ROOT, default <lake-root>/_checkpoints)")] = None,
     home: Annotated[Optional[Path], typer.Option(help="local state: jars, local broker (env LAKEHOUSE_HOME, default .lakehouse)")] = None,
     spark_master: Annotated[Optional[str], typer.Option(help="Spark master (env LAKEHOUSE_SPARK_MASTER, default local[*])")] = None,
     spark_driver_memory: Annotated[Optional[str], typer.Option(help="Spark driver heap (env LAKEHOUSE_SPARK_DRIVER_MEMORY, default 2g)")] = None,
+    spark_executor_memory: Annotated[Optional[str], typer.Option(help="Spark executor heap on a cluster (env LAKEHOUSE_SPARK_EXECUTOR_MEMORY, default Spark's 1g)")] = None,
     shuffle_partitions: Annotated[Optional[int], typer.Option(help="Spark shuffle partitions (env LAKEHOUSE_SHUFFLE_PARTITIONS, default 4)")] = None,
     trigger_interval: Annotated[Optional[str], typer.Option(help="micro-batch interval (env LAKEHOUSE_TRIGGER_INTERVAL, default '1 second')")] = None,
     max_offsets_per_trigger: Annotated[Optional[int], typer.Option(help="Kafka records per micro-batch (env LAKEHOUSE_MAX_OFFSETS_PER_TRIGGER, default 2000)")] = None,
@@ -89,46 +96,70 @@ def setup(force: Annotated[bool, typer.Option(help="resolve again even if the ja
 
 
 @kafka_app.command("start")
-def kafka_start() -> None:
-    """Start the local broker (formatting its storage on first start) and create the topic."""
-    from pipeline.broker import LocalBroker, ensure_topic
+def kafka_start(
+    brokers: Annotated[
+        int,
+        typer.Option(min=1, help="local brokers; 3 from localhost:9092 listen on 9092, 9094, 9096 (controllers on 9093, ...)"),
+    ] = 1,
+) -> None:
+    """Start the local broker, or a cluster of brokers (formatting storage on first start), and create the topic."""
+    from pipeline.broker import LocalBroker, LocalCluster, ensure_topic
     from pipeline.errors import PipelineError
 
     current = settings()
-    broker = LocalBroker.from_settings(current)
     try:
-        with console.status(f"starting Kafka on {broker.host}:{broker.port}"):
-            pid = broker.start()
-            created = ensure_topic(current)
+        if brokers == 1:
+            broker = LocalBroker.from_settings(current)
+            with console.status(f"starting Kafka on {broker.host}:{broker.port}"):
+                pid = broker.start()
+                created = ensure_topic(current)
+            running = f"Kafka broker running (pid {pid}) on {broker.host}:{broker.port}"
+        else:
+            cluster = LocalCluster.from_settings(current, brokers)
+            with console.status(f"starting {brokers} Kafka brokers on {cluster.bootstrap}"):
+                pids = cluster.start()
+                created = ensure_topic(current.model_copy(update={"kafka_bootstrap": cluster.bootstrap}))
+            running = f"{brokers} Kafka brokers running (pids {', '.join(map(str, pids))}) on {cluster.bootstrap}"
     except PipelineError as exc:
         _fail(str(exc))
     state = "created" if created else "exists"
-    console.print(f"Kafka broker running (pid {pid}) on {broker.host}:{broker.port}; topic {current.topic!r} {state}")
+    console.print(f"{running}; topic {current.topic!r} {state}")
+    if brokers > 1 and current.kafka_bootstrap != cluster.bootstrap:
+        console.print(f"give clients every broker, so that they ride through one going down: "
+                      f"export LAKEHOUSE_KAFKA_BOOTSTRAP={cluster.bootstrap}")  # fmt: skip
 
 
 @kafka_app.command("stop")
 def kafka_stop() -> None:
-    """Stop the local broker."""
-    from pipeline.broker import LocalBroker
+    """Stop the local broker, or every broker of the local cluster on this bootstrap address."""
+    from pipeline.broker import LocalBroker, LocalCluster
 
-    stopped = LocalBroker.from_settings(settings()).stop()
+    current = settings()
+    cluster = LocalCluster.existing(current)
+    stopped_nodes = cluster.stop() if cluster is not None else 0
+    if stopped_nodes:
+        console.print(f"{stopped_nodes} Kafka brokers stopped")
+        return
+    stopped = LocalBroker.from_settings(current).stop()
     console.print("Kafka broker stopped" if stopped else "Kafka broker was not running")
 
 
 @kafka_app.command("status")
 def kafka_status() -> None:
-    """Is the local broker running, and what does the cluster report?"""
-    from pipeline.broker import LocalBroker, describe
+    """Are the local brokers running, and what does the cluster report (brokers, partitions, replicas in sync)?"""
+    from pipeline.broker import LocalBroker, LocalCluster, describe
 
     current = settings()
-    broker = LocalBroker.from_settings(current)
-    pid = broker.pid()
-    console.print(f"local broker: {'running, pid ' + str(pid) if pid else 'not running'}")
+    cluster = LocalCluster.existing(current)
+    for node in cluster.nodes if cluster else [LocalBroker.from_settings(current)]:
+        pid = node.pid()
+        console.print(f"local broker {node.host}:{node.port}: {'running, pid ' + str(pid) if pid else 'not running'}")
     try:
         info = describe(current)
     except Exception as exc:
         _fail(f"cannot reach Kafka at {current.kafka_bootstrap}: {exc}")
-    console.print(f"cluster: brokers {info['brokers']}, topic {info['topic']!r} partitions {info['partitions']}")
+    console.print(f"cluster: brokers {info['brokers']}, topic {info['topic']!r} partitions {info['partitions']}, "
+                  f"replicas {info['replicas']}, under-replicated partitions {info['under_replicated']}")  # fmt: skip
 
 
 @app.command()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 
+from lake.settings import local_path
 from lake.tables import KPI_FIELDS, LakePaths, Table
 from lake.timestamps import MAX_US, Grain, from_us
 
@@ -32,8 +33,9 @@ def delta_extension() -> Path:
 
 
 def table_exists(paths: LakePaths, table: Table) -> bool:
-    location = paths.table(table)
-    return "://" in location or (Path(location) / "_delta_log").is_dir()
+    """Whether the table has a Delta log; on object stores assumed (listing them costs a request per table)."""
+    folder = local_path(paths.table(table))
+    return folder is None or (folder / "_delta_log").is_dir()
 
 
 def connect(paths: LakePaths, database: str = ":memory:") -> duckdb.DuckDBPyConnection:

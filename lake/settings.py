@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -19,6 +19,17 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = Field("localhost:9092", description="Kafka bootstrap servers (host:port,...)")
     topic: str = Field("device-data", description="Kafka topic of device messages")
     topic_partitions: int = Field(4, ge=1, description="partitions when the topic is created")
+    topic_replication: int | None = Field(
+        None, ge=1, description="replicas of each partition of a new topic; default: the cluster's default"
+    )
+    topic_min_insync_replicas: int | None = Field(
+        None, ge=1, description="min.insync.replicas of a new topic (acks=all waits for these); default: the cluster's"
+    )
+    kafka_properties: Path | None = Field(
+        None,
+        description="Java-style properties file of Kafka client settings (security.protocol, sasl.*, ssl.*) for the "
+        "producer, admin client and Spark's Kafka source",
+    )
     max_message_bytes: int = Field(
         5 * MIB, ge=1024, description="largest message value accepted by producer, topic, broker and consumer"
     )
@@ -31,6 +42,9 @@ class Settings(BaseSettings):
     )
     spark_master: str = Field("local[*]", description="Spark master URL")
     spark_driver_memory: str = Field("2g", description="Spark driver heap (local mode: the whole engine)")
+    spark_executor_memory: str | None = Field(
+        None, description="heap of each Spark executor on a cluster; default: Spark's (1g) or spark-submit's"
+    )
     shuffle_partitions: int = Field(4, ge=1, description="spark.sql.shuffle.partitions for the job")
     trigger_interval: str = Field("1 second", description="micro-batch trigger interval in continuous mode")
     max_offsets_per_trigger: int = Field(
@@ -59,6 +73,16 @@ class Settings(BaseSettings):
             for name, value in self.model_dump(exclude_none=True).items()
         }
 
+    @model_validator(mode="after")
+    def _min_insync_within_replicas(self) -> Settings:
+        replicas, min_insync = self.topic_replication, self.topic_min_insync_replicas
+        if replicas is not None and min_insync is not None and min_insync > replicas:
+            raise ValueError(
+                f"topic_min_insync_replicas={min_insync} exceeds topic_replication={replicas}: "
+                "no write with acks=all could succeed; lower it or raise the replication"
+            )
+        return self
+
     @property
     def checkpoints(self) -> str:
         return self.checkpoint_root or join_path(self.lake_root, "_checkpoints")
@@ -72,6 +96,19 @@ class Settings(BaseSettings):
 def join_path(root: str, *parts: str) -> str:
     """Join a local folder or a URI (file://, s3a://, ...) with sub-paths."""
     return "/".join([root.rstrip("/"), *parts])
+
+
+def local_path(location: str) -> Path | None:
+    """The local folder a path or `file://` URI names; None for object stores (s3a://, abfss://, ...)."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    if "://" not in location:
+        return Path(location)
+    parsed = urlparse(location)
+    if parsed.scheme != "file" or parsed.netloc not in {"", "localhost"}:
+        return None
+    return Path(url2pathname(parsed.path))
 
 
 def absolute(root: str) -> str:

@@ -9,6 +9,7 @@ import msgspec
 
 from lake.settings import Settings
 from pipeline.errors import MessageTooLarge, PipelineError
+from pipeline.kafka_client import librdkafka_properties
 
 
 class _KeyItem(msgspec.Struct):
@@ -46,6 +47,7 @@ def message_key(payload: bytes) -> bytes | None:
 
 def producer_config(settings: Settings) -> dict[str, object]:
     return {
+        **librdkafka_properties(settings),  # security and the like, from LAKEHOUSE_KAFKA_PROPERTIES; the keys below win
         "bootstrap.servers": settings.kafka_bootstrap,
         # librdkafka warns on transient states (a fresh broker's coordinator loading); delivery errors still surface.
         "log_level": 3,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lake.settings import Settings
+from pipeline.kafka_client import java_properties
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
 def kafka_options(settings: Settings) -> dict[str, str]:
     limit = settings.kafka_limit_bytes
     return {
+        # Security and the like, from LAKEHOUSE_KAFKA_PROPERTIES (the producer reads the same file); the keys below win.
+        **{f"kafka.{key}": value for key, value in java_properties(settings).items()},
         "kafka.bootstrap.servers": settings.kafka_bootstrap,
         "subscribe": settings.topic,
         "startingOffsets": settings.starting_offsets,

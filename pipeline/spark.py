@@ -13,6 +13,16 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 
+def _submitted_conf() -> set[str]:
+    """Keys set by spark-submit when it launched this process; empty when pyspark starts its own JVM."""
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:  # set only by a JVM that started this Python process
+        return set()
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()
+    return {key for key, _ in SparkConf(loadDefaults=True).getAll()}
+
+
 def build_session(settings: Settings, app_name: str = "kpi-lakehouse", extra: dict[str, str] | None = None) -> SparkSession:
     from pyspark.sql import SparkSession
 
@@ -42,7 +52,11 @@ def build_session(settings: Settings, app_name: str = "kpi-lakehouse", extra: di
         "spark.databricks.delta.snapshotPartitions": str(max(1, settings.shuffle_partitions)),
         "spark.driver.extraJavaOptions": "-Dio.netty.tryReflectionSetAccessible=true",
     }
+    if settings.spark_executor_memory:
+        conf["spark.executor.memory"] = settings.spark_executor_memory
     conf.update(extra or {})
+    # Under spark-submit, what it was given (--master, --jars, --executor-memory, --conf, spark-defaults.conf) wins.
+    conf = {key: value for key, value in conf.items() if key not in _submitted_conf()}
     builder = SparkSession.builder
     for key, value in conf.items():
         builder = builder.config(key, value)

@@ -1,0 +1,82 @@
+"""Kafka client settings from one properties file (LAKEHOUSE_KAFKA_PROPERTIES), for the producer and admin client
+(librdkafka) and Spark's Kafka source (the Java client), so that security is configured once for both."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lake.settings import Settings
+from pipeline.errors import KafkaConfigError
+
+# The file speaks the Java client's names (as Kafka's own tools and Spark do). These few are spelled differently in
+# librdkafka, or mean nothing there, and are translated below; every other key means the same in both clients.
+_JAVA_ONLY = {"sasl.jaas.config", "ssl.truststore.location", "ssl.truststore.type", "ssl.truststore.password",
+              "ssl.keystore.type"}  # fmt: skip
+# Keys for one client only, for what has no common spelling (say, an OAUTHBEARER callback class).
+LIBRDKAFKA_PREFIX = "librdkafka."
+JAVA_PREFIX = "java."
+_JAAS_OPTION = re.compile(r'(\w+)\s*=\s*"((?:[^"\\]|\\.)*)"')
+
+
+def load_properties(path: Path | None) -> dict[str, str]:
+    """The file's key/value pairs in the Java client's spelling; empty without a file."""
+    import javaproperties
+
+    if path is None:
+        return {}
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return dict(javaproperties.load(handle))
+    except OSError as exc:
+        raise KafkaConfigError(f"cannot read LAKEHOUSE_KAFKA_PROPERTIES={path}: {exc.strerror}; fix the path") from exc
+
+
+def java_properties(settings: Settings) -> dict[str, str]:
+    """Properties for the Java client (Spark's source takes each with a `kafka.` prefix)."""
+    loaded = load_properties(settings.kafka_properties)
+    shared = {k: v for k, v in loaded.items() if not k.startswith((LIBRDKAFKA_PREFIX, JAVA_PREFIX))}
+    own = {k.removeprefix(JAVA_PREFIX): v for k, v in loaded.items() if k.startswith(JAVA_PREFIX)}
+    return shared | own
+
+
+def librdkafka_properties(settings: Settings) -> dict[str, str]:
+    """The same properties in librdkafka's spelling, for confluent-kafka's producer and admin client."""
+    loaded = load_properties(settings.kafka_properties)
+    one_client = (LIBRDKAFKA_PREFIX, JAVA_PREFIX)
+    translated = {k: v for k, v in loaded.items() if k not in _JAVA_ONLY and not k.startswith(one_client)}
+    jaas = loaded.get("sasl.jaas.config")
+    if jaas is not None:
+        options = {name: re.sub(r"\\(.)", r"\1", value) for name, value in _JAAS_OPTION.findall(jaas)}
+        if "username" in options and "password" in options:
+            translated["sasl.username"] = options["username"]
+            translated["sasl.password"] = options["password"]
+        elif not any(k.startswith(LIBRDKAFKA_PREFIX + "sasl.") for k in loaded):
+            raise KafkaConfigError(
+                f"sasl.jaas.config in {settings.kafka_properties} has no username/password, which is all the "
+                "producer can take from it; give the producer's own SASL settings as librdkafka.sasl.* keys"
+            )
+    truststore = loaded.get("ssl.truststore.location")
+    if truststore is not None:
+        if loaded.get("ssl.truststore.type", "JKS").upper() != "PEM":
+            raise KafkaConfigError(
+                f"ssl.truststore.location in {settings.kafka_properties} must be a PEM file with "
+                "ssl.truststore.type=PEM, which both Spark and the producer read; convert a JKS truststore with "
+                "keytool -exportcert -rfc, or give the producer librdkafka.ssl.ca.location"
+            )
+        translated["ssl.ca.location"] = truststore
+    if "ssl.keystore.location" in loaded and loaded.get("ssl.keystore.type", "").upper() not in {"PKCS12", ""}:
+        raise KafkaConfigError(
+            f"ssl.keystore.location in {settings.kafka_properties} must be PKCS12 (ssl.keystore.type=PKCS12) to be "
+            "read by both clients; or give the producer librdkafka.ssl.certificate.location and ssl.key.location"
+        )
+    # Java's empty value turns host name checks off; librdkafka says so with "none".
+    if translated.get("ssl.endpoint.identification.algorithm") == "":
+        translated["ssl.endpoint.identification.algorithm"] = "none"
+    own = {k.removeprefix(LIBRDKAFKA_PREFIX): v for k, v in loaded.items() if k.startswith(LIBRDKAFKA_PREFIX)}
+    return translated | own
+
+
+def admin_config(settings: Settings) -> dict[str, object]:
+    """An admin client's settings: the client properties, then the bootstrap servers."""
+    return {**librdkafka_properties(settings), "bootstrap.servers": settings.kafka_bootstrap, "log_level": 3}
