@@ -10,9 +10,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from lake.settings import local_path
 from lake.tables import LakePaths, Table
 
 if TYPE_CHECKING:
@@ -69,9 +69,9 @@ class TableReport:
 
 def data_files(path: str) -> int:
     """Parquet files on disk (local lakes only; -1 for object stores)."""
-    if "://" in path and not path.startswith("file://"):
+    root = local_path(path)
+    if root is None:
         return -1
-    root = Path(path.removeprefix("file://"))
     return sum(1 for f in root.rglob("*.parquet") if "_delta_log" not in f.parts)
 
 

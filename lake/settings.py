@@ -99,20 +99,22 @@ def join_path(root: str, *parts: str) -> str:
 
 
 def local_path(location: str) -> Path | None:
-    """The local folder a path or `file://` URI names; None for object stores (s3a://, abfss://, ...)."""
+    """The local folder a path or `file:` URI names; None for object stores (s3a://, abfss://, ...)."""
     from urllib.parse import urlparse
     from urllib.request import url2pathname
 
-    if "://" not in location:
-        return Path(location)
-    parsed = urlparse(location)
-    if parsed.scheme != "file" or parsed.netloc not in {"", "localhost"}:
-        return None
-    return Path(url2pathname(parsed.path))
+    if location.startswith("file:"):
+        parsed = urlparse(location)
+        return Path(url2pathname(parsed.path)) if parsed.netloc in {"", "localhost"} else None
+    return None if "://" in location else Path(location)
 
 
 def absolute(root: str) -> str:
-    """A local path made absolute (Spark and DuckDB resolve relative paths differently); URIs pass unchanged."""
+    """A local path made absolute (Spark and DuckDB resolve relative paths differently); URIs pass unchanged, except
+    that `file:///x` becomes Hadoop's own spelling `file:/x`, which Delta compares table locations with."""
+    if root.startswith("file:"):
+        folder = local_path(root)
+        return f"file:{folder.resolve()}" if folder is not None else root
     if "://" in root:
         return root
     return str(Path(root).resolve())

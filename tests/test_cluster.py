@@ -1,0 +1,238 @@
+"""Beyond one machine: `lakehouse pipeline` on a Spark standalone cluster, reading a 3-broker Kafka cluster that
+loses a broker mid-stream, writing a lake named by a file:// URI; the KPIs must equal the independent reference."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lake.settings import Settings
+from lake.tables import LakePaths
+from tests.conftest import HOME
+from tests.helpers import LAKEHOUSE, dumps, env_for, lakehouse
+from tests.reference import Reference, assert_kpis_equal, gold_kpis
+
+pytestmark = [pytest.mark.cluster, pytest.mark.kafka, pytest.mark.spark]
+
+KAFKA_BASE_PORT = 19300  # brokers on 19300, 19302, 19304; their controllers on the next port of each
+SPARK_MASTER_PORT, SPARK_MASTER_UI_PORT, SPARK_WORKER_PORT, SPARK_WORKER_UI_PORT = 19310, 19311, 19312, 19313
+T0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def kafka_cluster() -> Iterator[object]:
+    """Three KRaft brokers (each also a controller) on loopback with fresh storage and small heaps."""
+    from pipeline.broker import LocalCluster
+
+    cluster = LocalCluster(HOME, "localhost", KAFKA_BASE_PORT, size=3, max_bytes=Settings().kafka_limit_bytes, heap="384m")
+    cluster.stop()
+    shutil.rmtree(cluster.folder, ignore_errors=True)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def spark_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Spark standalone master and one worker (2 cores, 2 GiB) started from the pyspark installation."""
+    import pyspark
+
+    spark_home = Path(pyspark.__file__).parent
+    folder = tmp_path_factory.mktemp("spark-standalone")
+    env = os.environ | {
+        "SPARK_HOME": str(spark_home),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_DAEMON_MEMORY": "256m",  # the master's and worker's own heap; executors get theirs from the job
+        "SPARK_LOG_DIR": str(folder),
+    }
+    url = f"spark://127.0.0.1:{SPARK_MASTER_PORT}"
+    daemons = {
+        "master": ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(SPARK_MASTER_PORT),
+                   "--webui-port", str(SPARK_MASTER_UI_PORT)],
+        "worker": ["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--port", str(SPARK_WORKER_PORT),
+                   "--webui-port", str(SPARK_WORKER_UI_PORT), "--cores", "2", "--memory", "2g",
+                   "--work-dir", str(folder / "work"), url],
+    }  # fmt: skip
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, arguments in daemons.items():
+            with open(folder / f"{name}.log", "ab") as log:
+                started.append(subprocess.Popen([str(spark_home / "bin" / "spark-class"), *arguments], env=env,
+                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+        deadline = time.monotonic() + 90
+        while not _alive_workers():
+            for daemon in started:
+                assert daemon.poll() is None, f"a Spark daemon exited; see the logs in {folder}"
+            assert time.monotonic() < deadline, f"no Spark worker registered with {url}; see the logs in {folder}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        for daemon in reversed(started):
+            _stop_group(daemon)
+
+
+def _master_state() -> dict[str, object]:
+    try:
+        return httpx.get(f"http://127.0.0.1:{SPARK_MASTER_UI_PORT}/json/", timeout=2).json()
+    except (httpx.TransportError, ValueError):
+        return {}
+
+
+def _alive_workers() -> int:
+    return sum(1 for worker in _master_state().get("workers", []) if worker["state"] == "ALIVE")  # type: ignore[union-attr]
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process and its children (its own session), SIGKILL if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=30)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def build_stream(rng: random.Random, messages: int) -> tuple[list[bytes], Reference]:
+    """Single readings, small batches, corrections and one 2 MiB batch, with the reference of what must come out."""
+    reference = Reference()
+    stream: list[bytes] = []
+    devices = [f"pump-{n}" for n in range(12)]
+    sent: dict[str, list[datetime]] = {}
+    for index in range(messages):
+        device = rng.choice(devices)
+        if index % 20 == 7 and sent.get(device):
+            # A correction: a reading this device sent before, with another value; same key, so a later offset.
+            moment, value = rng.choice(sent[device]), round(rng.uniform(-50, 50), 3)
+            stream.append(dumps({"device_id": device, "timestamp": moment.isoformat(), "value": value}))
+            reference.add(device, moment, value)
+            continue
+        count = 15 if index % 10 == 0 else 1
+        readings = []
+        for _ in range(count):
+            moment = T0 + timedelta(milliseconds=rng.randrange(120_000))
+            readings.append({"timestamp": moment.isoformat(), "value": round(rng.gauss(40, 9), 4)})
+            sent.setdefault(device, []).append(moment)
+        message = {"device_id": device, "readings": readings} if count > 1 else {"device_id": device, **readings[0]}
+        stream.append(dumps(message))
+        for reading in readings:
+            reference.add(device, datetime.fromisoformat(str(reading["timestamp"])), float(reading["value"]))
+    # Over twice the 1 MiB that Kafka replicates by default: the replicas must fetch it too.
+    big = [{"timestamp": (T0 + timedelta(minutes=3, microseconds=400 * n)).isoformat(), "value": n % 997 / 7}
+           for n in range(30_000)]  # fmt: skip
+    stream.insert(messages // 4, dumps({"device_id": "big-1", "readings": big}))
+    assert len(stream[messages // 4]) > 2 * 1024 * 1024
+    for reading in big:
+        reference.add("big-1", datetime.fromisoformat(str(reading["timestamp"])), float(reading["value"]))
+    return stream, reference
+
+
+def bronze_records(paths: LakePaths) -> int:
+    from lake.duck import connect
+
+    return connect(paths).sql("SELECT count(*) FROM bronze").fetchone()[0]  # type: ignore[index]
+
+
+def test_standalone_spark_and_three_brokers_survive_a_broker_loss(
+    kafka_cluster, spark_master: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from lake.duck import connect
+    from pipeline.broker import describe, ensure_topic
+
+    settings = Settings(
+        kafka_bootstrap=kafka_cluster.bootstrap,
+        topic="cluster-telemetry",
+        topic_replication=3,
+        topic_min_insync_replicas=2,
+        lake_root=(tmp_path / "lake").as_uri(),  # file:///...: the lake root as a URI, as on object storage
+        home=HOME,
+        spark_master=spark_master,
+        spark_driver_memory="1g",
+        spark_executor_memory="1g",
+        shuffle_partitions=2,
+        max_offsets_per_trigger=60,
+        trigger_interval="1 second",
+    )
+    assert settings.lake_root.startswith("file:///")
+    paths = LakePaths.from_settings(settings)
+    assert ensure_topic(settings) is True
+    topology = describe(settings)
+    assert topology["brokers"] and len(topology["brokers"]) == 3 and topology["replicas"] == 3  # type: ignore[arg-type]
+
+    messages, reference = build_stream(random.Random(8), 360)
+    half = len(messages) // 2
+    first, second = tmp_path / "first.ndjson", tmp_path / "second.ndjson"
+    first.write_bytes(b"".join(m + b"\n" for m in messages[:half]))
+    second.write_bytes(b"".join(m + b"\n" for m in messages[half:]))
+
+    sent = lakehouse(settings, "produce", str(first))
+    assert sent.returncode == 0, sent.stderr
+
+    # The driver on loopback, so that the worker's executors reach it whatever the host's name resolves to.
+    env = env_for(settings) | {"SPARK_LOCAL_IP": "127.0.0.1"}
+    log = tmp_path / "pipeline.log"
+    with open(log, "ab") as out:
+        pipeline = subprocess.Popen([*LAKEHOUSE, "pipeline"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # fmt: skip
+    producer: subprocess.Popen[str] | None = None
+    try:
+
+        def wait_until(condition: str, check: object, timeout_s: float) -> None:
+            deadline = time.monotonic() + timeout_s
+            while not check():  # type: ignore[operator]
+                assert pipeline.poll() is None, f"the pipeline exited while waiting for {condition}:\n{log.read_text()[-4000:]}"
+                assert time.monotonic() < deadline, f"timed out waiting for {condition}:\n{log.read_text()[-4000:]}"
+                time.sleep(1)
+
+        bronze_log = tmp_path / "lake" / "bronze" / "_delta_log"
+        wait_until("the first half in bronze", lambda: any(bronze_log.glob("*.json")) and bronze_records(paths) >= half, 300)
+        apps = [app["name"] for app in _master_state().get("activeapps", [])]  # type: ignore[union-attr]
+        assert "kpi-lakehouse" in apps, f"the job does not run on the standalone cluster: active apps {apps}"
+
+        # Data keeps arriving while a broker stops: acks=all, and 2 of 3 replicas stay in sync (min.insync.replicas).
+        producer = subprocess.Popen([*LAKEHOUSE, "produce", "--rate", "30", str(second)], env=env_for(settings),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        time.sleep(2)
+        stopped = kafka_cluster.nodes[0]
+        assert stopped.stop(), "the first broker was not running"
+        after_loss = describe(settings)
+        assert len(after_loss["brokers"]) == 2 and after_loss["under_replicated"], after_loss  # type: ignore[arg-type]
+        _, produce_errors = producer.communicate(timeout=120)
+        assert producer.returncode == 0, produce_errors
+        assert f"sent {len(messages) - half:,} messages" in produce_errors
+
+        per_second = reference.buckets()
+
+        def gold_complete() -> bool:
+            gold = gold_kpis(connect(paths))
+            return set(gold) == set(per_second) and all(
+                gold[s]["reading_count"] == want["reading_count"] for s, want in per_second.items()
+            )
+
+        wait_until("gold to hold every reading", gold_complete, 240)
+    finally:
+        if producer is not None and producer.poll() is None:
+            producer.kill()
+        _stop_group(pipeline)
+
+    lake = connect(paths)
+    bronze = lake.sql('SELECT count(*), count(DISTINCT ("partition", "offset")) FROM bronze').fetchone()
+    assert bronze == (len(messages), len(messages)), "every record once in bronze, none lost, none twice"
+    assert lake.sql("SELECT count(*) FROM silver").fetchone()[0] == len(reference.readings)  # type: ignore[index]
+    assert lake.sql("SELECT count(*) FROM quarantine").fetchone()[0] == 0  # type: ignore[index]
+    gold = gold_kpis(lake)
+    assert set(gold) == set(per_second)
+    for second_start, want in per_second.items():
+        assert_kpis_equal(gold[second_start], want, f"gold {second_start}")
