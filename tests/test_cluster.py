@@ -9,7 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,7 +34,8 @@ def kafka_cluster() -> Iterator[object]:
     """Three KRaft brokers (each also a controller) on loopback with fresh storage and small heaps."""
     from pipeline.broker import LocalCluster
 
-    cluster = LocalCluster(HOME, "localhost", KAFKA_BASE_PORT, size=3, max_bytes=Settings().kafka_limit_bytes, heap="384m")
+    limit = Settings().kafka_limit_bytes
+    cluster = LocalCluster(HOME, "localhost", KAFKA_BASE_PORT, size=3, max_bytes=limit, heap="384m")
     cluster.stop()
     shutil.rmtree(cluster.folder, ignore_errors=True)
     cluster.start()
@@ -65,10 +66,13 @@ def spark_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     }  # fmt: skip
     started: list[subprocess.Popen[bytes]] = []
     try:
+        spark_class = str(spark_home / "bin" / "spark-class")
         for name, arguments in daemons.items():
             with open(folder / f"{name}.log", "ab") as log:
-                started.append(subprocess.Popen([str(spark_home / "bin" / "spark-class"), *arguments], env=env,
-                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+                daemon = subprocess.Popen(
+                    [spark_class, *arguments], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            started.append(daemon)
         deadline = time.monotonic() + 90
         while not _alive_workers():
             for daemon in started:
@@ -140,6 +144,7 @@ def build_stream(rng: random.Random, messages: int) -> tuple[list[bytes], Refere
 
 
 def bronze_records(paths: LakePaths) -> int:
+    """Records in bronze, as DuckDB reads the lake."""
     from lake.duck import connect
 
     return connect(paths).sql("SELECT count(*) FROM bronze").fetchone()[0]  # type: ignore[index]
@@ -162,7 +167,7 @@ def test_standalone_spark_and_three_brokers_survive_a_broker_loss(
         spark_driver_memory="1g",
         spark_executor_memory="1g",
         shuffle_partitions=2,
-        max_offsets_per_trigger=60,
+        max_offsets_per_trigger=500,  # few micro-batches: on 2 cores each costs seconds whatever its size
         trigger_interval="1 second",
     )
     assert settings.lake_root.startswith("file:///")
@@ -171,7 +176,7 @@ def test_standalone_spark_and_three_brokers_survive_a_broker_loss(
     topology = describe(settings)
     assert topology["brokers"] and len(topology["brokers"]) == 3 and topology["replicas"] == 3  # type: ignore[arg-type]
 
-    messages, reference = build_stream(random.Random(8), 360)
+    messages, reference = build_stream(random.Random(8), 300)
     half = len(messages) // 2
     first, second = tmp_path / "first.ndjson", tmp_path / "second.ndjson"
     first.write_bytes(b"".join(m + b"\n" for m in messages[:half]))
@@ -189,23 +194,27 @@ def test_standalone_spark_and_three_brokers_survive_a_broker_loss(
     producer: subprocess.Popen[str] | None = None
     try:
 
-        def wait_until(condition: str, check: object, timeout_s: float) -> None:
+        def wait_until(condition: str, check: Callable[[], bool], timeout_s: float) -> None:
             deadline = time.monotonic() + timeout_s
-            while not check():  # type: ignore[operator]
-                assert pipeline.poll() is None, f"the pipeline exited while waiting for {condition}:\n{log.read_text()[-4000:]}"
-                assert time.monotonic() < deadline, f"timed out waiting for {condition}:\n{log.read_text()[-4000:]}"
+            while not check():
+                tail = log.read_text()[-4000:]
+                assert pipeline.poll() is None, f"the pipeline exited while waiting for {condition}:\n{tail}"
+                assert time.monotonic() < deadline, f"timed out waiting for {condition}:\n{tail}"
                 time.sleep(1)
 
-        bronze_log = tmp_path / "lake" / "bronze" / "_delta_log"
-        wait_until("the first half in bronze", lambda: any(bronze_log.glob("*.json")) and bronze_records(paths) >= half, 300)
+        # The first micro-batch done (gold's first MERGE after its creation) before the second half starts.
+        gold_log = tmp_path / "lake" / "gold" / "_delta_log"
+        wait_until("the first micro-batch in gold", lambda: len(list(gold_log.glob("*.json"))) >= 2, 300)
+        assert bronze_records(paths) >= half
         apps = [app["name"] for app in _master_state().get("activeapps", [])]  # type: ignore[union-attr]
         assert "kpi-lakehouse" in apps, f"the job does not run on the standalone cluster: active apps {apps}"
 
-        # Data keeps arriving while a broker stops: acks=all, and 2 of 3 replicas stay in sync (min.insync.replicas).
-        producer = subprocess.Popen([*LAKEHOUSE, "produce", "--rate", "30", str(second)], env=env_for(settings),
+        # Data keeps arriving, and the job keeps reading, while a broker stops: the producer sends with acks=all,
+        # and 2 of 3 replicas stay in sync (min.insync.replicas=2).
+        producer = subprocess.Popen([*LAKEHOUSE, "produce", "--rate", "15", str(second)], env=env_for(settings),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        time.sleep(2)
-        stopped = kafka_cluster.nodes[0]
+        time.sleep(4)
+        stopped = kafka_cluster.nodes[0]  # also the first bootstrap address
         assert stopped.stop(), "the first broker was not running"
         after_loss = describe(settings)
         assert len(after_loss["brokers"]) == 2 and after_loss["under_replicated"], after_loss  # type: ignore[arg-type]
