@@ -12,7 +12,7 @@ from pipeline.errors import KafkaConfigError
 # The file speaks the Java client's names (as Kafka's own tools and Spark do). These few are spelled differently in
 # librdkafka, or mean nothing there, and are translated below; every other key means the same in both clients.
 _JAVA_ONLY = {"sasl.jaas.config", "ssl.truststore.location", "ssl.truststore.type", "ssl.truststore.password",
-              "ssl.keystore.type"}  # fmt: skip
+              "ssl.truststore.certificates", "ssl.keystore.type"}  # fmt: skip
 # Keys for one client only, for what has no common spelling (say, an OAUTHBEARER callback class).
 LIBRDKAFKA_PREFIX = "librdkafka."
 JAVA_PREFIX = "java."
@@ -65,6 +65,8 @@ def librdkafka_properties(settings: Settings) -> dict[str, str]:
                 "keytool -exportcert -rfc, or give the producer librdkafka.ssl.ca.location"
             )
         translated["ssl.ca.location"] = truststore
+    if "ssl.truststore.certificates" in loaded:  # PEM text in the file itself: nothing to copy to every executor
+        translated["ssl.ca.pem"] = loaded["ssl.truststore.certificates"]
     if "ssl.keystore.location" in loaded and loaded.get("ssl.keystore.type", "").upper() not in {"PKCS12", ""}:
         raise KafkaConfigError(
             f"ssl.keystore.location in {settings.kafka_properties} must be PKCS12 (ssl.keystore.type=PKCS12) to be "

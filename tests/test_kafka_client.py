@@ -78,3 +78,21 @@ def test_a_missing_file_is_named(tmp_path: Path) -> None:
     settings = Settings(kafka_properties=tmp_path / "nowhere.properties")
     with pytest.raises(KafkaConfigError, match="nowhere.properties"):
         kafka_options(settings)
+
+
+def test_trusted_certificates_inline_reach_both_clients(tmp_path: Path) -> None:
+    import certifi
+    import javaproperties
+    from confluent_kafka import Producer
+
+    bundle = Path(certifi.where()).read_text()
+    first_certificate = bundle[bundle.index("-----BEGIN") : bundle.index("-----END CERTIFICATE-----") + 25]
+    text = javaproperties.dumps(
+        {"security.protocol": "SSL", "ssl.truststore.type": "PEM", "ssl.truststore.certificates": first_certificate},
+        timestamp=False,
+    )
+    settings = settings_with(tmp_path, text)
+    producer = producer_config(settings)
+    assert producer["ssl.ca.pem"] == first_certificate
+    Producer(producer)  # librdkafka parses the certificate when the producer is made
+    assert kafka_options(settings)["kafka.ssl.truststore.certificates"] == first_certificate
