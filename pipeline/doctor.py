@@ -78,7 +78,9 @@ def _kafka(settings: Settings) -> list[Finding]:
     from pipeline.produce import producer_config
     from pipeline.source import kafka_options
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0})
+    from pipeline.kafka_client import admin_config
+
+    admin = AdminClient(admin_config(settings) | {"log_level": 0})  # with LAKEHOUSE_KAFKA_PROPERTIES' security
     try:
         metadata = admin.list_topics(timeout=8)
     except Exception as exc:  # noqa: BLE001
