@@ -7,13 +7,18 @@ DuckDB cannot download extensions here, so the delta extension is loaded from th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 
 from lake.settings import local_path
 from lake.tables import KPI_FIELDS, LakePaths, Table
-from lake.timestamps import MAX_US, Grain, from_us
+from lake.timestamps import EPOCH, MAX_US, Grain, from_us
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class LakeError(Exception):
@@ -23,7 +28,12 @@ class LakeError(Exception):
 def delta_extension() -> Path:
     import duckdb_extension_delta
 
-    path = Path(duckdb_extension_delta.__file__).parent / "extensions" / f"v{duckdb.__version__}" / "delta.duckdb_extension"
+    path = (
+        Path(duckdb_extension_delta.__file__).parent
+        / "extensions"
+        / f"v{duckdb.__version__}"
+        / "delta.duckdb_extension"
+    )
     if not path.exists():
         raise LakeError(
             f"no delta extension for DuckDB {duckdb.__version__} at {path}; "
@@ -74,10 +84,10 @@ class Kpis:
     stddev_value: float | None
 
 
-_GOLD_LOOKUP = f"SELECT {', '.join(KPI_FIELDS)} FROM gold WHERE \"timestamp\" = $start"
+_GOLD_LOOKUP = f'SELECT {", ".join(KPI_FIELDS)} FROM gold WHERE "timestamp" = $start'
 _SILVER_AGGREGATE = (
     "SELECT count(*), count(DISTINCT device_id), avg(value), min(value), max(value), sum(value), stddev_samp(value) "
-    "FROM silver WHERE \"timestamp\" >= $start AND \"timestamp\" < $end"
+    'FROM silver WHERE "timestamp" >= $start AND "timestamp" < $end'
 )
 
 
@@ -107,3 +117,99 @@ def kpis(
     if row is None or not row[0]:
         return None
     return Kpis(start_us, grain, *row)
+
+
+def connect_reader(paths: LakePaths) -> duckdb.DuckDBPyConnection:
+    """A connection that reads the lake's Delta tables and nothing else: file access is limited to the lake root
+    and the configuration is locked, so no later statement can widen it."""
+    connection = duckdb.connect(
+        ":memory:", config={"autoinstall_known_extensions": "false", "autoload_known_extensions": "false"}
+    )
+    connection.load_extension(str(delta_extension()))
+    connection.execute("SET TimeZone = 'UTC'")
+    if "://" not in paths.root:  # object stores need their own secrets and extensions, set up by whoever runs them
+        connection.execute("SET allowed_directories = [$root]", {"root": paths.root.rstrip("/") + "/"})
+        connection.execute("SET enable_external_access = false")
+    connection.execute("SET lock_configuration = true")
+    return connection
+
+
+def scan_table(
+    connection: duckdb.DuckDBPyConnection, location: str, version: int, updated_since: datetime | None
+) -> pa.Table:
+    """Rows of one pinned table version, all of them or those updated at or after `updated_since`."""
+    query = "SELECT * FROM delta_scan($location, version := $version)"
+    parameters: dict[str, object] = {"location": location, "version": version}
+    if updated_since is not None:
+        query += " WHERE updated_at >= $since"
+        parameters["since"] = updated_since
+    return connection.execute(query, parameters).fetch_arrow_table()
+
+
+# A bucket's start per grain; constants chosen by the Grain enum, never text from a request.
+_BUCKET_START = {grain: f"date_trunc('{grain.value}', \"timestamp\")" for grain in Grain}
+_KPI_AGGREGATES = (
+    "count(*), count(DISTINCT device_id), avg(value), min(value), max(value), sum(value), stddev_samp(value)"
+)
+
+
+def kpi_series(
+    connection: duckdb.DuckDBPyConnection,
+    start_us: int,
+    end_us: int,
+    grain: Grain,
+    device_id: str | None,
+    limit: int,
+) -> list[Kpis]:
+    """Buckets with readings whose start lies in [start, end), oldest first, at most `limit` of them.
+
+    Fleet-wide seconds are gold's rows; other series are computed over silver, as `kpis` does for one bucket.
+    """
+    parameters: dict[str, object] = {"start": from_us(start_us), "end": from_us(end_us), "limit": limit}
+    if grain is Grain.SECOND and device_id is None:
+        query = (
+            f'SELECT "timestamp", {", ".join(KPI_FIELDS)} FROM gold '
+            'WHERE "timestamp" >= $start AND "timestamp" < $end ORDER BY "timestamp" LIMIT $limit'
+        )
+    else:
+        # Readings are filtered on the range of their buckets: [start, end) holds whole buckets once both ends are
+        # bucket starts, which the API makes them.
+        device_filter = " AND device_id = $device" if device_id is not None else ""
+        if device_id is not None:
+            parameters["device"] = device_id
+        query = (
+            f"SELECT {_BUCKET_START[grain]} AS bucket, {_KPI_AGGREGATES} FROM silver "
+            f'WHERE "timestamp" >= $start AND "timestamp" < $end{device_filter} '
+            "GROUP BY bucket ORDER BY bucket LIMIT $limit"
+        )
+    try:
+        rows = connection.execute(query, parameters).fetchall()
+    except duckdb.CatalogException as exc:
+        raise LakeError("the lake has no tables yet; run `lakehouse pipeline` first") from exc
+    return [Kpis(_us(row[0]), grain, *row[1:]) for row in rows]
+
+
+@dataclass(frozen=True)
+class DeviceSummary:
+    device_id: str
+    first_reading: datetime
+    last_reading: datetime
+    reading_count: int
+
+
+def devices(connection: duckdb.DuckDBPyConnection, after: str | None, limit: int) -> list[DeviceSummary]:
+    """Known devices ordered by id, from the `devices` table of a snapshot, starting after the id `after`."""
+    query = "SELECT device_id, first_reading, last_reading, reading_count FROM devices"
+    parameters: dict[str, object] = {"limit": limit}
+    if after is not None:
+        query += " WHERE device_id > $after"
+        parameters["after"] = after
+    try:
+        rows = connection.execute(query + " ORDER BY device_id LIMIT $limit", parameters).fetchall()
+    except duckdb.CatalogException as exc:
+        raise LakeError("the lake has no tables yet; run `lakehouse pipeline` first") from exc
+    return [DeviceSummary(*row) for row in rows]
+
+
+def _us(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(microseconds=1)

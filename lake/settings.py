@@ -58,6 +58,17 @@ class Settings(BaseSettings):
     fail_on_data_loss: bool = Field(True, description="stop when Kafka deleted offsets not yet processed")
     http_host: str = Field("127.0.0.1", description="address the HTTP API listens on")
     http_port: int = Field(8000, ge=1, le=65535, description="port of the HTTP API")
+    api_refresh_seconds: float = Field(
+        1.0, gt=0, le=3600, description="how often the API looks for a new gold/silver version to load"
+    )
+    api_rate_limit: int = Field(0, ge=0, description="requests per minute per client address; 0 turns limiting off")
+    api_cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty turns CORS off")
+    api_max_range_buckets: int = Field(
+        1_000_000, ge=1, description="most buckets a /kpis range may span (start to end divided by the grain)"
+    )
+    api_kafka_timeout_seconds: float = Field(
+        2.0, gt=0, le=60, description="how long /health waits for Kafka's newest offsets"
+    )
 
     @field_validator("starting_offsets")
     @classmethod

@@ -1,25 +1,50 @@
-"""The Litestar app: GET /kpis/{timestamp}, GET /health, OpenAPI at /schema, errors as RFC 9457 problem details."""
+"""The Litestar app: KPIs of a bucket and of a range, devices, health with the pipeline's lag, Prometheus metrics,
+the dashboard at `/`, OpenAPI at /schema; errors as RFC 9457 problem details."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlencode
 
-import duckdb
 import msgspec
-from litestar import Litestar, get
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
-from litestar.di import Provide
-from litestar.openapi import OpenAPIConfig
+from litestar.middleware import DefineMiddleware
+from litestar.middleware.rate_limit import RateLimitConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import Parameter
 from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
+from litestar.plugins.prometheus import PrometheusController
+from litestar.static_files import create_static_files_router
 
-from lake import duck
+from lake import deltalog, duck, kafka_offsets
 from lake.settings import Settings
+from lake.snapshot import Refresher, Snapshot, SnapshotStore
 from lake.tables import KPI_FIELDS, LakePaths, Table
-from lake.timestamps import Grain, TimestampError, format_utc, from_us, parse_timestamp_us
+from lake.timestamps import MAX_US, Grain, TimestampError, format_utc, from_us, parse_timestamp_us
+from serve import observability
+
+STATIC = Path(__file__).parent / "static"
+MAX_PAGE = 10_000
+# Requests carry no body (every route is GET); anything bigger than this is refused before it is read.
+MAX_BODY_BYTES = 16 * 1024
+_TIMESTAMP_DOC = "RFC 3339 / ISO 8601 instant such as 2024-07-30T12:00:00Z; '+' of an offset as %2B"
+log = logging.getLogger("kpi_lakehouse.serve")
+
+
+class Freshness(msgspec.Struct, kw_only=True):
+    gold_version: int
+    silver_version: int
+    newest_event: str | None  # the newest second in gold
+    last_gold_commit: str | None  # when the pipeline last committed to gold
+    snapshot_loaded_at: str | None
 
 
 class KpiResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -33,96 +58,379 @@ class KpiResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     max_value: float
     sum_value: float
     stddev_value: float | None
+    freshness: Freshness | None = None
+
+
+class KpiPoint(msgspec.Struct, kw_only=True):
+    timestamp: str
+    reading_count: int
+    device_count: int
+    average_value: float
+    min_value: float
+    max_value: float
+    sum_value: float
+    stddev_value: float | None
+
+
+class KpiSeriesResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    grain: str
+    device_id: str | None = None
+    start: str  # start of the first bucket of the range
+    end: str  # end of the range (exclusive)
+    items: list[KpiPoint]
+    next: str | None  # the next page's path and query; null on the last page
+    freshness: Freshness
+
+
+class DeviceResponse(msgspec.Struct, kw_only=True):
+    device_id: str
+    first_reading: str
+    last_reading: str
+    reading_count: int
+
+
+class DevicesResponse(msgspec.Struct, kw_only=True):
+    items: list[DeviceResponse]
+    next: str | None
+    freshness: Freshness
+
+
+class PartitionLagResponse(msgspec.Struct, kw_only=True):
+    topic: str
+    partition: int
+    newest_offset: int | None
+    processed_offset: int | None
+    records_behind: int | None
+
+
+class PipelineLagResponse(msgspec.Struct, kw_only=True):
+    last_gold_commit: str | None
+    seconds_since_gold_commit: float | None
+    checkpoint_batch: int | None  # the newest micro-batch the pipeline's checkpoint committed
+    records_behind: int | None  # over all partitions; null when Kafka could not be asked
+    partitions: list[PartitionLagResponse]
+    kafka_error: str | None
 
 
 class HealthResponse(msgspec.Struct, kw_only=True):
     status: str
     tables: dict[str, bool]
-
-
-class Lake:
-    """The service's DuckDB connection; each request works on its own cursor."""
-
-    def __init__(self, paths: LakePaths) -> None:
-        self.paths = paths
-        self.connection = duck.connect(paths)
-        self._views = set(self._existing())
-        self._lock = threading.Lock()
-
-    def _existing(self) -> list[Table]:
-        return [t for t in Table if duck.table_exists(self.paths, t)]
-
-    def cursor(self) -> duckdb.DuckDBPyConnection:
-        if len(self._views) < len(Table):
-            # Tables appear when the pipeline first runs; add their views without a restart.
-            with self._lock:
-                missing = set(self._existing()) - self._views
-                if missing:
-                    self._views |= set(duck.create_views(self.connection, self.paths))
-        return self.connection.cursor()
-
-
-def _lake(state: State) -> duckdb.DuckDBPyConnection:
-    return state.lake.cursor()
+    snapshot: Freshness | None
+    pipeline: PipelineLagResponse
 
 
 def _problem(status: int, title: str, detail: str) -> ProblemDetailsException:
     return ProblemDetailsException(status_code=status, title=title, detail=detail)
 
 
+def _utc(moment: datetime | None) -> str | None:
+    return None if moment is None else format_utc(moment)
+
+
+def _freshness(snapshot: Snapshot) -> Freshness:
+    if not snapshot.ready:
+        raise _problem(503, "Lake not ready", "the lake has no gold and silver tables yet; run `lakehouse pipeline`")
+    return Freshness(
+        gold_version=snapshot.gold_version or 0,
+        silver_version=snapshot.silver_version or 0,
+        newest_event=_utc(snapshot.newest_event),
+        last_gold_commit=_utc(snapshot.gold_committed_at),
+        snapshot_loaded_at=_utc(snapshot.loaded_at),
+    )
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison of If-None-Match against the current ETag."""
+    if not if_none_match:
+        return False
+    candidates = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in candidates or etag in candidates
+
+
+def _conditional(request: Request, snapshot: Snapshot, body: object) -> Response:
+    """200 with the body, or 304 when the client already holds this snapshot's answer; both carry the ETag."""
+    headers = {"ETag": snapshot.etag, "Cache-Control": "no-cache"}
+    if _etag_matches(request.headers.get("if-none-match"), snapshot.etag):
+        return Response(content=b"", status_code=304, headers=headers)
+    return Response(content=body, headers=headers)
+
+
+def _instant(name: str, text: str) -> int:
+    try:
+        return parse_timestamp_us(text)
+    except TimestampError as exc:
+        raise _problem(400, f"Bad {name}", f"{name}: {exc}") from None
+
+
+def _store(state: State) -> SnapshotStore:
+    return state.store
+
+
+_CONDITIONAL_RESPONSES = {
+    304: ResponseSpec(None, description="Not modified: the If-None-Match ETag is the current snapshot's"),
+    503: ResponseSpec(None, description="The lake has no tables yet"),
+}
+
+
 @get(
     "/kpis/{timestamp:str}",
-    dependencies={"cursor": Provide(_lake, sync_to_thread=False)},
     sync_to_thread=True,
     summary="KPIs of the bucket that contains an instant",
     raises=[ProblemDetailsException],
+    responses=_CONDITIONAL_RESPONSES,
 )
 def get_kpis(
-    timestamp: Annotated[str, Parameter(description="RFC 3339 / ISO 8601 instant; '+' of an offset as %2B")],
-    cursor: duckdb.DuckDBPyConnection,
+    request: Request,
+    state: State,
+    timestamp: Annotated[str, Parameter(description=_TIMESTAMP_DOC, max_length=64)],
     grain: Annotated[Grain, Parameter(description="bucket size")] = Grain.SECOND,
-    device_id: Annotated[str | None, Parameter(description="KPIs of this device only", min_length=1, max_length=512)] = None,
-) -> KpiResponse:
-    try:
-        instant_us = parse_timestamp_us(timestamp)
-    except TimestampError as exc:
-        raise _problem(400, "Bad timestamp", str(exc)) from None
-    try:
-        found = duck.kpis(cursor, instant_us, grain, device_id)
-    except duck.LakeError as exc:
-        raise _problem(503, "Lake not ready", str(exc)) from None
-    finally:
-        cursor.close()
+    device_id: Annotated[
+        str | None, Parameter(description="KPIs of this device only", min_length=1, max_length=512)
+    ] = None,
+) -> Response[KpiResponse]:
+    instant_us = _instant("timestamp", timestamp)
+    with _store(state).read() as (snapshot, cursor):
+        freshness = _freshness(snapshot)
+        try:
+            found = duck.kpis(cursor, instant_us, grain, device_id)
+        except duck.LakeError as exc:
+            raise _problem(503, "Lake not ready", str(exc)) from None
     bucket = format_utc(from_us(grain.bucket_start_us(instant_us)))
     if found is None:
         who = f" for device {device_id!r}" if device_id else ""
         raise _problem(404, "No readings", f"no readings in the {grain.value} starting {bucket}{who}")
-    return KpiResponse(
-        timestamp=bucket, grain=grain.value, device_id=device_id, **{name: getattr(found, name) for name in KPI_FIELDS}
+    body = KpiResponse(
+        timestamp=bucket, grain=grain.value, device_id=device_id, freshness=freshness,
+        **{name: getattr(found, name) for name in KPI_FIELDS},
+    )  # fmt: skip
+    return _conditional(request, snapshot, body)
+
+
+@get(
+    "/kpis",
+    sync_to_thread=True,
+    summary="KPIs of every bucket with readings in a range, oldest first, a page at a time",
+    raises=[ProblemDetailsException],
+    responses=_CONDITIONAL_RESPONSES,
+)
+def get_kpi_series(
+    request: Request,
+    state: State,
+    start: Annotated[
+        str, Parameter(description=f"{_TIMESTAMP_DOC}; the bucket holding it is the first", max_length=64)
+    ],
+    end: Annotated[
+        str, Parameter(description=f"{_TIMESTAMP_DOC}; buckets starting before it are included", max_length=64)
+    ],
+    grain: Annotated[Grain, Parameter(description="bucket size")] = Grain.SECOND,
+    device_id: Annotated[
+        str | None, Parameter(description="KPIs of this device only", min_length=1, max_length=512)
+    ] = None,
+    limit: Annotated[int, Parameter(description="most buckets in this page", ge=1, le=MAX_PAGE)] = 1000,
+) -> Response[KpiSeriesResponse]:
+    start_us, end_us = _instant("start", start), _instant("end", end)
+    if start_us > end_us:
+        raise _problem(400, "Bad range", f"start {start} is after end {end}; give start <= end")
+    settings: Settings = state.settings
+    first_us = grain.bucket_start_us(start_us)
+    # Whole buckets: the last one is the bucket that starts before `end` (clamped at the last representable instant).
+    stop_us = min(
+        end_us if end_us == grain.bucket_start_us(end_us) else grain.bucket_start_us(end_us) + grain.micros, MAX_US
     )
+    buckets = (stop_us - first_us) // grain.micros
+    if buckets > settings.api_max_range_buckets:
+        raise _problem(400, "Range too large", (
+            f"the range spans {buckets:,} {grain.value}s, more than the {settings.api_max_range_buckets:,} allowed "
+            f"(LAKEHOUSE_API_MAX_RANGE_BUCKETS); narrow it or use a coarser grain"
+        ))  # fmt: skip
+    with _store(state).read() as (snapshot, cursor):
+        freshness = _freshness(snapshot)
+        try:
+            rows = duck.kpi_series(cursor, first_us, stop_us, grain, device_id, limit + 1)
+        except duck.LakeError as exc:
+            raise _problem(503, "Lake not ready", str(exc)) from None
+    next_page = None
+    if len(rows) > limit:
+        query = {
+            "start": format_utc(from_us(rows[limit].bucket_start_us)),
+            "end": end,
+            "grain": grain.value,
+            "limit": limit,
+        }
+        if device_id is not None:
+            query["device_id"] = device_id
+        next_page = f"/kpis?{urlencode(query)}"
+    points = [
+        KpiPoint(
+            timestamp=format_utc(from_us(row.bucket_start_us)), **{name: getattr(row, name) for name in KPI_FIELDS}
+        )
+        for row in rows[:limit]
+    ]
+    body = KpiSeriesResponse(
+        grain=grain.value, device_id=device_id, start=format_utc(from_us(first_us)), end=format_utc(from_us(stop_us)),
+        items=points, next=next_page, freshness=freshness,
+    )  # fmt: skip
+    return _conditional(request, snapshot, body)
 
 
-@get("/health", summary="Is the service up, and which tables can it read?")
-async def health(state: State) -> HealthResponse:
-    tables = {t.value: duck.table_exists(state.lake.paths, t) for t in Table}
-    return HealthResponse(status="ok", tables=tables)
+@get(
+    "/devices",
+    sync_to_thread=True,
+    summary="Known devices with their first and last reading time and reading count, ordered by id",
+    raises=[ProblemDetailsException],
+    responses=_CONDITIONAL_RESPONSES,
+)
+def get_devices(
+    request: Request,
+    state: State,
+    after: Annotated[
+        str | None, Parameter(description="start after this device id (from `next`)", min_length=1, max_length=512)
+    ] = None,
+    limit: Annotated[int, Parameter(description="most devices in this page", ge=1, le=MAX_PAGE)] = 1000,
+) -> Response[DevicesResponse]:
+    with _store(state).read() as (snapshot, cursor):
+        freshness = _freshness(snapshot)
+        try:
+            found = duck.devices(cursor, after, limit + 1)
+        except duck.LakeError as exc:
+            raise _problem(503, "Lake not ready", str(exc)) from None
+    items = [
+        DeviceResponse(device_id=d.device_id, first_reading=format_utc(d.first_reading),
+                       last_reading=format_utc(d.last_reading), reading_count=d.reading_count)
+        for d in found[:limit]
+    ]  # fmt: skip
+    next_page = f"/devices?{urlencode({'after': items[-1].device_id, 'limit': limit})}" if len(found) > limit else None
+    return _conditional(request, snapshot, DevicesResponse(items=items, next=next_page, freshness=freshness))
+
+
+class KafkaWatch:
+    """Kafka's newest offsets, asked on a thread every few seconds so that /health answers at once."""
+
+    def __init__(self, settings: Settings, interval_s: float = 5.0) -> None:
+        self.settings = settings
+        self.newest: dict[tuple[str, int], int] | None = None
+        self.error: str | None = "not asked yet"
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kafka-offsets", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.newest = kafka_offsets.end_offsets(
+                    self.settings.kafka_bootstrap, self.settings.topic, self.settings.api_kafka_timeout_seconds
+                )
+                self.error = None
+            except Exception as exc:  # noqa: BLE001 (the broker is down or the topic is missing: /health says so)
+                self.newest, self.error = (
+                    None,
+                    f"cannot read offsets from Kafka at {self.settings.kafka_bootstrap}: {exc}",
+                )
+            if self._stop.wait(self._interval_s):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@get("/health", sync_to_thread=True, summary="Is the service up, which tables exist, and how far the pipeline lags")
+def health(state: State) -> HealthResponse:
+    store = _store(state)
+    paths: LakePaths = store.paths
+    snapshot = store.current
+    tables = {t.value: duck.table_exists(paths, t) for t in Table}
+    gold = deltalog.latest_version(paths.table(Table.GOLD))
+    processed = deltalog.processed_offsets(paths.checkpoint(deltalog.INGEST_QUERY_NAME))
+    watch: KafkaWatch = state.kafka_watch
+    partitions = kafka_offsets.lag(watch.newest, processed.next_offsets if processed else {})
+    behind = None if watch.newest is None else sum(p.records_behind or 0 for p in partitions)
+    observability.RECORDS_BEHIND.set(float("nan") if behind is None else behind)
+    committed_at = gold.committed_at if gold else None
+    lag = PipelineLagResponse(
+        last_gold_commit=_utc(committed_at),
+        seconds_since_gold_commit=None if committed_at is None else (datetime.now(UTC) - committed_at).total_seconds(),
+        checkpoint_batch=processed.batch_id if processed else None,
+        records_behind=behind,
+        partitions=[PartitionLagResponse(topic=p.topic, partition=p.partition, newest_offset=p.newest_offset,
+                                         processed_offset=p.processed_offset, records_behind=p.records_behind)
+                    for p in partitions],
+        kafka_error=watch.error,
+    )  # fmt: skip
+    fresh = None
+    if snapshot.ready:
+        fresh = _freshness(snapshot)
+    return HealthResponse(status="ok", tables=tables, snapshot=fresh, pipeline=lag)
+
+
+@get("/", include_in_schema=False, media_type=MediaType.HTML)
+async def dashboard() -> Response[bytes]:
+    # Everything the page runs comes from this service; the policy makes the browser refuse anything else.
+    headers = {
+        "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+    }
+    return Response((STATIC / "index.html").read_bytes(), media_type=MediaType.HTML, headers=headers)
+
+
+def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error", exc_info=exc, extra={"fields": {"path": request.url.path[:200]}})
+    body = {"type": "about:blank", "title": "Internal Server Error", "status": 500,
+            "detail": "the server failed to answer this request; the error is in its log"}  # fmt: skip
+    return Response(body, status_code=500, media_type="application/problem+json")
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings()
     paths = LakePaths.from_settings(settings)
+    observability.configure_logging()
 
     @asynccontextmanager
     async def open_lake(app: Litestar) -> AsyncIterator[None]:
-        app.state.lake = Lake(paths)
+        store = SnapshotStore(paths)
+        try:
+            observability.record_refresh(store.refresh(), store.current)
+        except Exception as exc:  # noqa: BLE001 (served as 503 until a refresh succeeds)
+            observability.record_refresh_error(exc)
+        observability.track_snapshot(lambda: store.current)
+        refresher = Refresher(
+            store, settings.api_refresh_seconds,
+            on_refresh=lambda report: observability.record_refresh(report, store.current),
+            on_error=observability.record_refresh_error,
+        )  # fmt: skip
+        watch = KafkaWatch(settings)
+        app.state.store, app.state.kafka_watch, app.state.settings = store, watch, settings
+        refresher.start()
+        watch.start()
         try:
             yield
         finally:
-            app.state.lake.connection.close()
+            watch.stop()
+            refresher.stop()
+            store.close()
 
+    middleware: list = [DefineMiddleware(observability.AccessLog), observability.PROMETHEUS.middleware]
+    if settings.api_rate_limit > 0:
+        limiter = RateLimitConfig(rate_limit=("minute", settings.api_rate_limit), exclude=["/health", "/metrics"])
+        middleware.append(limiter.middleware)
+    origins = [origin.strip() for origin in settings.api_cors_origins.split(",") if origin.strip()]
     return Litestar(
-        route_handlers=[get_kpis, health],
+        route_handlers=[
+            get_kpis,
+            get_kpi_series,
+            get_devices,
+            health,
+            dashboard,
+            PrometheusController,
+            create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False),
+        ],
         lifespan=[open_lake],
+        middleware=middleware,
+        cors_config=CORSConfig(allow_origins=origins, allow_methods=["GET"]) if origins else None,
+        request_max_body_size=MAX_BODY_BYTES,
+        exception_handlers={Exception: _internal_error},
         plugins=[ProblemDetailsPlugin(ProblemDetailsConfig(enable_for_all_http_exceptions=True))],
         openapi_config=OpenAPIConfig(title="kpi-lakehouse", version="0.1.0", path="/schema"),
     )
