@@ -143,7 +143,7 @@ def scan_table(
     if updated_since is not None:
         query += " WHERE updated_at >= $since"
         parameters["since"] = updated_since
-    return connection.execute(query, parameters).fetch_arrow_table()
+    return connection.execute(query, parameters).to_arrow_table()
 
 
 # A bucket's start per grain; constants chosen by the Grain enum, never text from a request.

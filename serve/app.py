@@ -8,6 +8,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlencode
@@ -16,6 +17,13 @@ import msgspec
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
+from litestar.exceptions import (
+    HTTPException,
+    MethodNotAllowedException,
+    NotFoundException,
+    TooManyRequestsException,
+    ValidationException,
+)
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig, ResponseSpec
@@ -375,6 +383,27 @@ async def dashboard() -> Response[bytes]:
     return Response((STATIC / "index.html").read_bytes(), media_type=MediaType.HTML, headers=headers)
 
 
+_WHAT_TO_DO = {
+    ValidationException: "the parameters, their types and ranges are in the OpenAPI document at /schema",
+    NotFoundException: "no such route; the API's routes are listed at /schema",
+    MethodNotAllowedException: "the API answers GET requests only",
+    TooManyRequestsException: "too many requests from this address; the RateLimit-Reset header says when to try again",
+}
+
+
+def _as_problem(exc: HTTPException) -> ProblemDetailsException:
+    """Litestar's own errors (validation, routing, rate limit) as problem details that say what to do."""
+    advice = next((text for kind, text in _WHAT_TO_DO.items() if isinstance(exc, kind)), None)
+    detail = exc.detail if exc.detail != HTTPStatus(exc.status_code).phrase else None
+    return ProblemDetailsException(
+        status_code=exc.status_code,
+        title=HTTPStatus(exc.status_code).phrase,
+        detail="; ".join(filter(None, [detail, advice])) or None,
+        headers=exc.headers,
+        extra={"errors": exc.extra} if exc.extra else None,
+    )
+
+
 def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc, extra={"fields": {"path": request.url.path[:200]}})
     body = {"type": "about:blank", "title": "Internal Server Error", "status": 500,
@@ -431,6 +460,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         cors_config=CORSConfig(allow_origins=origins, allow_methods=["GET"]) if origins else None,
         request_max_body_size=MAX_BODY_BYTES,
         exception_handlers={Exception: _internal_error},
-        plugins=[ProblemDetailsPlugin(ProblemDetailsConfig(enable_for_all_http_exceptions=True))],
+        plugins=[
+            ProblemDetailsPlugin(ProblemDetailsConfig(exception_to_problem_detail_map={HTTPException: _as_problem}))
+        ],
         openapi_config=OpenAPIConfig(title="kpi-lakehouse", version="0.1.0", path="/schema"),
     )

@@ -1,0 +1,179 @@
+"""A small lake for the API tests: silver readings made up here, gold computed from them in Python, both written as
+the pipeline's Delta tables with the project's Spark session; and a reference the API's answers are checked against."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from lake.settings import Settings
+from lake.tables import SCHEMAS, LakePaths, Table
+from tests.conftest import HOME, free_port
+
+START = datetime(2024, 7, 30, 12, 0, 0, tzinfo=UTC)
+DEVICES = ("meter-3", "pump-1", "pump-2")
+GRAIN_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+@dataclass(frozen=True)
+class Reading:
+    device_id: str
+    timestamp: datetime
+    value: float
+
+
+def make_readings(seed: int = 11, seconds: int = 150, stragglers: bool = True) -> list[Reading]:
+    """Readings over `seconds` seconds from START (fractional times), and with `stragglers` a few an hour and a day
+    later."""
+    rng = random.Random(seed)
+    found: dict[tuple[str, datetime], Reading] = {}
+    for second in range(seconds):
+        for device in DEVICES:
+            for _ in range(rng.choice((0, 1, 1, 2, 3))):
+                moment = START + timedelta(seconds=second, microseconds=rng.randrange(1_000_000))
+                found[(device, moment)] = Reading(device, moment, round(rng.uniform(-5, 120), 4))
+    later = (timedelta(hours=1, seconds=5), timedelta(hours=1, seconds=5, milliseconds=1), timedelta(days=1))
+    for offset in later if stragglers else ():
+        found[("pump-1", START + offset)] = Reading("pump-1", START + offset, 7.25)
+    return list(found.values())
+
+
+def bucket_start(moment: datetime, grain: str) -> datetime:
+    seconds = GRAIN_SECONDS[grain]
+    epoch = int(moment.timestamp() // seconds * seconds)
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def reference_kpis(readings: list[Reading], grain: str, device_id: str | None = None) -> dict[datetime, dict]:
+    """KPIs per bucket computed with Python's statistics, the independent side of every comparison."""
+    buckets: dict[datetime, list[Reading]] = {}
+    for reading in readings:
+        if device_id is None or reading.device_id == device_id:
+            buckets.setdefault(bucket_start(reading.timestamp, grain), []).append(reading)
+    return {start: kpi_fields(group) for start, group in sorted(buckets.items())}
+
+
+def kpi_fields(group: list[Reading]) -> dict:
+    values = [r.value for r in group]
+    return {
+        "reading_count": len(values),
+        "device_count": len({r.device_id for r in group}),
+        "average_value": statistics.fmean(values),
+        "min_value": min(values),
+        "max_value": max(values),
+        "sum_value": math.fsum(values),
+        "stddev_value": statistics.stdev(values) if len(values) > 1 else None,
+    }
+
+
+def same_kpis(answer: dict, expected: dict) -> bool:
+    for name, value in expected.items():
+        got = answer[name]
+        if value is None or isinstance(value, int):
+            if got != value:
+                return False
+        elif not math.isclose(got, value, rel_tol=1e-9, abs_tol=1e-9):
+            return False
+    return True
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class LakeWriter:
+    """Writes silver rows and the gold rows of the seconds they touch, as the pipeline's tables hold them."""
+
+    def __init__(self, spark, paths: LakePaths) -> None:  # type: ignore[no-untyped-def]
+        from pipeline.delta_tables import create_tables
+
+        self.spark = spark
+        self.paths = paths
+        self.offset = 0
+        create_tables(spark, paths)
+
+    def _frame(self, table: Table, rows: list[tuple]):  # type: ignore[no-untyped-def]
+        from pyspark.sql.types import StructType
+
+        return self.spark.createDataFrame(rows, schema=StructType.fromDDL(SCHEMAS[table]))
+
+    def append(self, readings: list[Reading], all_readings: list[Reading]) -> None:
+        """Append `readings` to silver and upsert gold's seconds they touch (computed over `all_readings`)."""
+        from delta.tables import DeltaTable
+
+        now = datetime.now(UTC)
+        silver_rows = []
+        for index, r in enumerate(readings):
+            silver_rows.append(
+                (r.device_id, r.timestamp, r.value, "device-data", 0, self.offset + index, 0, r.timestamp, now)
+            )
+        self.offset += len(readings)
+        self._frame(Table.SILVER, silver_rows).write.format("delta").mode("append").save(self.paths.table(Table.SILVER))
+        touched = {bucket_start(r.timestamp, "second") for r in readings}
+        per_second = reference_kpis(all_readings, "second")
+        gold_rows = [(second, *per_second[second].values(), now) for second in sorted(touched)]
+        updates = self._frame(Table.GOLD, gold_rows)
+        gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD))
+        (gold.alias("g").merge(updates.alias("u"), "g.`timestamp` = u.`timestamp`")
+         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())  # fmt: skip
+
+    def write_checkpoint(self, batch_id: int, next_offsets: dict[int, int], topic: str = "device-data") -> None:
+        """The files Spark's streaming checkpoint keeps for a committed micro-batch."""
+        folder = Path(self.paths.checkpoint("ingest"))
+        (folder / "offsets").mkdir(parents=True, exist_ok=True)
+        (folder / "commits").mkdir(parents=True, exist_ok=True)
+        metadata = {"batchWatermarkMs": 0, "batchTimestampMs": int(time.time() * 1000), "conf": {}}
+        offsets = {topic: {str(p): o for p, o in next_offsets.items()}}
+        (folder / "offsets" / str(batch_id)).write_text(f"v1\n{json.dumps(metadata)}\n{json.dumps(offsets)}")
+        (folder / "commits" / str(batch_id)).write_text('v1\n{"nextBatchWatermarkMs":0}')
+
+
+def api_settings(lake_root: Path, **overrides: object) -> Settings:
+    """Settings of an API under test: its own lake, a fast refresh, and a Kafka address where nothing listens."""
+    values: dict[str, object] = {
+        "lake_root": str(lake_root),
+        "home": HOME,
+        "kafka_bootstrap": f"127.0.0.1:{free_port()}",
+        "api_refresh_seconds": 0.2,
+        "api_kafka_timeout_seconds": 0.5,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """The app under uvicorn on a free loopback port, in this process; yields its base URL."""
+    import httpx
+    import uvicorn
+
+    from serve.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the API did not start"
+        time.sleep(0.1)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,0 +1,129 @@
+"""The dashboard in a real headless Chromium (Debian's package, driven by Playwright): it loads from this service
+alone, its chart holds the values the API returns, and it redraws when new data lands."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lake.tables import LakePaths
+from tests.conftest import REPO
+from tests.serve_lake import START, LakeWriter, Reading, api_settings, make_readings, reference_kpis, serving
+
+pytestmark = pytest.mark.spark
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+SCREENSHOT = REPO / ".lakehouse" / "artifacts" / "dashboard.png"
+
+
+def _chart_columns(page) -> list[list[float]]:  # type: ignore[no-untyped-def]
+    return page.evaluate("() => window.kpiDashboard.data.map((column) => Array.from(column))")
+
+
+def _api_columns(base: str, url: str) -> list[list[float]]:
+    items, next_page = [], url
+    while next_page:
+        body = httpx.get(base + next_page).json()
+        items += body["items"]
+        next_page = body["next"]
+    return [
+        [_epoch(i["timestamp"]) for i in items],
+        [i["average_value"] for i in items],
+        [i["min_value"] for i in items],
+        [i["max_value"] for i in items],
+        [i["reading_count"] for i in items],
+    ]
+
+
+def _epoch(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def test_dashboard_draws_the_api_values_and_follows_new_data(spark, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is needed: apt-get install -y chromium (make install does it)")
+    root = tmp_path / "lake"
+    readings = make_readings(seed=3, seconds=90, stragglers=False)
+    writer = LakeWriter(spark, LakePaths.from_settings(api_settings(root)))
+    writer.append(readings, readings)
+    with serving(api_settings(root)) as base, sync_playwright() as playwright:
+        profile = tempfile.mkdtemp(prefix="dashboard-profile-")
+        browser = playwright.chromium.launch_persistent_context(
+            profile,
+            executable_path=CHROMIUM,
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1200, "height": 800},
+        )
+        try:
+            page = browser.pages[0] if browser.pages else browser.new_page()
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(base + "/")
+            page.wait_for_function("() => window.kpiDashboard && window.kpiDashboard.loads >= 1", timeout=20_000)
+
+            url = page.evaluate("() => window.kpiDashboard.url")
+            chart = _chart_columns(page)
+            assert chart == _api_columns(base, url)
+            expected = reference_kpis(readings, "second")
+            assert [int(x) for x in chart[0]] == [int(s.timestamp()) for s in expected]
+            assert chart[4] == [k["reading_count"] for k in expected.values()]
+            # The canvas really has a drawing on it, not just data behind it.
+            painted = page.evaluate(
+                """() => { const c = document.querySelector('#chart canvas');
+                     const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                     let n = 0; for (let i = 3; i < px.length; i += 4) if (px[i] > 0) n++; return n; }"""
+            )
+            assert painted > 5000
+
+            # New data lands: a later second from a new device; the page redraws on its own.
+            late = [Reading("pump-7", START + timedelta(seconds=95, milliseconds=500), 250.0)]
+            readings += late
+            writer.append(late, readings)
+            page.wait_for_function(
+                "(n) => window.kpiDashboard.data[0].length === n", arg=len(expected) + 1, timeout=30_000
+            )
+            chart = _chart_columns(page)
+            assert chart == _api_columns(base, page.evaluate("() => window.kpiDashboard.url"))
+            assert chart[1][-1] == 250.0 and chart[4][-1] == 1
+
+            # Choosing a grain and a device draws that series.
+            page.select_option("#grain", "minute")
+            page.select_option("#device", "pump-1")
+            page.wait_for_function("() => window.kpiDashboard.url.includes('device_id=pump-1')", timeout=20_000)
+            page.wait_for_function("() => window.kpiDashboard.url.includes('grain=minute')", timeout=20_000)
+            minute = reference_kpis(readings, "minute", "pump-1")
+            chart = _chart_columns(page)
+            assert chart[4] == [k["reading_count"] for k in minute.values()]
+            assert chart == _api_columns(base, page.evaluate("() => window.kpiDashboard.url"))
+            page.select_option("#grain", "second")
+            page.select_option("#device", "")
+            page.wait_for_function("() => !window.kpiDashboard.url.includes('device_id')", timeout=20_000)
+            page.wait_for_timeout(300)
+
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            assert SCREENSHOT.stat().st_size > 10_000
+            assert not errors, errors
+            # Nothing came from anywhere but this service (no CDN).
+            assert requested and all(u.startswith(base) for u in requested), [
+                u for u in requested if not u.startswith(base)
+            ]
+        finally:
+            browser.close()
+            shutil.rmtree(profile, ignore_errors=True)
+    with capsys.disabled():
+        print(f"\ndashboard screenshot: {SCREENSHOT}")

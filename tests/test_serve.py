@@ -1,0 +1,285 @@
+"""The HTTP API over a real Delta lake: series, devices, freshness, ETags, lag, metrics and hardening, each answer
+checked against KPIs computed here in Python."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import httpx
+import pytest
+from litestar.testing import TestClient
+
+from lake.kafka_offsets import lag
+from lake.snapshot import SnapshotStore
+from lake.tables import LakePaths, Table
+from serve.app import create_app
+from tests.serve_lake import (
+    DEVICES,
+    START,
+    LakeWriter,
+    Reading,
+    api_settings,
+    iso,
+    make_readings,
+    reference_kpis,
+    same_kpis,
+)
+
+pytestmark = pytest.mark.spark
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture(scope="module")
+def lake(spark, tmp_path_factory) -> tuple[Path, list[Reading], LakeWriter]:  # type: ignore[no-untyped-def]
+    """A lake whose silver holds the readings in two commits and whose gold holds their per-second KPIs."""
+    root = tmp_path_factory.mktemp("served") / "lake"
+    readings = make_readings()
+    writer = LakeWriter(spark, LakePaths.from_settings(api_settings(root)))
+    half = len(readings) // 2
+    writer.append(readings[:half], readings[:half])
+    writer.append(readings[half:], readings)
+    writer.write_checkpoint(0, {0: 90, 1: 40})
+    writer.write_checkpoint(1, {0: 120, 1: 41})
+    return root, readings, writer
+
+
+@pytest.fixture()
+def client(lake) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    with TestClient(create_app(api_settings(lake[0]))) as test_client:
+        yield test_client
+
+
+def _history(spark, location: str) -> tuple[int, datetime]:  # type: ignore[no-untyped-def]
+    """The newest version and its commit time, as Delta itself reports them."""
+    row = spark.sql(f"DESCRIBE HISTORY delta.`{location}` LIMIT 1").first()
+    return row["version"], row["timestamp"].replace(tzinfo=UTC)
+
+
+def _all_pages(client: TestClient, params: dict) -> list[dict]:
+    items, url, pages = [], "/kpis", 0
+    answer = client.get(url, params=params)
+    while True:
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        items += body["items"]
+        pages += 1
+        if body["next"] is None:
+            return items
+        assert len(body["items"]) == params["limit"]
+        answer = client.get(body["next"])
+
+
+@pytest.mark.parametrize("grain", ["second", "minute", "hour", "day"])
+@pytest.mark.parametrize("device_id", [None, "pump-1"])
+def test_series_pages_equal_python_kpis(client: TestClient, lake, grain: str, device_id: str | None) -> None:  # type: ignore[no-untyped-def]
+    readings = lake[1]
+    expected = reference_kpis(readings, grain, device_id)
+    params: dict = {"start": "2024-07-30T11:59:59.5Z", "end": "2024-08-01T00:00:00Z", "grain": grain, "limit": 37}
+    if grain == "second":
+        params["end"] = "2024-07-31T00:00:01Z"  # under the range limit of a million seconds
+    if device_id:
+        params["device_id"] = device_id
+    items = _all_pages(client, params)
+    end = datetime.fromisoformat(params["end"])
+    expected = {k: v for k, v in expected.items() if k < end}
+    assert [item["timestamp"] for item in items] == [iso(start) for start in expected]
+    for item, kpis in zip(items, expected.values()):
+        assert same_kpis(item, kpis), (item, kpis)
+
+
+def test_series_range_holds_the_buckets_of_start_and_end(client: TestClient, lake) -> None:  # type: ignore[no-untyped-def]
+    expected = reference_kpis(lake[1], "minute")
+    body = client.get(
+        "/kpis", params={"start": "2024-07-30T12:00:30Z", "end": "2024-07-30T12:01:00.5Z", "grain": "minute"}
+    ).json()
+    assert (body["start"], body["end"]) == ("2024-07-30T12:00:00Z", "2024-07-30T12:02:00Z")
+    assert [i["timestamp"] for i in body["items"]] == ["2024-07-30T12:00:00Z", "2024-07-30T12:01:00Z"]
+    assert same_kpis(body["items"][1], expected[START + timedelta(minutes=1)])
+
+
+def test_point_lookup_carries_freshness_and_etag(client: TestClient, lake, spark) -> None:  # type: ignore[no-untyped-def]
+    root, readings, _ = lake
+    gold_version, gold_committed = _history(spark, str(root / "gold"))
+    silver_version, _ = _history(spark, str(root / "silver"))
+    second = START + timedelta(seconds=42)
+    answer = client.get(f"/kpis/{iso(second + timedelta(milliseconds=250))}")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert same_kpis(body, reference_kpis(readings, "second")[second])
+    freshness = body["freshness"]
+    assert (freshness["gold_version"], freshness["silver_version"]) == (gold_version, silver_version)
+    assert freshness["newest_event"] == iso(max(reference_kpis(readings, "second")))
+    committed = datetime.fromisoformat(freshness["last_gold_commit"])
+    assert abs(committed - gold_committed) < timedelta(seconds=1)
+    etag = answer.headers["etag"]
+    assert str(gold_version) in etag and str(silver_version) in etag
+    again = client.get(f"/kpis/{iso(second)}", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+    assert client.get(f"/kpis/{iso(second)}", headers={"If-None-Match": '"gold-0.silver-0"'}).status_code == 200
+    series = client.get("/kpis", params={"start": iso(START), "end": iso(second)}, headers={"If-None-Match": etag})
+    assert series.status_code == 304
+    # A missing bucket is a 404 even when the ETag matches: there is no representation to keep.
+    assert client.get("/kpis/2024-07-30T15:00:00Z", headers={"If-None-Match": etag}).status_code == 404
+
+
+def test_devices_equal_python_summary(client: TestClient, lake) -> None:  # type: ignore[no-untyped-def]
+    readings = lake[1]
+    pages, answer = [], client.get("/devices", params={"limit": 2})
+    while True:
+        assert answer.status_code == 200
+        pages.append(answer.json())
+        if pages[-1]["next"] is None:
+            break
+        answer = client.get(pages[-1]["next"])
+    items = [item for page in pages for item in page["items"]]
+    assert [i["device_id"] for i in items] == sorted(DEVICES) and len(pages) == 2
+    for item in items:
+        own = [r.timestamp for r in readings if r.device_id == item["device_id"]]
+        assert item["reading_count"] == len(own)
+        assert datetime.fromisoformat(item["first_reading"]) == min(own)
+        assert datetime.fromisoformat(item["last_reading"]) == max(own)
+
+
+@pytest.mark.parametrize(
+    ("path", "detail_part"),
+    [
+        ("/kpis?start=2024-07-30T12:00:10Z&end=2024-07-30T12:00:00Z", "is after end"),
+        ("/kpis?start=2024-01-01T00:00:00Z&end=2024-07-30T12:00:00Z", "use a coarser grain"),
+        ("/kpis?start=0001-01-01T00:00:00Z&end=9999-12-31T23:59:59Z&grain=hour", "narrow it"),
+        ("/kpis?start=yesterday&end=2024-07-30T12:00:00Z", "start"),
+        ("/kpis?start=2024-07-30T12:00:00Z&end=2024-02-30T00:00:00Z", "end"),
+        ("/kpis?start=2024-07-30T12:00:00Z&end=2024-07-30T12:01:00Z&limit=0", "limit"),
+        ("/kpis?start=2024-07-30T12:00:00Z&end=2024-07-30T12:01:00Z&limit=10001", "limit"),
+        ("/kpis?start=2024-07-30T12:00:00Z&end=2024-07-30T12:01:00Z&limit=ten", "limit"),
+        ("/kpis?start=2024-07-30T12:00:00Z&end=2024-07-30T12:01:00Z&grain=week", "grain"),
+        ("/kpis?start=2024-07-30T12:00:00Z&end=2024-07-30T12:01:00Z&device_id=", "device_id"),
+        ("/kpis?end=2024-07-30T12:01:00Z", "start"),
+        ("/kpis/" + "9" * 5000, "timestamp"),
+        ("/kpis/2024-07-30T12:00:00Z?grain=week", "grain"),
+        ("/devices?limit=-1", "limit"),
+        ("/devices?after=", "after"),
+    ],
+)
+def test_bad_input_is_400_problem_details(client: TestClient, path: str, detail_part: str) -> None:
+    answer = client.get(path)
+    assert answer.status_code == 400, answer.text
+    assert answer.headers["content-type"].startswith(PROBLEM)
+    problem = answer.json()
+    assert problem["status"] == 400 and detail_part in (problem.get("detail", "") + str(problem.get("extra", "")))
+
+
+def test_unknown_routes_and_methods_are_problem_details(client: TestClient) -> None:
+    for method, path, status in [("GET", "/nothing-here", 404), ("POST", "/kpis", 405), ("DELETE", "/devices", 405)]:
+        answer = client.request(method, path)
+        assert answer.status_code == status and answer.headers["content-type"].startswith(PROBLEM)
+
+
+def test_health_reports_checkpoint_offsets_and_commit_age(client: TestClient, lake, spark) -> None:  # type: ignore[no-untyped-def]
+    _, gold_committed = _history(spark, str(lake[0] / "gold"))
+    body = client.get("/health").json()
+    assert body["status"] == "ok" and body["tables"]["gold"] and body["tables"]["silver"]
+    pipeline = body["pipeline"]
+    assert pipeline["checkpoint_batch"] == 1
+    assert [(p["partition"], p["processed_offset"]) for p in pipeline["partitions"]] == [(0, 120), (1, 41)]
+    # No broker listens at the test's Kafka address: the lag is unknown, and /health says why instead of failing.
+    assert pipeline["records_behind"] is None and "Kafka" in pipeline["kafka_error"]
+    expected_age = (datetime.now(UTC) - gold_committed).total_seconds()
+    assert abs(pipeline["seconds_since_gold_commit"] - expected_age) < 5
+
+
+def test_lag_counts_records_between_processed_and_newest_offsets() -> None:
+    rows = lag({("t", 0): 130, ("t", 1): 41, ("t", 2): 5}, {("t", 0): 120, ("t", 1): 41})
+    assert [(r.partition, r.records_behind) for r in rows] == [(0, 10), (1, 0), (2, 5)]
+    assert [r.records_behind for r in lag(None, {("t", 0): 120})] == [None]
+
+
+def test_metrics_expose_requests_latency_and_snapshot(client: TestClient, lake, spark) -> None:  # type: ignore[no-untyped-def]
+    gold_version, _ = _history(spark, str(lake[0] / "gold"))
+    for _ in range(3):
+        client.get(f"/kpis/{iso(START)}")
+    text = client.get("/metrics").text
+    assert f'kpi_lakehouse_snapshot_version{{table="gold"}} {float(gold_version)}' in text
+    assert "kpi_lakehouse_snapshot_age_seconds" in text and "kpi_lakehouse_snapshot_refresh_seconds_bucket" in text
+    # Requests are counted per route template, so timestamps in paths do not make a series each.
+    assert (
+        'path="/kpis/{timestamp}",status_code="200"} 3.0' in text
+        and "kpi_lakehouse_request_duration_seconds_bucket" in text
+    )
+
+
+def test_new_commits_are_served_without_restart(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "lake"
+    readings = make_readings(seed=5, seconds=20)
+    writer = LakeWriter(spark, LakePaths.from_settings(api_settings(root)))
+    writer.append(readings, readings)
+    with TestClient(create_app(api_settings(root))) as client:
+        first = client.get(f"/kpis/{iso(START)}")
+        assert first.status_code == 200
+        etag = first.headers["etag"]
+        assert client.get(f"/kpis/{iso(START + timedelta(seconds=30))}").status_code == 404
+        # A late reading in a second that exists, and a new second: gold's row is updated, another added.
+        late = [
+            Reading("pump-9", START + timedelta(microseconds=5), 1000.0),
+            Reading("pump-9", START + timedelta(seconds=30), 3.0),
+        ]
+        readings += late
+        writer.append(late, readings)
+        deadline = time.monotonic() + 20
+        while (answer := client.get(f"/kpis/{iso(START)}", headers={"If-None-Match": etag})).status_code == 304:
+            assert time.monotonic() < deadline, "the new gold version was not served"
+            time.sleep(0.1)
+        assert answer.status_code == 200 and answer.headers["etag"] != etag
+        expected = reference_kpis(readings, "second")
+        assert same_kpis(answer.json(), expected[START])
+        assert same_kpis(
+            client.get(f"/kpis/{iso(START + timedelta(seconds=30))}").json(), expected[START + timedelta(seconds=30)]
+        )
+        devices = {d["device_id"]: d["reading_count"] for d in client.get("/devices").json()["items"]}
+        assert devices["pump-9"] == 2
+        assert same_kpis(
+            client.get(f"/kpis/{iso(START)}?grain=minute").json(), reference_kpis(readings, "minute")[START]
+        )
+
+
+def test_service_duckdb_cannot_reach_outside_the_lake(lake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    outside = tmp_path / "secret.csv"
+    outside.write_text("a\n1\n")
+    store = SnapshotStore(LakePaths.from_settings(api_settings(lake[0])))
+    try:
+        store.refresh()
+        with store.read() as (snapshot, cursor):
+            assert snapshot.ready
+            with pytest.raises(duckdb.PermissionException):
+                cursor.execute(f"SELECT * FROM read_csv('{outside}')")
+            with pytest.raises(duckdb.Error):
+                cursor.execute("SET enable_external_access = true")
+        with pytest.raises(duckdb.PermissionException):
+            store._reader.execute(f"SELECT * FROM read_csv('{outside}')")
+        assert store._reader.execute(f"SELECT count(*) FROM read_parquet('{lake[0]}/gold/*.parquet')").fetchone()[0] > 0
+    finally:
+        store.close()
+
+
+def test_rate_limit_and_cors_follow_settings(lake) -> None:  # type: ignore[no-untyped-def]
+    with TestClient(create_app(api_settings(lake[0], api_rate_limit=5))) as client:
+        statuses = [client.get(f"/kpis/{iso(START)}").status_code for _ in range(7)]
+        assert statuses[:5] == [200] * 5 and statuses[5:] == [429, 429]
+        limited = client.get(f"/kpis/{iso(START)}")
+        assert limited.headers["content-type"].startswith(PROBLEM)
+        assert client.get("/health").status_code == 200  # probes are not limited
+        assert (
+            "access-control-allow-origin" not in client.get("/health", headers={"Origin": "https://x.example"}).headers
+        )
+    with TestClient(create_app(api_settings(lake[0], api_cors_origins="https://dash.example"))) as client:
+        allowed = client.get("/health", headers={"Origin": "https://dash.example"})
+        assert allowed.headers["access-control-allow-origin"] == "https://dash.example"
+
+
+def test_openapi_describes_every_route(client: TestClient) -> None:
+    paths = client.get("/schema/openapi.json").json()["paths"]
+    assert {"/kpis/{timestamp}", "/kpis", "/devices", "/health"} <= set(paths)
+    assert httpx.codes.NOT_MODIFIED.value == 304 and "304" in paths["/kpis"]["get"]["responses"]
