@@ -29,7 +29,6 @@ from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import Parameter
 from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
-from litestar.plugins.prometheus import PrometheusController
 from litestar.static_files import create_static_files_router
 
 from lake import deltalog, duck, kafka_offsets
@@ -174,18 +173,34 @@ def _store(state: State) -> SnapshotStore:
     return state.store
 
 
-_CONDITIONAL_RESPONSES = {
+class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """RFC 9457 problem details, the body of every error."""
+
+    status: int
+    title: str
+    detail: str | None = None
+    type: str | None = None
+    errors: list[dict[str, str]] | None = None  # what failed validation, parameter by parameter
+
+
+def _problem_spec(description: str) -> ResponseSpec:
+    return ResponseSpec(Problem, description=description, media_type="application/problem+json")
+
+
+_READ_RESPONSES = {
     304: ResponseSpec(None, description="Not modified: the If-None-Match ETag is the current snapshot's"),
-    503: ResponseSpec(None, description="The lake has no tables yet"),
+    400: _problem_spec("A parameter that cannot be read or is out of range"),
+    429: _problem_spec("Too many requests from this address (when LAKEHOUSE_API_RATE_LIMIT is set)"),
+    503: _problem_spec("The lake has no gold and silver tables yet"),
 }
+_KPI_RESPONSES = {**_READ_RESPONSES, 404: _problem_spec("The bucket has no readings")}
 
 
 @get(
     "/kpis/{timestamp:str}",
     sync_to_thread=True,
     summary="KPIs of the bucket that contains an instant",
-    raises=[ProblemDetailsException],
-    responses=_CONDITIONAL_RESPONSES,
+    responses=_KPI_RESPONSES,
 )
 def get_kpis(
     request: Request,
@@ -218,8 +233,7 @@ def get_kpis(
     "/kpis",
     sync_to_thread=True,
     summary="KPIs of every bucket with readings in a range, oldest first, a page at a time",
-    raises=[ProblemDetailsException],
-    responses=_CONDITIONAL_RESPONSES,
+    responses=_READ_RESPONSES,
 )
 def get_kpi_series(
     request: Request,
@@ -285,8 +299,7 @@ def get_kpi_series(
     "/devices",
     sync_to_thread=True,
     summary="Known devices with their first and last reading time and reading count, ordered by id",
-    raises=[ProblemDetailsException],
-    responses=_CONDITIONAL_RESPONSES,
+    responses=_READ_RESPONSES,
 )
 def get_devices(
     request: Request,
@@ -400,7 +413,7 @@ def _as_problem(exc: HTTPException) -> ProblemDetailsException:
         title=HTTPStatus(exc.status_code).phrase,
         detail="; ".join(filter(None, [detail, advice])) or None,
         headers=exc.headers,
-        extra={"errors": exc.extra} if exc.extra else None,
+        extra={"errors": exc.extra} if isinstance(exc.extra, list) and exc.extra else None,
     )
 
 
@@ -452,7 +465,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             get_devices,
             health,
             dashboard,
-            PrometheusController,
+            observability.MetricsController,
             create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False),
         ],
         lifespan=[open_lake],

@@ -8,7 +8,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from litestar.plugins.prometheus import PrometheusConfig
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -17,6 +17,13 @@ from lake.snapshot import RefreshReport, Snapshot
 PREFIX = "kpi_lakehouse"
 # Requests and their latency per route template (group_path), so that timestamps in paths do not make new series.
 PROMETHEUS = PrometheusConfig(app_name="kpi_lakehouse", prefix=PREFIX, group_path=True, exclude=["/metrics"])
+
+
+class MetricsController(PrometheusController):
+    """GET /metrics in Prometheus' text format; left out of the OpenAPI document, which would call it JSON."""
+
+    include_in_schema = False
+
 
 # Module-level: prometheus_client registers each name once per process, and every app in the process shares them.
 SNAPSHOT_VERSION = Gauge(f"{PREFIX}_snapshot_version", "Delta table version the API serves", ["table"])
