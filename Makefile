@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 	$(BIN)/lakehouse setup
+	@# the dashboard's browser test drives Debian's chromium
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 demo: install
 	$(BIN)/lakehouse kafka start

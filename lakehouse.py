@@ -425,18 +425,27 @@ def bench(
 def serve(
     port: Annotated[Optional[int], typer.Option(help="port (overrides --http-port / LAKEHOUSE_HTTP_PORT)")] = None,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+    refresh_seconds: Annotated[Optional[float], typer.Option(help="look for new table versions this often (env LAKEHOUSE_API_REFRESH_SECONDS, default 1)")] = None,
+    rate_limit: Annotated[Optional[int], typer.Option(help="requests per minute per client, 0 = off (env LAKEHOUSE_API_RATE_LIMIT, default 0)")] = None,
+    cors_origins: Annotated[Optional[str], typer.Option(help="comma-separated CORS origins, empty = CORS off (env LAKEHOUSE_API_CORS_ORIGINS)")] = None,
+    max_range_buckets: Annotated[Optional[int], typer.Option(help="most buckets a /kpis range spans (env LAKEHOUSE_API_MAX_RANGE_BUCKETS, default 1000000)")] = None,
+    kafka_timeout_seconds: Annotated[Optional[float], typer.Option(help="wait for Kafka offsets in /health (env LAKEHOUSE_API_KAFKA_TIMEOUT_SECONDS, default 2)")] = None,
 ) -> None:
-    """Run the HTTP API: GET /kpis/{timestamp}, /health, OpenAPI at /schema."""
+    """Run the HTTP API and dashboard: GET /, /kpis, /kpis/{timestamp}, /devices, /health, /metrics, OpenAPI at /schema."""
     import uvicorn
 
     if port is not None:
         _overrides["http_port"] = port
+    api_flags = {"api_refresh_seconds": refresh_seconds, "api_rate_limit": rate_limit, "api_cors_origins": cors_origins,
+                 "api_max_range_buckets": max_range_buckets, "api_kafka_timeout_seconds": kafka_timeout_seconds}  # fmt: skip
+    _overrides.update({name: value for name, value in api_flags.items() if value is not None})
     current = settings()
     # The app factory reads settings from the environment, also in worker processes.
     for name, value in _overrides.items():
         os.environ[f"LAKEHOUSE_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    # The app logs each request as a JSON line itself, so uvicorn's access log stays off.
     uvicorn.run("serve.app:create_app", factory=True, host=current.http_host, port=current.http_port,
-                workers=workers, log_level="info")  # fmt: skip
+                workers=workers, log_level="info", access_log=False)  # fmt: skip
 
 
 @app.command()
