@@ -152,21 +152,28 @@ def api_settings(lake_root: Path, **overrides: object) -> Settings:
 
 @contextmanager
 def serving(settings: Settings) -> Iterator[str]:
-    """The app under uvicorn on a free loopback port, in this process; yields its base URL."""
+    """The API under uvicorn on a free loopback port, in this process; yields its base URL."""
+    from serve.app import create_app
+
+    with serving_app(create_app(settings), probe="/health") as base:
+        yield base
+
+
+@contextmanager
+def serving_app(app, probe: str = "/schema/openapi.json") -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """An ASGI app under uvicorn on a free loopback port, in this process; yields its base URL once `probe` answers."""
     import httpx
     import uvicorn
 
-    from serve.app import create_app
-
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
         try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{base}{probe}", timeout=1).status_code == 200:
                 break
         except httpx.TransportError:
             pass

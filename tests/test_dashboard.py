@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 

@@ -15,7 +15,7 @@ from litestar.testing import TestClient
 
 from lake.kafka_offsets import lag
 from lake.snapshot import SnapshotStore
-from lake.tables import LakePaths, Table
+from lake.tables import LakePaths
 from serve.app import create_app
 from tests.serve_lake import (
     DEVICES,
