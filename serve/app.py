@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlencode
 
+import duckdb
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.config.cors import CORSConfig
@@ -173,6 +174,17 @@ def _store(state: State) -> SnapshotStore:
     return state.store
 
 
+@contextmanager
+def _reading(state: State) -> Iterator[tuple[Snapshot, Freshness, duckdb.DuckDBPyConnection]]:
+    """One snapshot's cursor and freshness for a request; a lake without tables is a 503."""
+    with _store(state).read() as (snapshot, cursor):
+        freshness = _freshness(snapshot)
+        try:
+            yield snapshot, freshness, cursor
+        except duck.LakeError as exc:
+            raise _problem(503, "Lake not ready", str(exc)) from None
+
+
 class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
     """RFC 9457 problem details, the body of every error."""
 
@@ -212,12 +224,8 @@ def get_kpis(
     ] = None,
 ) -> Response[KpiResponse]:
     instant_us = _instant("timestamp", timestamp)
-    with _store(state).read() as (snapshot, cursor):
-        freshness = _freshness(snapshot)
-        try:
-            found = duck.kpis(cursor, instant_us, grain, device_id)
-        except duck.LakeError as exc:
-            raise _problem(503, "Lake not ready", str(exc)) from None
+    with _reading(state) as (snapshot, freshness, cursor):
+        found = duck.kpis(cursor, instant_us, grain, device_id)
     bucket = format_utc(from_us(grain.bucket_start_us(instant_us)))
     if found is None:
         who = f" for device {device_id!r}" if device_id else ""
@@ -265,12 +273,8 @@ def get_kpi_series(
             f"the range spans {buckets:,} {grain.value}s, more than the {settings.api_max_range_buckets:,} allowed "
             f"(LAKEHOUSE_API_MAX_RANGE_BUCKETS); narrow it or use a coarser grain"
         ))  # fmt: skip
-    with _store(state).read() as (snapshot, cursor):
-        freshness = _freshness(snapshot)
-        try:
-            rows = duck.kpi_series(cursor, first_us, stop_us, grain, device_id, limit + 1)
-        except duck.LakeError as exc:
-            raise _problem(503, "Lake not ready", str(exc)) from None
+    with _reading(state) as (snapshot, freshness, cursor):
+        rows = duck.kpi_series(cursor, first_us, stop_us, grain, device_id, limit + 1)
     next_page = None
     if len(rows) > limit:
         query = {
@@ -309,12 +313,8 @@ def get_devices(
     ] = None,
     limit: Annotated[int, Parameter(description="most devices in this page", ge=1, le=MAX_PAGE)] = 1000,
 ) -> Response[DevicesResponse]:
-    with _store(state).read() as (snapshot, cursor):
-        freshness = _freshness(snapshot)
-        try:
-            found = duck.devices(cursor, after, limit + 1)
-        except duck.LakeError as exc:
-            raise _problem(503, "Lake not ready", str(exc)) from None
+    with _reading(state) as (snapshot, freshness, cursor):
+        found = duck.devices(cursor, after, limit + 1)
     items = [
         DeviceResponse(device_id=d.device_id, first_reading=format_utc(d.first_reading),
                        last_reading=format_utc(d.last_reading), reading_count=d.reading_count)
@@ -325,10 +325,12 @@ def get_devices(
 
 
 class KafkaWatch:
-    """Kafka's newest offsets, asked on a thread every few seconds so that /health answers at once."""
+    """Kafka's newest offsets, asked on a thread every few seconds so that /health answers at once; each answer
+    also sets the records-behind gauge against the checkpoint's processed offsets."""
 
-    def __init__(self, settings: Settings, interval_s: float = 5.0) -> None:
+    def __init__(self, settings: Settings, paths: LakePaths, interval_s: float = 5.0) -> None:
         self.settings = settings
+        self.paths = paths
         self.newest: dict[tuple[str, int], int] | None = None
         self.error: str | None = "not asked yet"
         self._interval_s = interval_s
@@ -346,15 +348,22 @@ class KafkaWatch:
                 )
                 self.error = None
             except Exception as exc:  # noqa: BLE001 (the broker is down or the topic is missing: /health says so)
-                self.newest, self.error = (
-                    None,
-                    f"cannot read offsets from Kafka at {self.settings.kafka_bootstrap}: {exc}",
-                )
+                self.newest = None
+                self.error = f"cannot read offsets from Kafka at {self.settings.kafka_bootstrap}: {exc}"
+            observability.RECORDS_BEHIND.set(_records_behind(self.lag()) if self.newest is not None else float("nan"))
             if self._stop.wait(self._interval_s):
                 return
 
+    def lag(self) -> list[kafka_offsets.PartitionLag]:
+        processed = deltalog.processed_offsets(self.paths.checkpoint(deltalog.INGEST_QUERY_NAME))
+        return kafka_offsets.lag(self.newest, processed.next_offsets if processed else {})
+
     def stop(self) -> None:
         self._stop.set()
+
+
+def _records_behind(partitions: list[kafka_offsets.PartitionLag]) -> int:
+    return sum(p.records_behind or 0 for p in partitions)
 
 
 @get("/health", sync_to_thread=True, summary="Is the service up, which tables exist, and how far the pipeline lags")
@@ -367,8 +376,7 @@ def health(state: State) -> HealthResponse:
     processed = deltalog.processed_offsets(paths.checkpoint(deltalog.INGEST_QUERY_NAME))
     watch: KafkaWatch = state.kafka_watch
     partitions = kafka_offsets.lag(watch.newest, processed.next_offsets if processed else {})
-    behind = None if watch.newest is None else sum(p.records_behind or 0 for p in partitions)
-    observability.RECORDS_BEHIND.set(float("nan") if behind is None else behind)
+    behind = None if watch.newest is None else _records_behind(partitions)
     committed_at = gold.committed_at if gold else None
     lag = PipelineLagResponse(
         last_gold_commit=_utc(committed_at),
@@ -442,7 +450,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             on_refresh=lambda report: observability.record_refresh(report, store.current),
             on_error=observability.record_refresh_error,
         )  # fmt: skip
-        watch = KafkaWatch(settings)
+        watch = KafkaWatch(settings, paths)
         app.state.store, app.state.kafka_watch, app.state.settings = store, watch, settings
         refresher.start()
         watch.start()

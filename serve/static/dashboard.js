@@ -6,7 +6,7 @@ const DEFAULT_BUCKETS = 600; // a new view shows this many buckets up to the new
 const REFRESH_MS = 3000;
 const MAX_PAGES = 20; // at 10,000 buckets a page, enough for any range the chart can show legibly
 
-const state = { etag: null, url: null, chart: null, data: null, freshness: null, loads: 0 };
+const state = { etag: null, url: null, chart: null, data: null, freshness: null, loads: 0, asked: 0 };
 window.kpiDashboard = state; // read by the browser test and handy in the console
 
 const $ = (id) => document.getElementById(id);
@@ -118,8 +118,10 @@ function showFreshness(freshness) {
 async function draw({ force = false } = {}) {
   const url = seriesUrl($("start").value.trim(), $("end").value.trim(), $("grain").value, $("device").value);
   const sameView = url === state.url && !force;
+  const ticket = ++state.asked;
   const answer = await fetchSeries(url, sameView ? state.etag : null);
   if (answer === null) return; // 304: the snapshot did not change
+  if (ticket !== state.asked) return; // a newer view was asked for while this one loaded: it draws instead
   const data = columns(answer.items);
   state.url = url;
   state.etag = answer.etag;
