@@ -111,7 +111,9 @@ def test_dashboard_draws_the_api_values_and_follows_new_data(spark, tmp_path: Pa
             page.select_option("#grain", "second")
             page.select_option("#device", "")
             page.wait_for_function("() => !window.kpiDashboard.url.includes('device_id')", timeout=20_000)
-            page.wait_for_timeout(300)
+            page.wait_for_function(
+                "(n) => window.kpiDashboard.data[0].length === n", arg=len(expected) + 1, timeout=20_000
+            )
 
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
