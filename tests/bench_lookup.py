@@ -12,6 +12,7 @@ the way the API did before the cache.
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 import statistics
 import tempfile
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--lookups", type=int, default=2000, help="timed lookups per way")
     parser.add_argument("--lake", type=Path, help="reuse (or build) the lake here instead of a temporary folder")
     args = parser.parse_args()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the figures
+    logging.getLogger("kpi_lakehouse.serve").disabled = True
     root = args.lake or Path(tempfile.mkdtemp(prefix="bench-lookup-")) / "lake"
     if not (root / "gold" / "_delta_log").is_dir():
         began = time.perf_counter()
