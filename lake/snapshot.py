@@ -111,7 +111,11 @@ class SnapshotStore:
                     "SELECT count(*) FROM duckdb_tables() WHERE table_name = $name", {"name": table.value}
                 ).fetchone()[0]
                 if whole or not exists:
-                    writer.execute(f"CREATE OR REPLACE TABLE {table.value} AS SELECT * FROM changed_rows")
+                    # Sorted by key, DuckDB's per-block min/max lets a lookup skip all but the block it needs.
+                    order = ", ".join(_KEYS[table][::-1])
+                    writer.execute(
+                        f"CREATE OR REPLACE TABLE {table.value} AS SELECT * FROM changed_rows ORDER BY {order}"
+                    )
                 else:
                     match = " AND ".join(f"{table.value}.{key} = changed_rows.{key}" for key in _KEYS[table])
                     writer.execute(f"DELETE FROM {table.value} USING changed_rows WHERE {match}")
