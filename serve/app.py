@@ -332,7 +332,7 @@ class KafkaWatch:
         self.settings = settings
         self.paths = paths
         self.newest: dict[tuple[str, int], int] | None = None
-        self.error: str | None = "not asked yet"
+        self.error: str | None = "Kafka's offsets not asked yet"
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kafka-offsets", daemon=True)
@@ -416,6 +416,8 @@ def _as_problem(exc: HTTPException) -> ProblemDetailsException:
     """Litestar's own errors (validation, routing, rate limit) as problem details that say what to do."""
     advice = next((text for kind, text in _WHAT_TO_DO.items() if isinstance(exc, kind)), None)
     detail = exc.detail if exc.detail != HTTPStatus(exc.status_code).phrase else None
+    if detail and len(detail) > 300:  # Litestar quotes the whole URL; a long bad input is not sent back whole
+        detail = detail[:300] + "..."
     return ProblemDetailsException(
         status_code=exc.status_code,
         title=HTTPStatus(exc.status_code).phrase,
