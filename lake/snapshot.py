@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import duckdb
+import pyarrow as pa
 import pyarrow.compute
 
 from lake import deltalog, duck
@@ -80,7 +81,7 @@ class SnapshotStore:
             started = time.perf_counter()
             found = {t: deltalog.latest_version(self.paths.table(t)) for t in (Table.GOLD, Table.SILVER)}
             loaded = {Table.GOLD: self.current.gold_version, Table.SILVER: self.current.silver_version}
-            changes = {}
+            changes: dict[Table, tuple[int, pa.Table, bool]] = {}
             for table, newest in found.items():
                 if newest is None or newest.version == loaded[table]:
                     continue
@@ -101,7 +102,7 @@ class SnapshotStore:
             counts = {t.value: rows.num_rows for t, (_, rows, _) in changes.items()}
             return RefreshReport(True, time.perf_counter() - started, counts)
 
-    def _apply(self, changes: dict, gold_committed_at: datetime | None) -> Snapshot:
+    def _apply(self, changes: dict[Table, tuple[int, pa.Table, bool]], gold_committed_at: datetime | None) -> Snapshot:
         writer = self._writer
         writer.begin()
         try:
@@ -185,7 +186,13 @@ class SnapshotStore:
 class Refresher:
     """Calls `refresh` every `interval_s` seconds on a daemon thread until stopped; reports each result."""
 
-    def __init__(self, store: SnapshotStore, interval_s: float, on_refresh, on_error) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        store: SnapshotStore,
+        interval_s: float,
+        on_refresh: Callable[[RefreshReport], None],
+        on_error: Callable[[Exception], None],
+    ) -> None:
         self._store = store
         self._interval_s = interval_s
         self._on_refresh = on_refresh

@@ -31,6 +31,7 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import Parameter
 from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
 from litestar.static_files import create_static_files_router
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from lake import deltalog, duck, kafka_offsets
 from lake.settings import Settings
@@ -43,6 +44,7 @@ STATIC = Path(__file__).parent / "static"
 MAX_PAGE = 10_000
 # Requests carry no body (every route is GET); anything bigger than this is refused before it is read.
 MAX_BODY_BYTES = 16 * 1024
+MAX_HEAD_BYTES = 16 * 1024
 _TIMESTAMP_DOC = "RFC 3339 / ISO 8601 instant such as 2024-07-30T12:00:00Z; '+' of an offset as %2B"
 log = logging.getLogger("kpi_lakehouse.serve")
 
@@ -427,6 +429,28 @@ def _as_problem(exc: HTTPException) -> ProblemDetailsException:
     )
 
 
+class RequestHeadLimit:
+    """ASGI middleware: a request whose target and headers together pass MAX_HEAD_BYTES is answered 431 unread."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            size += sum(len(name) + len(value) for name, value in scope.get("headers", []))
+            if size > MAX_HEAD_BYTES:
+                body = msgspec.json.encode(Problem(
+                    status=431, title="Request Header Fields Too Large",
+                    detail=f"the request's target and headers take {size:,} bytes, over {MAX_HEAD_BYTES:,}; send less",
+                ))  # fmt: skip
+                headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+                await send({"type": "http.response.start", "status": 431, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc, extra={"fields": {"path": request.url.path[:200]}})
     body = {"type": "about:blank", "title": "Internal Server Error", "status": 500,
@@ -463,7 +487,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             refresher.stop()
             store.close()
 
-    middleware: list = [DefineMiddleware(observability.AccessLog), observability.PROMETHEUS.middleware]
+    middleware: list = [
+        DefineMiddleware(observability.AccessLog),
+        DefineMiddleware(RequestHeadLimit),
+        observability.PROMETHEUS.middleware,
+    ]
     if settings.api_rate_limit > 0:
         limiter = RateLimitConfig(rate_limit=("minute", settings.api_rate_limit), exclude=["/health", "/metrics"])
         middleware.append(limiter.middleware)

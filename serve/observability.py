@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
@@ -43,7 +44,7 @@ RECORDS_BEHIND = Gauge(
 log = logging.getLogger("kpi_lakehouse.serve")
 
 
-def track_snapshot(current: callable) -> None:  # type: ignore[valid-type]
+def track_snapshot(current: Callable[[], Snapshot]) -> None:
     """Ages are computed when Prometheus scrapes, from the snapshot `current()` returns then."""
 
     def age(moment_of: str) -> float:

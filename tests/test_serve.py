@@ -14,9 +14,11 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 
+from lake import duck
 from lake.kafka_offsets import lag
 from lake.snapshot import SnapshotStore
 from lake.tables import LakePaths
+from lake.timestamps import parse_timestamp_us
 from serve.app import create_app
 from tests.serve_lake import (
     DEVICES,
@@ -175,6 +177,13 @@ def test_bad_input_is_400_problem_details(client: TestClient, path: str, detail_
     assert len(problem["detail"]) < 500  # a long bad input is not echoed whole
 
 
+def test_oversized_request_head_is_refused(client: TestClient) -> None:
+    answer = client.get("/health", headers={"X-Padding": "a" * 20_000})
+    assert answer.status_code == 431 and answer.headers["content-type"].startswith(PROBLEM)
+    assert "over 16,384" in answer.json()["detail"]
+    assert client.get("/health", headers={"X-Padding": "a" * 1000}).status_code == 200
+
+
 def test_unknown_routes_and_methods_are_problem_details(client: TestClient) -> None:
     for method, path, status in [("GET", "/nothing-here", 404), ("POST", "/kpis", 405), ("DELETE", "/devices", 405)]:
         answer = client.request(method, path)
@@ -231,7 +240,11 @@ def test_new_commits_are_served_without_restart(spark, tmp_path: Path) -> None: 
     readings = make_readings(seed=5, seconds=20)
     writer = LakeWriter(spark, LakePaths.from_settings(api_settings(root)))
     writer.append(readings, readings)
-    with TestClient(create_app(api_settings(root))) as client:
+    before = reference_kpis(readings, "second")[START]
+    # A reader that began before the new commits, on a store of its own that the test refreshes by hand.
+    store = SnapshotStore(LakePaths.from_settings(api_settings(root)))
+    store.refresh()
+    with TestClient(create_app(api_settings(root))) as client, store.read() as (old_snapshot, old_cursor):
         first = client.get(f"/kpis/{iso(START)}")
         assert first.status_code == 200
         etag = first.headers["etag"]
@@ -263,6 +276,18 @@ def test_new_commits_are_served_without_restart(spark, tmp_path: Path) -> None: 
         assert same_kpis(
             client.get(f"/kpis/{iso(START)}?grain=minute").json(), reference_kpis(readings, "minute")[START]
         )
+
+        # The reader that began earlier still sees its own version whole, while a new one sees the new version.
+        store.refresh()
+        old_row = duck.kpis(old_cursor, parse_timestamp_us(iso(START)))
+        assert old_row is not None and old_row.reading_count == before["reading_count"]
+        assert duck.kpis(old_cursor, parse_timestamp_us(iso(START + timedelta(seconds=30)))) is None
+        with store.read() as (new_snapshot, new_cursor):
+            assert new_snapshot.gold_version > old_snapshot.gold_version
+            assert (
+                duck.kpis(new_cursor, parse_timestamp_us(iso(START))).reading_count == expected[START]["reading_count"]
+            )
+    store.close()
 
 
 def test_service_duckdb_cannot_reach_outside_the_lake(lake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
