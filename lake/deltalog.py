@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from lake.settings import local_path
+
 _COMMIT_FILE = re.compile(r"(\d{20})\.json")
 _BATCH_FILE = re.compile(r"\d+")
 # The streaming query's name, which is the folder of its checkpoint under the checkpoint root.
@@ -24,19 +26,13 @@ class TableVersion:
     committed_at: datetime | None
 
 
-def _local(location: str) -> Path | None:
-    if location.startswith("file://"):
-        return Path(location.removeprefix("file://"))
-    return None if "://" in location else Path(location)
-
-
 def latest_version(table_location: str) -> TableVersion | None:
     """The newest version in `_delta_log`, or None when the table does not exist (or is not on a local disk).
 
     Listing the log folder finds the newest commit without replaying the log; a commit file appears whole (Delta
     writes it with an atomic rename or put-if-absent), so the listed version is committed.
     """
-    folder = _local(table_location)
+    folder = local_path(table_location)
     if folder is None:
         return None
     try:
@@ -77,7 +73,7 @@ class ProcessedOffsets:
 def processed_offsets(checkpoint_location: str) -> ProcessedOffsets | None:
     """Read Spark's checkpoint: `commits/<n>` marks batch n done, `offsets/<n>` holds its end offsets (exclusive)
     as JSON on the line after the version and the batch metadata. None when no batch has been committed."""
-    folder = _local(checkpoint_location)
+    folder = local_path(checkpoint_location)
     if folder is None:
         return None
     try:

@@ -127,8 +127,9 @@ def connect_reader(paths: LakePaths) -> duckdb.DuckDBPyConnection:
     )
     connection.load_extension(str(delta_extension()))
     connection.execute("SET TimeZone = 'UTC'")
-    if "://" not in paths.root:  # object stores need their own secrets and extensions, set up by whoever runs them
-        connection.execute("SET allowed_directories = [$root]", {"root": paths.root.rstrip("/") + "/"})
+    folder = local_path(paths.root)
+    if folder is not None:  # object stores need their own secrets and extensions, set up by whoever runs them
+        connection.execute("SET allowed_directories = [$root]", {"root": str(folder).rstrip("/") + "/"})
         connection.execute("SET enable_external_access = false")
     connection.execute("SET lock_configuration = true")
     return connection
@@ -138,8 +139,9 @@ def scan_table(
     connection: duckdb.DuckDBPyConnection, location: str, version: int, updated_since: datetime | None
 ) -> pa.Table:
     """Rows of one pinned table version, all of them or those updated at or after `updated_since`."""
+    folder = local_path(location)  # a `file:` URI as the folder it names, the spelling allowed_directories compares
     query = "SELECT * FROM delta_scan($location, version := $version)"
-    parameters: dict[str, object] = {"location": location, "version": version}
+    parameters: dict[str, object] = {"location": str(folder) if folder else location, "version": version}
     if updated_since is not None:
         query += " WHERE updated_at >= $since"
         parameters["since"] = updated_since

@@ -396,6 +396,15 @@ def health(state: State) -> HealthResponse:
     return HealthResponse(status="ok", tables=tables, snapshot=fresh, pipeline=lag)
 
 
+class LiveResponse(msgspec.Struct, kw_only=True):
+    status: str
+
+
+@get("/livez", summary="Is the process up? (no lake access; for liveness probes)")
+async def livez() -> LiveResponse:
+    return LiveResponse(status="ok")
+
+
 @get("/", include_in_schema=False, media_type=MediaType.HTML)
 async def dashboard() -> Response[bytes]:
     # Everything the page runs comes from this service; the policy makes the browser refuse anything else.
@@ -493,7 +502,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         observability.PROMETHEUS.middleware,
     ]
     if settings.api_rate_limit > 0:
-        limiter = RateLimitConfig(rate_limit=("minute", settings.api_rate_limit), exclude=["/health", "/metrics"])
+        limiter = RateLimitConfig(
+            rate_limit=("minute", settings.api_rate_limit), exclude=["/health", "/livez", "/metrics"]
+        )
         middleware.append(limiter.middleware)
     origins = [origin.strip() for origin in settings.api_cors_origins.split(",") if origin.strip()]
     return Litestar(
@@ -502,6 +513,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             get_kpi_series,
             get_devices,
             health,
+            livez,
             dashboard,
             observability.MetricsController,
             create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False),

@@ -137,7 +137,7 @@ class LakeWriter:
         (folder / "commits" / str(batch_id)).write_text('v1\n{"nextBatchWatermarkMs":0}')
 
 
-def api_settings(lake_root: Path, **overrides: object) -> Settings:
+def api_settings(lake_root: Path | str, **overrides: object) -> Settings:
     """Settings of an API under test: its own lake, a fast refresh, and a Kafka address where nothing listens."""
     values: dict[str, object] = {
         "lake_root": str(lake_root),

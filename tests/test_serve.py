@@ -324,7 +324,15 @@ def test_rate_limit_and_cors_follow_settings(lake) -> None:  # type: ignore[no-u
         assert allowed.headers["access-control-allow-origin"] == "https://dash.example"
 
 
+def test_file_uri_lake_root_is_served(lake) -> None:  # type: ignore[no-untyped-def]
+    with TestClient(create_app(api_settings(f"file://{lake[0]}"))) as client:
+        answer = client.get(f"/kpis/{iso(START)}")
+        assert answer.status_code == 200
+        assert same_kpis(answer.json(), reference_kpis(lake[1], "second")[START])
+
+
 def test_openapi_describes_every_route(client: TestClient) -> None:
+    assert client.get("/livez").json() == {"status": "ok"}
     paths = client.get("/schema/openapi.json").json()["paths"]
-    assert {"/kpis/{timestamp}", "/kpis", "/devices", "/health"} <= set(paths)
+    assert {"/kpis/{timestamp}", "/kpis", "/devices", "/health", "/livez"} <= set(paths)
     assert httpx.codes.NOT_MODIFIED.value == 304 and "304" in paths["/kpis"]["get"]["responses"]
