@@ -34,7 +34,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from lake import deltalog, duck, kafka_offsets
-from lake.settings import Settings
+from lake.settings import Settings, local_path
 from lake.snapshot import Refresher, Snapshot, SnapshotStore
 from lake.tables import KPI_FIELDS, LakePaths, Table
 from lake.timestamps import MAX_US, Grain, TimestampError, format_utc, from_us, parse_timestamp_us
@@ -179,7 +179,13 @@ def _store(state: State) -> SnapshotStore:
 @contextmanager
 def _reading(state: State) -> Iterator[tuple[Snapshot, Freshness, duckdb.DuckDBPyConnection]]:
     """One snapshot's cursor and freshness for a request; a lake without tables is a 503."""
-    with _store(state).read() as (snapshot, cursor):
+    store = _store(state)
+    if local_path(store.paths.root) is None:
+        raise _problem(503, "Lake not served", (
+            f"the API reads lakes on local disk only (a folder or file: URI), not {store.paths.root}; "
+            "serve it from a local copy or a mounted bucket"
+        ))  # fmt: skip
+    with store.read() as (snapshot, cursor):
         freshness = _freshness(snapshot)
         try:
             yield snapshot, freshness, cursor

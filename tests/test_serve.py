@@ -331,6 +331,13 @@ def test_file_uri_lake_root_is_served(lake) -> None:  # type: ignore[no-untyped-
         assert same_kpis(answer.json(), reference_kpis(lake[1], "second")[START])
 
 
+def test_object_store_lake_is_a_503_that_says_why(tmp_path: Path) -> None:
+    with TestClient(create_app(api_settings("s3a://bucket/lake"))) as client:
+        answer = client.get(f"/kpis/{iso(START)}")
+        assert answer.status_code == 503 and "local disk" in answer.json()["detail"]
+        assert client.get("/health").status_code == 200
+
+
 def test_openapi_describes_every_route(client: TestClient) -> None:
     assert client.get("/livez").json() == {"status": "ok"}
     paths = client.get("/schema/openapi.json").json()["paths"]
