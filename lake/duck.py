@@ -43,9 +43,13 @@ def delta_extension() -> Path:
 
 
 def table_exists(paths: LakePaths, table: Table) -> bool:
-    """Whether the table has a Delta log; on object stores assumed (listing them costs a request per table)."""
+    """Whether the table has its first commit; on object stores assumed (listing them costs a request per table).
+
+    The `_delta_log` folder appears before its first commit file, and a reader of a log without one fails."""
     folder = local_path(paths.table(table))
-    return folder is None or (folder / "_delta_log").is_dir()
+    return folder is None or (folder / "_delta_log" / "00000000000000000000.json").is_file() or any(
+        (folder / "_delta_log").glob("*.checkpoint*.parquet")
+    )
 
 
 def connect(paths: LakePaths, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
