@@ -45,6 +45,9 @@ def build_session(settings: Settings, app_name: str = "kpi-lakehouse", extra: di
         # needed), so a Python worker's memory stays bounded whatever the message sizes.
         "spark.sql.execution.arrow.maxRecordsPerBatch": "10000",
         "spark.sql.execution.arrow.maxBytesPerBatch": str(32 * 1024 * 1024),
+        # Parquet checks a page's size only every 100 rows at first: 100 messages of 5 MiB in one bronze page,
+        # per task, ran a 2 GiB driver out of heap. Checking from the first row keeps pages near their 1 MiB.
+        "spark.hadoop.parquet.page.size.row.check.min": "1",
         "spark.sql.streaming.stopGracefullyOnShutdown": "true",
         # New tables stay readable by DuckDB's pinned delta reader (no deletion vectors).
         "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",

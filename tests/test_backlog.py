@@ -4,7 +4,6 @@ micro-batch is bounded by LAKEHOUSE_MAX_OFFSETS_PER_TRIGGER, and the pipeline's 
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import time
 from collections import defaultdict
@@ -16,7 +15,7 @@ import pytest
 from lake import duck
 from lake.settings import MIB, Settings
 from lake.tables import LakePaths
-from bench.run import tree_rss
+from bench.run import children_named, tree_rss
 from tests.helpers import LAKEHOUSE, env_for, lakehouse
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
@@ -73,20 +72,6 @@ def expected_kpis(numbers: list[float], devices: set[int]) -> dict[str, object]:
     }
 
 
-def jvm_pids(root: int) -> list[int]:
-    """Spark's JVM under the pipeline's process (with its own children, if any, counted by tree_rss)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if "(java)" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == root:
-                found.append(int(entry))
-    return found
-
-
 def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str, tmp_path: Path) -> None:
     settings = lake_settings.model_copy(update={"max_offsets_per_trigger": PER_TRIGGER, "spark_driver_memory": DRIVER_HEAP})
     ndjson = tmp_path / "backlog.ndjson"
@@ -102,7 +87,7 @@ def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str
     peak_total = peak_jvm = 0
     while pipeline.poll() is None:
         peak_total = max(peak_total, tree_rss(pipeline.pid))
-        peak_jvm = max([peak_jvm, *(tree_rss(pid) for pid in jvm_pids(pipeline.pid))])
+        peak_jvm = max([peak_jvm, *(tree_rss(pid) for pid in children_named(pipeline.pid, "java"))])
         time.sleep(0.25)
     stdout, stderr = pipeline.communicate()
     seconds = time.monotonic() - started
