@@ -244,8 +244,10 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     kafka: Annotated[bool, typer.Option(help="also ask Kafka for each partition's offsets")] = True,
 ) -> None:
-    """Account for every Kafka record: per partition, records in Kafka and bronze, readings accepted and
-    quarantined; check that each reading is in silver or quarantine. Exits 1 when a check fails."""
+    """Account for every Kafka record and check that nothing was lost; exits 1 when a check fails.
+
+    Per partition: records in Kafka and bronze, readings accepted and quarantined. Each bronze record is re-read
+    with the current rules: each valid reading must be in silver, each invalid one in quarantine."""
     import json
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -290,8 +292,10 @@ def audit(
 
 @app.command()
 def doctor(as_json: Annotated[bool, typer.Option("--json", help="print the findings as JSON")] = False) -> None:
-    """Check the set-up: Java, jars, DuckDB's delta extension, Kafka and the topic, message size limits on every
-    layer (producer <= topic <= broker, consumer), the checkpoint, the lake's disk. Exits 1 when a check fails."""
+    """Check the set-up and say which setting to change; exits 1 when a check fails.
+
+    Java, jars, DuckDB's delta extension, Kafka and the topic, message size limits on every layer (producer <=
+    topic <= broker, consumer), the checkpoint, the lake's disk."""
     from rich.table import Table as RichTable
 
     from pipeline.doctor import FAIL, WARN, as_dicts, diagnose
@@ -316,9 +320,10 @@ def replay(
     reason: Annotated[Optional[str], typer.Option(help="only quarantine rows with this reason code")] = None,
     since: Annotated[Optional[str], typer.Option(help="only rows quarantined at or after this instant (ISO 8601)")] = None,
 ) -> None:
-    """Re-evaluate quarantined readings and messages with the current rules (e.g. after adding
-    --extra-timestamp-format): now-valid readings move into silver and gold exactly once, the rest keep an updated
-    reason. Safe to run again, or while the pipeline runs."""
+    """Re-evaluate quarantined rows with the current rules; now-valid readings move into silver and gold.
+
+    For example after adding --extra-timestamp-format. Each now-valid reading moves exactly once; the rest keep an
+    updated reason. Safe to run again, or while the pipeline runs."""
     from lake.timestamps import TimestampError, from_us, parse_timestamp_us
     from pipeline.errors import PipelineError
     from pipeline.replay import replay as run_replay
@@ -391,8 +396,10 @@ def bench(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the figures to this JSON file")] = None,
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="also write the table to this file")] = None,
 ) -> None:
-    """Measure ingest, freshness and lookups beside references run on the same machine in the same run, and print
-    figure, ours, reference, ratio, goal and whether it is met. Starts its own Kafka broker, pipeline and API."""
+    """Measure ingest, freshness and lookups beside references measured in the same run.
+
+    Prints figure, ours, reference, ratio, goal and whether it is met. Starts its own Kafka broker, pipeline and
+    API in --folder; see BENCHMARKS.md."""
     from rich.table import Table as RichTable
 
     from bench.run import PARTS, Plan, as_json, markdown, run

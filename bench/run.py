@@ -229,11 +229,11 @@ def bench_ingest(ctx: Context) -> None:
     ctx.figures.append(Figure("ingest vs DuckDB read_json + unnest", ours_mb, "MB/s", references["duckdb"],
                               "DuckDB read_json + unnest + group by"))  # fmt: skip
     heap = settings.spark_driver_memory
-    from pipeline.doctor import _parse_memory
+    from pipeline.doctor import parse_memory
 
     # The JVM is bounded by its heap plus Spark's and Java's own overhead; the Python workers by the Arrow batch
     # size (32 MiB of messages each) and what those messages parse into.
-    jvm_bound = (_parse_memory(heap) or 0) + 1536 * MIB
+    jvm_bound = (parse_memory(heap) or 0) + 1536 * MIB
     ctx.figures.append(Figure(
         "pipeline peak RSS, JVM", peak_jvm / MIB, "MiB", goal=f"≤ heap + 1.5 GiB = {jvm_bound / MIB:,.0f} MiB",
         met=peak_jvm <= jvm_bound,

@@ -194,8 +194,10 @@ def _kafka_offsets(settings: Settings, partitions: dict[tuple[str, int], Partiti
     """Fill Kafka's first and end offsets per partition of the topic; an error message if Kafka cannot be asked."""
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "kpi-lakehouse-audit",
-                         "enable.auto.commit": False, "log_level": 3})  # fmt: skip
+    from pipeline.kafka_client import admin_config
+
+    # With LAKEHOUSE_KAFKA_PROPERTIES' security; no offsets are committed, watermarks only need a consumer.
+    consumer = Consumer(admin_config(settings) | {"group.id": "kpi-lakehouse-audit", "enable.auto.commit": False})
     try:
         metadata = consumer.list_topics(settings.topic, timeout=10)
         topic = metadata.topics.get(settings.topic)

@@ -164,7 +164,9 @@ def _checkpoint(settings: Settings, admin: object) -> list[Finding]:
         return [Finding("checkpoint", FAIL,
                         f"the checkpoint at {offsets_dir.parent} reads topic(s) {sorted(positions)}, not {settings.topic!r}",
                         "use the topic it was made for, or another LAKEHOUSE_CHECKPOINT_ROOT / LAKEHOUSE_LAKE_ROOT")]  # fmt: skip
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "kpi-lakehouse-doctor", "log_level": 0})
+    from pipeline.kafka_client import admin_config
+
+    consumer = Consumer(admin_config(settings) | {"group.id": "kpi-lakehouse-doctor", "log_level": 0})
     lost = []
     try:
         for partition, next_offset in positions[settings.topic].items():
@@ -197,7 +199,7 @@ def _lake(settings: Settings) -> list[Finding]:
 
 def _memory(settings: Settings) -> Finding:
     per_trigger = settings.max_offsets_per_trigger * settings.max_message_bytes
-    heap = _parse_memory(settings.spark_driver_memory)
+    heap = parse_memory(settings.spark_driver_memory)
     detail = (f"a micro-batch reads at most {settings.max_offsets_per_trigger:,} records x "
               f"{_size(settings.max_message_bytes)} = {per_trigger / GIB:.1f} GiB; driver heap {settings.spark_driver_memory}")  # fmt: skip
     if heap and per_trigger > 8 * heap:
@@ -207,7 +209,7 @@ def _memory(settings: Settings) -> Finding:
     return Finding("micro-batch bound", OK, detail)
 
 
-def _parse_memory(text: str) -> int | None:
+def parse_memory(text: str) -> int | None:
     match = re.fullmatch(r"(\d+)([kmgt]?)b?", text.strip().lower())
     if not match:
         return None
