@@ -173,7 +173,10 @@ def test_standalone_spark_and_three_brokers_survive_a_broker_loss(
     assert settings.lake_root.startswith("file:///")
     paths = LakePaths.from_settings(settings)
     assert ensure_topic(settings) is True
-    topology = describe(settings)
+    # A new topic's partitions reach every broker's metadata a moment after creation returns.
+    deadline = time.monotonic() + 30
+    while (topology := describe(settings))["replicas"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert topology["brokers"] and len(topology["brokers"]) == 3 and topology["replicas"] == 3  # type: ignore[arg-type]
 
     messages, reference = build_stream(random.Random(8), 300)
