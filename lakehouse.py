@@ -84,13 +84,14 @@ def main(
 @app.command()
 def setup(force: Annotated[bool, typer.Option(help="resolve again even if the jars are there")] = False) -> None:
     """Resolve the JVM jars (Delta, Spark's Kafka source, the Kafka broker) with Maven into <home>/jars."""
-    from pipeline import jars
+    from pipeline.jvm import jars
+    from lake.errors import LakeError
     from pipeline.errors import PipelineError
 
     try:
         with console.status("resolving JVM jars with Maven"):
             counts = jars.resolve(settings().home, force=force)
-    except PipelineError as exc:
+    except (PipelineError, LakeError) as exc:
         _fail(str(exc))
     console.print(f"jars ready: {counts['spark']} for Spark, {counts['kafka']} for the Kafka broker")
 
@@ -103,7 +104,8 @@ def kafka_start(
     ] = 1,
 ) -> None:
     """Start the local broker, or a cluster of brokers (formatting storage on first start), and create the topic."""
-    from pipeline.broker import LocalBroker, LocalCluster, ensure_topic
+    from pipeline.kafka.broker import LocalBroker, LocalCluster, ensure_topic
+    from lake.errors import LakeError
     from pipeline.errors import PipelineError
 
     current = settings()
@@ -120,7 +122,7 @@ def kafka_start(
                 pids = cluster.start()
                 created = ensure_topic(current.model_copy(update={"kafka_bootstrap": cluster.bootstrap}))
             running = f"{brokers} Kafka brokers running (pids {', '.join(map(str, pids))}) on {cluster.bootstrap}"
-    except PipelineError as exc:
+    except (PipelineError, LakeError) as exc:
         _fail(str(exc))
     state = "created" if created else "exists"
     console.print(f"{running}; topic {current.topic!r} {state}")
@@ -132,7 +134,7 @@ def kafka_start(
 @kafka_app.command("stop")
 def kafka_stop() -> None:
     """Stop the local broker, or every broker of the local cluster on this bootstrap address."""
-    from pipeline.broker import LocalBroker, LocalCluster
+    from pipeline.kafka.broker import LocalBroker, LocalCluster
 
     current = settings()
     cluster = LocalCluster.existing(current)
@@ -147,7 +149,7 @@ def kafka_stop() -> None:
 @kafka_app.command("status")
 def kafka_status() -> None:
     """Are the local brokers running, and what does the cluster report (brokers, partitions, replicas in sync)?"""
-    from pipeline.broker import LocalBroker, LocalCluster, describe
+    from pipeline.kafka.broker import LocalBroker, LocalCluster, describe
 
     current = settings()
     cluster = LocalCluster.existing(current)
@@ -180,9 +182,10 @@ def produce(
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     from lake.timestamps import from_us, parse_timestamp_us
+    from lake.errors import LakeError
     from pipeline.errors import PipelineError
-    from pipeline.produce import produce as send
-    from pipeline.synthetic import Fleet, generate
+    from pipeline.kafka.produce import produce as send
+    from pipeline.kafka.synthetic import Fleet, generate
 
     current = settings()
     if synthetic == (path is not None):
@@ -216,22 +219,26 @@ def produce(
         console.print(f"sent {report.sent:,} messages ({report.bytes:,} bytes) to {current.topic!r}"
                       + (f"; {report.blank_lines} blank lines ignored" if report.blank_lines else ""))  # fmt: skip
         report.raise_for_problems(current.max_message_bytes)
-    except PipelineError as exc:
+    except (PipelineError, LakeError) as exc:
         _fail(str(exc))
 
 
 @app.command()
 def pipeline(
     available_now: Annotated[bool, typer.Option("--available-now", help="process what Kafka holds, then exit")] = False,
+    report: Annotated[
+        Optional[Path], typer.Option(help="append one JSON line per micro-batch (counts, seconds per stage) to this file")
+    ] = None,
 ) -> None:
     """Run the streaming job Kafka -> bronze/silver/gold/quarantine (continuous unless --available-now)."""
+    from lake.errors import LakeError
     from pipeline.errors import PipelineError
-    from pipeline.job import run
+    from pipeline.stream.job import run
 
     current = settings()
     try:
-        reports = run(current, available_now=available_now)
-    except PipelineError as exc:
+        reports = run(current, available_now=available_now, report_file=report)
+    except (PipelineError, LakeError) as exc:
         _fail(str(exc))
     records = sum(r.records for r in reports)
     readings = sum(r.readings for r in reports)
@@ -253,8 +260,8 @@ def audit(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table as RichTable
 
-    from lake.duck import LakeError
-    from pipeline.audit import audit as run_audit
+    from lake.errors import LakeError
+    from pipeline.ops.audit import audit as run_audit
 
     columns = (TextColumn("re-reading bronze"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
@@ -298,7 +305,7 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="print the findi
     topic <= broker, consumer), the checkpoint, the lake's disk."""
     from rich.table import Table as RichTable
 
-    from pipeline.doctor import FAIL, WARN, as_dicts, diagnose
+    from pipeline.ops.doctor import FAIL, WARN, as_dicts, diagnose
 
     with console.status("checking") as status:
         findings = diagnose(settings(), lambda step: status.update(f"checking {step}"))
@@ -325,8 +332,9 @@ def replay(
     For example after adding --extra-timestamp-format. Each now-valid reading moves exactly once; the rest keep an
     updated reason. Safe to run again, or while the pipeline runs."""
     from lake.timestamps import TimestampError, from_us, parse_timestamp_us
+    from lake.errors import LakeError
     from pipeline.errors import PipelineError
-    from pipeline.replay import replay as run_replay
+    from pipeline.ops.replay import replay as run_replay
 
     current = settings()
     try:
@@ -336,7 +344,7 @@ def replay(
     try:
         with console.status("replaying quarantine with the current rules"):
             report = run_replay(current, reason, since_at)
-    except (PipelineError, ValueError) as exc:
+    except (PipelineError, LakeError, ValueError) as exc:
         _fail(str(exc))
     console.print(
         f"replayed {report.quarantined_rows:,} quarantine rows from {report.records:,} Kafka records: "
@@ -360,8 +368,9 @@ def maintain(
     from lake.maintenance import UnsafeRetention, check_retention
     from lake.maintenance import maintain as run_maintenance
     from lake.tables import LakePaths, Table
+    from lake.errors import LakeError
     from pipeline.errors import PipelineError
-    from pipeline.spark import build_session
+    from pipeline.stream.spark import build_session
 
     current = settings()
     try:
@@ -377,7 +386,7 @@ def maintain(
                       "table version, or time travel to one, may fail")  # fmt: skip
     try:
         spark = build_session(current, app_name="kpi-lakehouse-maintain")
-    except PipelineError as exc:
+    except (PipelineError, LakeError) as exc:
         _fail(str(exc))
     reports = run_maintenance(spark, LakePaths.from_settings(current), chosen, retain_hours, vacuum, unsafe_retention)
     summary = RichTable("table", "live files before", "compacted", "live files after", "deleted from storage", "version")
@@ -465,7 +474,8 @@ def sql(
     ] = None,
 ) -> None:
     """DuckDB over the lake, with views bronze, silver, gold and quarantine."""
-    from lake.duck import LakeError, connect
+    from lake.duck import connect
+    from lake.errors import LakeError
     from lake.sql import export, interactive, run_query
     from lake.tables import LakePaths
 

@@ -85,7 +85,7 @@ class Context:
 
     def spark(self):  # type: ignore[no-untyped-def]
         if self._spark is None:
-            from pipeline.spark import build_session
+            from pipeline.stream.spark import build_session
 
             self._spark = build_session(self.settings, app_name="kpi-lakehouse-bench")
         return self._spark
@@ -168,8 +168,8 @@ def _api(settings: Settings, log: Path) -> Iterator[int]:
 
 
 def _produce(settings: Settings, payloads: list[bytes]) -> None:
-    from pipeline.broker import ensure_topic
-    from pipeline.produce import produce
+    from pipeline.kafka.broker import ensure_topic
+    from pipeline.kafka.produce import produce
 
     ensure_topic(settings)
     report = produce(settings, payloads)
@@ -180,7 +180,7 @@ def _produce(settings: Settings, payloads: list[bytes]) -> None:
 
 
 def bench_ingest(ctx: Context) -> None:
-    from pipeline.synthetic import Fleet, generate
+    from pipeline.kafka.synthetic import Fleet, generate
 
     settings = ctx.part("ingest")
     count = max(1, round(ctx.plan.ingest_mib * MIB / settings.max_message_bytes))
@@ -229,7 +229,7 @@ def bench_ingest(ctx: Context) -> None:
     ctx.figures.append(Figure("ingest vs DuckDB read_json + unnest", ours_mb, "MB/s", references["duckdb"],
                               "DuckDB read_json + unnest + group by"))  # fmt: skip
     heap = settings.spark_driver_memory
-    from pipeline.doctor import parse_memory
+    from pipeline.ops.doctor import parse_memory
 
     # The JVM is bounded by its heap plus Spark's and Java's own overhead; the Python workers by the Arrow batch
     # size (32 MiB of messages each) and what those messages parse into.
@@ -321,8 +321,8 @@ def bench_freshness(ctx: Context) -> None:
     import httpx
 
     from lake.timestamps import format_utc
-    from pipeline.broker import ensure_topic
-    from pipeline.produce import produce
+    from pipeline.kafka.broker import ensure_topic
+    from pipeline.kafka.produce import produce
 
     settings = ctx.part("freshness")
     ensure_topic(settings)
@@ -391,7 +391,7 @@ def bench_lookups(ctx: Context) -> None:
     from bench.tutorial import write_csv_batches
     from lake import duck
     from lake.tables import LakePaths, Table
-    from pipeline.delta_tables import create_tables
+    from pipeline.stream.tables import create_tables
 
     settings = ctx.part("lookups")
     paths = LakePaths.from_settings(settings)
@@ -481,7 +481,7 @@ PARTS: dict[str, Callable[[Context], None]] = {
 def run(settings: Settings, plan: Plan, parts: list[str], folder: Path, say: Callable[[str], None]) -> list[Figure]:
     import logging
 
-    from pipeline.broker import LocalBroker
+    from pipeline.kafka.broker import LocalBroker
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     shutil.rmtree(folder, ignore_errors=True)

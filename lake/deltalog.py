@@ -1,5 +1,5 @@
-"""What a reader can learn from the files of a local lake without a query engine: a Delta table's newest version
-and commit time, and the Kafka offsets the streaming job's checkpoint says it has processed."""
+"""What a reader can learn from a local Delta table's log without a query engine: its newest version and commit
+time."""
 
 from __future__ import annotations
 
@@ -13,9 +13,6 @@ from pathlib import Path
 from lake.settings import local_path
 
 _COMMIT_FILE = re.compile(r"(\d{20})\.json")
-_BATCH_FILE = re.compile(r"\d+")
-# The streaming query's name, which is the folder of its checkpoint under the checkpoint root.
-INGEST_QUERY_NAME = "ingest"
 
 
 @dataclass(frozen=True)
@@ -59,43 +56,3 @@ def _commit_time(commit_file: Path) -> datetime | None:
         return datetime.fromtimestamp(commit_file.stat().st_mtime, UTC)
     except OSError:
         return None
-
-
-@dataclass(frozen=True)
-class ProcessedOffsets:
-    """The next offset to read per (topic, partition), after the newest micro-batch the checkpoint committed."""
-
-    batch_id: int
-    next_offsets: dict[tuple[str, int], int]
-    committed_at: datetime | None
-
-
-def processed_offsets(checkpoint_location: str) -> ProcessedOffsets | None:
-    """Read Spark's checkpoint: `commits/<n>` marks batch n done, `offsets/<n>` holds its end offsets (exclusive)
-    as JSON on the line after the version and the batch metadata. None when no batch has been committed."""
-    folder = local_path(checkpoint_location)
-    if folder is None:
-        return None
-    try:
-        committed = [int(name) for name in os.listdir(folder / "commits") if _BATCH_FILE.fullmatch(name)]
-    except FileNotFoundError:
-        return None
-    for batch_id in sorted(committed, reverse=True):
-        offsets_file = folder / "offsets" / str(batch_id)
-        try:
-            lines = offsets_file.read_text().splitlines()
-            committed_at = datetime.fromtimestamp((folder / "commits" / str(batch_id)).stat().st_mtime, UTC)
-        except OSError:
-            continue  # cleaned up between listing and reading: an older batch still tells something
-        next_offsets: dict[tuple[str, int], int] = {}
-        for line in lines[2:]:
-            try:
-                source = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(source, dict):
-                for topic, partitions in source.items():
-                    if isinstance(partitions, dict):
-                        next_offsets.update({(topic, int(p)): int(o) for p, o in partitions.items()})
-        return ProcessedOffsets(batch_id, next_offsets, committed_at)
-    return None

@@ -13,16 +13,13 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
+from lake.errors import LakeError
 from lake.settings import local_path
 from lake.tables import KPI_FIELDS, LakePaths, Table
 from lake.timestamps import EPOCH, MAX_US, Grain, from_us
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-
-class LakeError(Exception):
-    """The lake cannot be opened or queried as asked."""
 
 
 def delta_extension() -> Path:

@@ -1,1 +1,2 @@
-"""The streaming side: the local Kafka broker, producers, and the Spark job that fills the lake."""
+"""The writing side of the lake: `kafka` (the local broker and producers), `jvm` (the jars the JVM parts need),
+`stream` (the Spark job that fills the lake) and `ops` (audit, doctor, replay)."""

@@ -21,7 +21,3 @@ class MessageTooLarge(PipelineError):
 
 class StreamStopped(PipelineError):
     """The streaming query failed; its checkpoint allows a restart once the cause is fixed."""
-
-
-class KafkaConfigError(PipelineError):
-    """The Kafka client properties (LAKEHOUSE_KAFKA_PROPERTIES) cannot be read or given to both clients."""

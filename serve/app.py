@@ -33,7 +33,7 @@ from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetail
 from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from lake import deltalog, duck, kafka_offsets
+from lake import checkpoint, deltalog, duck, kafka
 from lake.settings import Settings, local_path
 from lake.snapshot import Refresher, Snapshot, SnapshotStore
 from lake.tables import KPI_FIELDS, LakePaths, Table
@@ -339,7 +339,7 @@ class KafkaWatch:
     def __init__(self, settings: Settings, paths: LakePaths, interval_s: float = 5.0) -> None:
         self.settings = settings
         self.paths = paths
-        self.newest: dict[tuple[str, int], int] | None = None
+        self.newest: dict[tuple[str, int], kafka.Watermarks] | None = None
         self.error: str | None = "Kafka's offsets not asked yet"
         self._interval_s = interval_s
         self._stop = threading.Event()
@@ -351,8 +351,9 @@ class KafkaWatch:
     def _run(self) -> None:
         while True:
             try:
-                self.newest = kafka_offsets.end_offsets(
-                    self.settings.kafka_bootstrap, self.settings.topic, self.settings.api_kafka_timeout_seconds
+                # With LAKEHOUSE_KAFKA_PROPERTIES' security, like every other Kafka client of the project.
+                self.newest = kafka.watermarks(
+                    self.settings, self.settings.api_kafka_timeout_seconds, group="kpi-lakehouse-health"
                 )
                 self.error = None
             except Exception as exc:  # noqa: BLE001 (the broker is down or the topic is missing: /health says so)
@@ -362,15 +363,15 @@ class KafkaWatch:
             if self._stop.wait(self._interval_s):
                 return
 
-    def lag(self) -> list[kafka_offsets.PartitionLag]:
-        processed = deltalog.processed_offsets(self.paths.checkpoint(deltalog.INGEST_QUERY_NAME))
-        return kafka_offsets.lag(self.newest, processed.next_offsets if processed else {})
+    def lag(self) -> list[kafka.PartitionLag]:
+        processed = checkpoint.processed_offsets(self.paths)
+        return kafka.lag(self.newest, processed.next_offsets if processed else {})
 
     def stop(self) -> None:
         self._stop.set()
 
 
-def _records_behind(partitions: list[kafka_offsets.PartitionLag]) -> int:
+def _records_behind(partitions: list[kafka.PartitionLag]) -> int:
     return sum(p.records_behind or 0 for p in partitions)
 
 
@@ -381,9 +382,9 @@ def health(state: State) -> HealthResponse:
     snapshot = store.current
     tables = {t.value: duck.table_exists(paths, t) for t in Table}
     gold = deltalog.latest_version(paths.table(Table.GOLD))
-    processed = deltalog.processed_offsets(paths.checkpoint(deltalog.INGEST_QUERY_NAME))
+    processed = checkpoint.processed_offsets(paths)
     watch: KafkaWatch = state.kafka_watch
-    partitions = kafka_offsets.lag(watch.newest, processed.next_offsets if processed else {})
+    partitions = kafka.lag(watch.newest, processed.next_offsets if processed else {})
     behind = None if watch.newest is None else _records_behind(partitions)
     committed_at = gold.committed_at if gold else None
     lag = PipelineLagResponse(

@@ -33,8 +33,8 @@ from tests.serve_lake import START, api_settings, iso, serving, serving_app
 
 
 def build_lake(root: Path, seconds: int) -> None:
-    from pipeline.delta_tables import create_tables
-    from pipeline.spark import build_session
+    from pipeline.stream.tables import create_tables
+    from pipeline.stream.spark import build_session
 
     spark = build_session(Settings(home=HOME, spark_master="local[2]", shuffle_partitions=2), app_name="bench-lookup")
     paths = LakePaths.from_settings(Settings(lake_root=str(root)))

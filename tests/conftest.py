@@ -25,7 +25,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def broker():  # type: ignore[no-untyped-def]
     """A real single-node KRaft broker on a test port with fresh storage (tests may stop and start it)."""
-    from pipeline.broker import LocalBroker
+    from pipeline.kafka.broker import LocalBroker
 
     local = LocalBroker(home=HOME, host="localhost", port=TEST_KAFKA_PORT, max_bytes=Settings().kafka_limit_bytes)
     local.stop()
@@ -51,7 +51,7 @@ def lake_settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture()
 def topic(broker, lake_settings: Settings) -> str:  # type: ignore[no-untyped-def]
-    from pipeline.broker import ensure_topic
+    from pipeline.kafka.broker import ensure_topic
 
     assert ensure_topic(lake_settings) is True
     return lake_settings.topic
@@ -59,7 +59,7 @@ def topic(broker, lake_settings: Settings) -> str:  # type: ignore[no-untyped-de
 
 @pytest.fixture(scope="session")
 def spark():  # type: ignore[no-untyped-def]
-    from pipeline.spark import build_session
+    from pipeline.stream.spark import build_session
 
     settings = Settings(home=HOME, spark_master="local[2]", shuffle_partitions=2, spark_driver_memory="2g")
     session = build_session(settings, app_name="kpi-lakehouse-tests")

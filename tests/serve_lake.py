@@ -94,7 +94,7 @@ class LakeWriter:
     """Writes silver rows and the gold rows of the seconds they touch, as the pipeline's tables hold them."""
 
     def __init__(self, spark, paths: LakePaths) -> None:  # type: ignore[no-untyped-def]
-        from pipeline.delta_tables import create_tables
+        from pipeline.stream.tables import create_tables
 
         self.spark = spark
         self.paths = paths

@@ -32,7 +32,7 @@ T0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
 @pytest.fixture(scope="module")
 def kafka_cluster() -> Iterator[object]:
     """Three KRaft brokers (each also a controller) on loopback with fresh storage and small heaps."""
-    from pipeline.broker import LocalCluster
+    from pipeline.kafka.broker import LocalCluster
 
     limit = Settings().kafka_limit_bytes
     cluster = LocalCluster(HOME, "localhost", KAFKA_BASE_PORT, size=3, max_bytes=limit, heap="384m")
@@ -154,7 +154,7 @@ def test_standalone_spark_and_three_brokers_survive_a_broker_loss(
     kafka_cluster, spark_master: str, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     from lake.duck import connect
-    from pipeline.broker import describe, ensure_topic
+    from pipeline.kafka.broker import describe, ensure_topic
 
     settings = Settings(
         kafka_bootstrap=kafka_cluster.bootstrap,

@@ -16,7 +16,7 @@ READINGS_DDL = "device_id STRING, `timestamp` TIMESTAMP, value DOUBLE, topic STR
 
 
 def test_later_record_wins(spark) -> None:  # type: ignore[no-untyped-def]
-    from pipeline.dedupe import latest_per_identity
+    from pipeline.stream.dedupe import latest_per_identity
 
     k = T0 + timedelta(days=1)
     rows = [
@@ -40,7 +40,7 @@ def test_later_record_wins(spark) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_kpis_per_second_match_python(spark) -> None:  # type: ignore[no-untyped-def]
-    from pipeline.kpi import kpis_per_second
+    from pipeline.stream.kpi import kpis_per_second
 
     rng = random.Random(3)
     readings = []

@@ -32,8 +32,8 @@ def snapshot(spark, paths: LakePaths) -> dict[str, list[tuple[object, ...]]]:  #
 
 
 def test_replayed_batch_changes_nothing(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from pipeline.delta_tables import create_tables
-    from pipeline.job import IngestJob
+    from pipeline.stream.tables import create_tables
+    from pipeline.stream.job import IngestJob
 
     settings = Settings(lake_root=str(tmp_path / "lake"))
     paths = LakePaths.from_settings(settings)

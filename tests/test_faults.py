@@ -232,7 +232,7 @@ def test_retention_loss_stops_then_is_recorded(broker, lake_settings: Settings, 
     from confluent_kafka import TopicPartition
     from confluent_kafka.admin import AdminClient
 
-    from pipeline.broker import ensure_topic
+    from pipeline.kafka.broker import ensure_topic
 
     settings = lake_settings.model_copy(update={"topic_partitions": 1})
     ensure_topic(settings)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from lake.settings import Settings
-from pipeline.errors import KafkaConfigError
-from pipeline.kafka_client import admin_config
-from pipeline.produce import producer_config
-from pipeline.source import kafka_options
+from lake.errors import KafkaConfigError
+from lake.kafka import admin_config
+from pipeline.kafka.produce import producer_config
+from pipeline.stream.source import kafka_options
 
 SASL_SSL = r"""# as Kafka's own tools take it (--command-config); \\ is a backslash, which JAAS then reads as an escape
 security.protocol=SASL_SSL

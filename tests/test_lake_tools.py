@@ -56,8 +56,8 @@ def send(settings: Settings, messages: list[bytes], path: Path) -> None:
 @pytest.fixture(scope="module")
 def small_lake(broker, spark, tmp_path_factory: pytest.TempPathFactory) -> Settings:  # type: ignore[no-untyped-def]
     """A lake built by the real pipeline from a small fleet with a few bad messages."""
-    from pipeline.broker import ensure_topic
-    from pipeline.job import run
+    from pipeline.kafka.broker import ensure_topic
+    from pipeline.stream.job import run
 
     folder = tmp_path_factory.mktemp("small_lake")
     settings = Settings(kafka_bootstrap=f"localhost:{TEST_KAFKA_PORT}", topic="notebook-fleet", home=HOME,

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from lake.timestamps import parse_timestamp_us
-from pipeline.parse import ParsedMessage, parse_message, parse_messages
+from pipeline.stream.parse import ParsedMessage, parse_message, parse_messages
 
 
 def micros(text: str) -> int:
@@ -154,7 +154,7 @@ def test_invalid_utf8_inside_a_string_is_quarantined_not_raised() -> None:
 
 
 def test_a_parser_failure_quarantines_the_message_instead_of_stopping_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.parse as parse
+    import pipeline.stream.parse as parse
 
     def broken(*_args: object) -> None:
         raise KeyError("a bug")
@@ -168,7 +168,7 @@ def test_a_parser_failure_quarantines_the_message_instead_of_stopping_the_stream
 
 
 def test_extra_timestamp_formats_are_tried_after_iso_8601() -> None:
-    from pipeline.parse import Rules
+    from pipeline.stream.parse import Rules
 
     message = b'{"device_id": "d", "timestamp": "30/07/2024 14:00:01", "value": 1}'
     assert parse_messages([message]).reason_code == ["bad_timestamp"]

@@ -15,7 +15,7 @@ import pytest
 from litestar.testing import TestClient
 
 from lake import duck
-from lake.kafka_offsets import lag
+from lake.kafka import Watermarks, lag
 from lake.snapshot import SnapshotStore
 from lake.tables import LakePaths
 from lake.timestamps import parse_timestamp_us
@@ -207,7 +207,7 @@ def test_health_reports_checkpoint_offsets_and_commit_age(client: TestClient, la
 
 
 def test_lag_counts_records_between_processed_and_newest_offsets() -> None:
-    rows = lag({("t", 0): 130, ("t", 1): 41, ("t", 2): 5}, {("t", 0): 120, ("t", 1): 41})
+    rows = lag({("t", 0): Watermarks(0, 130), ("t", 1): Watermarks(3, 41), ("t", 2): Watermarks(5, 5)}, {("t", 0): 120, ("t", 1): 41})
     assert [(r.partition, r.records_behind) for r in rows] == [(0, 10), (1, 0), (2, 5)]
     assert [r.records_behind for r in lag(None, {("t", 0): 120})] == [None]
 

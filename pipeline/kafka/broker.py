@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lake.settings import Settings
-from pipeline import jars
+from pipeline.jvm import jars
 from pipeline.errors import BrokerError
-from pipeline.kafka_client import admin_config
+from lake.kafka import admin_config
 
 
 def _alive(pid: int) -> bool:

@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from lake.settings import Settings
-from pipeline import jars
+from pipeline.jvm import jars
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession

@@ -6,7 +6,6 @@ each layer has its own setting, and the smallest one wins.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -15,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lake.settings import Settings
+from lake import checkpoint, kafka
+from lake.settings import Settings, local_path
 from lake.tables import LakePaths
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -48,7 +48,7 @@ def _java() -> Finding:
 
 
 def _jars(settings: Settings) -> Finding:
-    from pipeline import jars
+    from pipeline.jvm import jars
 
     try:
         spark_jars = jars.spark_jars(settings.home)
@@ -75,12 +75,10 @@ def _configs(admin: object, resource: object) -> dict[str, object]:
 def _kafka(settings: Settings) -> list[Finding]:
     from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
-    from pipeline.produce import producer_config
-    from pipeline.source import kafka_options
+    from pipeline.kafka.produce import producer_config
+    from pipeline.stream.source import kafka_options
 
-    from pipeline.kafka_client import admin_config
-
-    admin = AdminClient(admin_config(settings) | {"log_level": 0})  # with LAKEHOUSE_KAFKA_PROPERTIES' security
+    admin = AdminClient(kafka.admin_config(settings) | {"log_level": 0})  # with LAKEHOUSE_KAFKA_PROPERTIES' security
     try:
         metadata = admin.list_topics(timeout=8)
     except Exception as exc:  # noqa: BLE001
@@ -144,48 +142,38 @@ def _kafka(settings: Settings) -> list[Finding]:
             f"kafka-configs.sh --alter --entity-type topics --entity-name {settings.topic} "
             "--add-config message.timestamp.type=LogAppendTime",
         ))  # fmt: skip
-    findings.extend(_checkpoint(settings, admin))
+    findings.extend(_checkpoint(settings))
     return findings
 
 
-def _checkpoint(settings: Settings, admin: object) -> list[Finding]:
+def _checkpoint(settings: Settings) -> list[Finding]:
     """The streaming checkpoint belongs to this topic, and Kafka still holds the offsets it would read next."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    offsets_dir = Path(LakePaths.from_settings(settings).checkpoint("ingest")) / "offsets"
-    if "://" in str(offsets_dir) or not offsets_dir.is_dir():
+    paths = LakePaths.from_settings(settings)
+    processed = checkpoint.processed_offsets(paths)
+    if processed is None:  # no batch committed yet, or a checkpoint on object storage
         return []
-    batches = sorted((p for p in offsets_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    if not batches:
-        return []
-    lines = batches[-1].read_text().splitlines()
-    positions: dict[str, dict[str, int]] = json.loads(lines[-1]) if len(lines) >= 3 else {}
-    if settings.topic not in positions:
-        return [Finding("checkpoint", FAIL,
-                        f"the checkpoint at {offsets_dir.parent} reads topic(s) {sorted(positions)}, not {settings.topic!r}",
+    where = checkpoint.ingest_checkpoint(paths)
+    topics = sorted({topic for topic, _ in processed.next_offsets})
+    if settings.topic not in topics:
+        return [Finding("checkpoint", FAIL, f"the checkpoint at {where} reads topic(s) {topics}, not {settings.topic!r}",
                         "use the topic it was made for, or another LAKEHOUSE_CHECKPOINT_ROOT / LAKEHOUSE_LAKE_ROOT")]  # fmt: skip
-    from pipeline.kafka_client import admin_config
-
-    consumer = Consumer(admin_config(settings) | {"group.id": "kpi-lakehouse-doctor", "log_level": 0})
-    lost = []
-    try:
-        for partition, next_offset in positions[settings.topic].items():
-            low, _high = consumer.get_watermark_offsets(TopicPartition(settings.topic, int(partition)), timeout=8)
-            if next_offset < low:
-                lost.append(f"partition {partition}: offsets {next_offset}..{low - 1}")
-    finally:
-        consumer.close()
+    held = kafka.watermarks(settings, timeout_s=8, group="kpi-lakehouse-doctor")
+    lost = [
+        f"partition {partition}: offsets {next_offset}..{held[(topic, partition)].low - 1}"
+        for (topic, partition), next_offset in sorted(processed.next_offsets.items())
+        if topic == settings.topic and (topic, partition) in held and next_offset < held[(topic, partition)].low
+    ]
     if lost:
         return [Finding("checkpoint", FAIL, "Kafka deleted records the pipeline has not read: " + "; ".join(lost),
                         "run `lakehouse pipeline --no-fail-on-data-loss` once (gaps are recorded in quarantine)")]  # fmt: skip
-    return [Finding("checkpoint", OK, f"batch {batches[-1].name}, Kafka still holds every offset it reads next")]
+    return [Finding("checkpoint", OK, f"batch {processed.batch_id}, Kafka still holds every offset it reads next")]
 
 
 def _lake(settings: Settings) -> list[Finding]:
     root = LakePaths.from_settings(settings).root
-    if "://" in root and not root.startswith("file://"):
+    folder = local_path(root)
+    if folder is None:
         return [Finding("lake", OK, f"{root} (object storage: not checked here)")]
-    folder = Path(root.removeprefix("file://"))
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(existing).free
     findings = []

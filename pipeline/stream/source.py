@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lake.settings import Settings
-from pipeline.kafka_client import java_properties
+from lake.kafka import java_properties
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession

@@ -9,7 +9,7 @@ import msgspec
 
 from lake.settings import Settings
 from pipeline.errors import MessageTooLarge, PipelineError
-from pipeline.kafka_client import librdkafka_properties
+from lake.kafka import librdkafka_properties
 
 
 class _KeyItem(msgspec.Struct):

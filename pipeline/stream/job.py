@@ -1,49 +1,30 @@
 """The streaming job: Kafka -> bronze, quarantine, silver, gold, each micro-batch written exactly once.
 
-One streaming query with `foreachBatch`. Every Delta write carries the query's stable app id and the batch id
-(`txnAppId`/`txnVersion`), so a batch that Spark re-runs after a crash skips the writes that already committed.
+One streaming query with `foreachBatch`; `pipeline.stream.writes` makes each of its Delta writes exactly once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lake.maintenance import retry_on_conflict
+from lake import checkpoint
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
-from pipeline import dedupe, kpi, offsets
 from pipeline.errors import StreamStopped
-from pipeline.parse import OUTPUT_DDL, PASSTHROUGH, Rules, arrow_parser
+from pipeline.stream import offsets
+from pipeline.stream.crash import crash_point
+from pipeline.stream.parse import OUTPUT_DDL, PASSTHROUGH, Rules, arrow_parser
+from pipeline.stream.writes import LakeWriter
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger("lakehouse.pipeline")
-
-QUERY_NAME = "ingest"
-_TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
-_TXN_VERSION = "spark.databricks.delta.write.txnVersion"
-
-
-# Fault injection for the crash tests: LAKEHOUSE_TEST_CRASH_AFTER=<stage>:<batch id> kills the process group with
-# SIGKILL right after that stage's Delta commit (bronze, quarantine, silver, gold), before Spark's checkpoint commit.
-_CRASH_AFTER = os.environ.get("LAKEHOUSE_TEST_CRASH_AFTER", "")
-
-
-def crash_point(stage: str, batch_id: int) -> None:
-    if _CRASH_AFTER == f"{stage}:{batch_id}":
-        log.warning("LAKEHOUSE_TEST_CRASH_AFTER=%s: killing the pipeline now", _CRASH_AFTER)
-        # The whole group (Python and Spark's JVM) when the pipeline leads its own, as the crash tests start it.
-        if os.getpgid(0) == os.getpid():
-            os.killpg(0, signal.SIGKILL)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -71,42 +52,20 @@ class _StageClock:
 
 @dataclass
 class IngestJob:
-    """State of one run: where to write and the app id read from the checkpoint."""
+    """State of one run: where to write, and the reports of the batches so far (also appended to `report_file`
+    as JSON lines, one per micro-batch, for `lakehouse bench` and operators)."""
 
     spark: SparkSession
     settings: Settings
     paths: LakePaths
-    app_id: str | None = None
+    report_file: Path | None = None
+    app_id: str | None = None  # read from the checkpoint when None
     reports: list[BatchReport] = field(default_factory=list)
     offset_tracker: offsets.OffsetTracker = field(default_factory=offsets.OffsetTracker)
+    writer: LakeWriter = field(init=False)
 
-    def _app_id(self) -> str:
-        # The checkpoint's `metadata` file holds the query id, which stays the same across restarts on the same
-        # checkpoint and is new for a new checkpoint: exactly what Delta's idempotent writes need.
-        if self.app_id is None:
-            line = self.spark.read.text(self.paths.checkpoint(QUERY_NAME) + "/metadata").first()
-            self.app_id = "kpi-lakehouse-" + json.loads(line[0])["id"]
-        return self.app_id
-
-    def _append(self, frame: DataFrame, table: Table, batch_id: int) -> None:
-        writer = (
-            frame.write.format("delta").mode("append").option("txnAppId", self._app_id()).option("txnVersion", batch_id)
-        )
-        # A concurrent `lakehouse maintain` may conflict; the write is idempotent, so it is simply tried again.
-        retry_on_conflict(lambda: writer.save(self.paths.table(table)), f"append to {table.value}")
-
-    def _merge(self, batch_id: int | None, table: Table, run_merge: Callable[[], object]) -> None:
-        if batch_id is None:  # not a micro-batch (replay): the MERGE itself is idempotent
-            retry_on_conflict(run_merge, f"MERGE into {table.value}")
-            return
-        conf = self.spark.conf
-        conf.set(_TXN_APP_ID, self._app_id())
-        conf.set(_TXN_VERSION, str(batch_id))
-        try:
-            retry_on_conflict(run_merge, f"MERGE into {table.value}")
-        finally:
-            conf.unset(_TXN_APP_ID)
-            conf.unset(_TXN_VERSION)
+    def __post_init__(self) -> None:
+        self.writer = LakeWriter(self.spark, self.paths, self.app_id)
 
     def process_batch(self, records: DataFrame, batch_id: int) -> None:
         from pyspark import StorageLevel
@@ -117,7 +76,7 @@ class IngestJob:
         stage = _StageClock(report.stages)
         # Kafka is read twice (bronze, then the parser): a cache of the records would hold a partition's 5 MiB
         # messages in one columnar batch of up to 10,000 rows, which ran a 2 GiB driver out of heap.
-        self._append(records.withColumn("ingested_at", F.current_timestamp()), Table.BRONZE, batch_id)
+        self.writer.append(records.withColumn("ingested_at", F.current_timestamp()), Table.BRONZE, batch_id)
         stage("bronze")
         crash_point("bronze", batch_id)
 
@@ -143,23 +102,26 @@ class IngestJob:
                 rows = [(g.topic, g.partition, g.first_lost, None, offsets.REASON_CODE, g.reason, None, None) for g in gaps]
                 bad = bad.unionByName(self.spark.createDataFrame(rows, bad.schema))
             if report.quarantined:
-                self._append(bad.withColumn("quarantined_at", F.current_timestamp()), Table.QUARANTINE, batch_id)
+                self.writer.append(bad.withColumn("quarantined_at", F.current_timestamp()), Table.QUARANTINE, batch_id)
                 stage("quarantine")
             crash_point("quarantine", batch_id)
             if report.readings:
                 # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
                 lo, hi = f"timestamp_micros({counts['lo']})", f"timestamp_micros({counts['hi']})"
                 readings = parsed.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
-                self.write_silver(readings, batch_id, lo, hi)
+                self.writer.silver(readings, batch_id, lo, hi)
                 stage("silver")
                 crash_point("silver", batch_id)
-                self.write_gold(readings, batch_id, lo, hi)
+                self.writer.gold(readings, batch_id, lo, hi)
                 stage("gold")
                 crash_point("gold", batch_id)
         finally:
             parsed.unpersist()
         report.seconds = time.monotonic() - started
         self.reports.append(report)
+        if self.report_file is not None:
+            with self.report_file.open("a", encoding="utf-8") as out:
+                out.write(json.dumps(asdict(report)) + "\n")
         log.info(
             "batch %d: %d records, %d readings, %d quarantined, %.1f s (%s)",
             batch_id, report.records, report.readings, report.quarantined, report.seconds,
@@ -177,55 +139,25 @@ class IngestJob:
             log.warning("data loss: %s; recorded in quarantine as %s", gap.reason, offsets.REASON_CODE)
         return gaps
 
-    def write_silver(self, readings: DataFrame, batch_id: int | None, lo: str, hi: str) -> None:
-        """MERGE readings into silver: new identities inserted, corrections from later records applied."""
-        from delta.tables import DeltaTable
 
-        latest = dedupe.latest_per_identity(readings)
-        silver = DeltaTable.forPath(self.spark, self.paths.table(Table.SILVER))
-        merge = (
-            silver.alias("t")
-            .merge(latest.alias("s"), dedupe.merge_condition(lo, hi))
-            .whenMatchedUpdateAll(condition=dedupe.newer_and_different())
-            .whenNotMatchedInsertAll()
-        )
-        self._merge(batch_id, Table.SILVER, merge.execute)
-
-    def write_gold(self, readings: DataFrame, batch_id: int | None, lo: str, hi: str) -> None:
-        """Recompute from silver the KPIs of the seconds these readings touch, and MERGE them into gold."""
-        from delta.tables import DeltaTable
-        from pyspark.sql import functions as F
-
-        seconds = readings.select(F.date_trunc("second", "timestamp").alias("second")).distinct()
-        silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
-        # MERGE reads its source more than once; compute the touched seconds' KPIs once (one row per second).
-        fresh = kpi.kpis_for_seconds(silver, seconds, lo, hi).localCheckpoint(eager=True)
-        gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD))
-        merge = (
-            gold.alias("t")
-            .merge(fresh.alias("s"), kpi.gold_merge_condition(lo, hi))
-            .whenMatchedUpdateAll(condition=kpi.GOLD_CHANGED)
-            .whenNotMatchedInsertAll()
-        )
-        self._merge(batch_id, Table.GOLD, merge.execute)
-
-
-def run(settings: Settings, available_now: bool = False, spark: SparkSession | None = None) -> list[BatchReport]:
+def run(
+    settings: Settings, available_now: bool = False, spark: SparkSession | None = None, report_file: Path | None = None
+) -> list[BatchReport]:
     """Run the ingest query until it is stopped (or, with `available_now`, until Kafka's backlog is processed)."""
     from pyspark.errors import StreamingQueryException
 
-    from pipeline.delta_tables import create_tables
-    from pipeline.source import read_kafka
-    from pipeline.spark import build_session
+    from pipeline.stream.tables import create_tables
+    from pipeline.stream.source import read_kafka
+    from pipeline.stream.spark import build_session
 
     spark = spark or build_session(settings)
     paths = LakePaths.from_settings(settings)
     create_tables(spark, paths)
-    job = IngestJob(spark, settings, paths)
+    job = IngestJob(spark, settings, paths, report_file)
     writer = (
         read_kafka(spark, settings)
-        .writeStream.queryName(QUERY_NAME)
-        .option("checkpointLocation", paths.checkpoint(QUERY_NAME))
+        .writeStream.queryName(checkpoint.INGEST_QUERY)
+        .option("checkpointLocation", checkpoint.ingest_checkpoint(paths))
         .foreachBatch(job.process_batch)
     )
     writer = writer.trigger(availableNow=True) if available_now else writer.trigger(processingTime=settings.trigger_interval)

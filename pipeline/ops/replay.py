@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 from lake.maintenance import retry_on_conflict
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
-from pipeline.job import IngestJob, crash_point
-from pipeline.offsets import REASON_CODE as OFFSETS_LOST
-from pipeline.parse import OUTPUT_DDL, PASSTHROUGH, Reason, Rules, arrow_parser
+from pipeline.stream.crash import crash_point
+from pipeline.stream.offsets import REASON_CODE as OFFSETS_LOST
+from pipeline.stream.parse import OUTPUT_DDL, PASSTHROUGH, Reason, Rules, arrow_parser
+from pipeline.stream.writes import LakeWriter
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -58,8 +59,8 @@ def replay(
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
-    from pipeline.delta_tables import create_tables
-    from pipeline.spark import build_session
+    from pipeline.stream.tables import create_tables
+    from pipeline.stream.spark import build_session
 
     if reason is not None and reason not in {r.value for r in Reason}:
         raise ValueError(f"unknown reason code {reason!r}; known: {', '.join(r.value for r in Reason)}")
@@ -91,15 +92,15 @@ def replay(
     )
     fresh = r.join(t, [*on_record, at_index], "left_semi").localCheckpoint(eager=True)
 
-    job = IngestJob(spark, settings, paths)
+    writer = LakeWriter(spark, paths)
     readings = fresh.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
     bounds = readings.agg(F.count("*"), F.min(F.unix_micros("timestamp")), F.max(F.unix_micros("timestamp"))).first()
     report.readings_accepted = bounds[0]
     if report.readings_accepted:
         lo, hi = f"timestamp_micros({bounds[1]})", f"timestamp_micros({bounds[2]})"
-        job.write_silver(readings, None, lo, hi)
+        writer.silver(readings, None, lo, hi)
         crash_point("replay_silver", 0)
-        job.write_gold(readings, None, lo, hi)
+        writer.gold(readings, None, lo, hi)
         crash_point("replay_gold", 0)
 
     # Each target row keeps its new reason or, now valid, is deleted; a message-level row whose message now reads

@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 import duckdb
 import pyarrow as pa
 
-from lake import duck
+from lake import duck, kafka
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
-from pipeline.offsets import REASON_CODE as OFFSETS_LOST
-from pipeline.parse import Rules, parse_messages
+from pipeline.stream.offsets import REASON_CODE as OFFSETS_LOST
+from pipeline.stream.parse import Rules, parse_messages
 
 # Bronze is read in slices of this many records; a slice of 5 MiB messages stays within a few hundred MiB.
 _SLICE_RECORDS = 64
@@ -192,25 +192,15 @@ _CHECKS: list[tuple[str, str, str]] = [
 
 def _kafka_offsets(settings: Settings, partitions: dict[tuple[str, int], PartitionCounts]) -> str | None:
     """Fill Kafka's first and end offsets per partition of the topic; an error message if Kafka cannot be asked."""
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka import KafkaException
 
-    from pipeline.kafka_client import admin_config
-
-    # With LAKEHOUSE_KAFKA_PROPERTIES' security; no offsets are committed, watermarks only need a consumer.
-    consumer = Consumer(admin_config(settings) | {"group.id": "kpi-lakehouse-audit", "enable.auto.commit": False})
     try:
-        metadata = consumer.list_topics(settings.topic, timeout=10)
-        topic = metadata.topics.get(settings.topic)
-        if topic is None or topic.error is not None:
-            return f"topic {settings.topic!r} not found on {settings.kafka_bootstrap}"
-        for number in sorted(topic.partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(settings.topic, number), timeout=10)
-            counts = partitions.setdefault((settings.topic, number), PartitionCounts(settings.topic, number))
-            counts.kafka_first_offset, counts.kafka_end_offset = low, high
+        found = kafka.watermarks(settings, timeout_s=10, group="kpi-lakehouse-audit")
     except KafkaException as exc:
         return f"cannot read offsets from Kafka at {settings.kafka_bootstrap}: {exc}"
-    finally:
-        consumer.close()
+    for (topic, number), marks in found.items():
+        counts = partitions.setdefault((topic, number), PartitionCounts(topic, number))
+        counts.kafka_first_offset, counts.kafka_end_offset = marks.low, marks.high
     return None
 
 

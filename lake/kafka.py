@@ -1,13 +1,17 @@
-"""Kafka client settings from one properties file (LAKEHOUSE_KAFKA_PROPERTIES), for the producer and admin client
-(librdkafka) and Spark's Kafka source (the Java client), so that security is configured once for both."""
+"""What every Kafka client of the project shares: the client settings from one properties file
+(LAKEHOUSE_KAFKA_PROPERTIES), for the producer and admin client (librdkafka) and Spark's Kafka source (the Java
+client), so that security is configured once for both; and the one reader of Kafka's offsets, for the lag that
+audit, doctor and the API report."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from dataclasses import dataclass
+
+from lake.errors import KafkaConfigError
 from lake.settings import Settings
-from pipeline.errors import KafkaConfigError
 
 # The file speaks the Java client's names (as Kafka's own tools and Spark do). These few are spelled differently in
 # librdkafka, or mean nothing there, and are translated below; every other key means the same in both clients.
@@ -82,3 +86,62 @@ def librdkafka_properties(settings: Settings) -> dict[str, str]:
 def admin_config(settings: Settings) -> dict[str, object]:
     """An admin client's settings: the client properties, then the bootstrap servers."""
     return {**librdkafka_properties(settings), "bootstrap.servers": settings.kafka_bootstrap, "log_level": 3}
+
+
+@dataclass(frozen=True)
+class Watermarks:
+    """The offsets Kafka holds for one partition: `low` is the oldest still kept, `high` the next to be written."""
+
+    low: int
+    high: int
+
+
+def watermarks(settings: Settings, timeout_s: float = 10, group: str = "kpi-lakehouse") -> dict[tuple[str, int], Watermarks]:
+    """Kafka's offsets per partition of the topic, asked with the client properties' security.
+
+    Raises confluent_kafka.KafkaException when the broker does not answer within the timeout or the topic is missing.
+    """
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    # No offsets are committed: watermarks only need a consumer, not a group's state.
+    consumer = Consumer(
+        admin_config(settings)
+        | {"group.id": group, "enable.auto.commit": False, "socket.timeout.ms": max(100, int(timeout_s * 1000)),
+           "log_level": 0}  # a broker that does not answer is reported by the caller, not logged on every poll
+    )  # fmt: skip
+    try:
+        metadata = consumer.list_topics(settings.topic, timeout=timeout_s)
+        described = metadata.topics.get(settings.topic)
+        if described is None or described.error is not None:
+            why = described.error if described is not None else "no metadata"
+            raise KafkaException(f"topic {settings.topic!r} not found on {settings.kafka_bootstrap}: {why}")
+        found = {}
+        for partition in sorted(described.partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(settings.topic, partition), timeout=timeout_s)
+            found[(settings.topic, partition)] = Watermarks(low, high)
+        return found
+    finally:
+        consumer.close()
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    topic: str
+    partition: int
+    newest_offset: int | None  # Kafka's high watermark: the offset the next record will get
+    processed_offset: int | None  # the next offset the pipeline will read (0 when it has read nothing)
+
+    @property
+    def records_behind(self) -> int | None:
+        if self.newest_offset is None:
+            return None
+        return max(0, self.newest_offset - (self.processed_offset or 0))
+
+
+def lag(newest: dict[tuple[str, int], Watermarks] | None, processed: dict[tuple[str, int], int]) -> list[PartitionLag]:
+    """One row per partition known to either side; Kafka's side is None when it could not be asked."""
+    known = newest or {}
+    keys = sorted(set(known) | set(processed))
+    return [
+        PartitionLag(t, p, known[(t, p)].high if (t, p) in known else None, processed.get((t, p))) for t, p in keys
+    ]

@@ -1,0 +1,1 @@
+"""The local Kafka broker (or cluster) from Maven jars, the producer, and the synthetic fleet."""

@@ -1,0 +1,1 @@
+"""The streaming job: Spark session, Kafka source, parser, dedupe, KPIs, and its exactly-once Delta writes."""
