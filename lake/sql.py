@@ -26,7 +26,7 @@ def run_query(connection: duckdb.DuckDBPyConnection, query: str, output: str, st
     names = [column[0] for column in result.description]
     rows = result.fetchall()
     if output == "csv":
-        writer = csv.writer(stream)
+        writer = csv.writer(stream, lineterminator="\n")  # LF, as `duckdb -csv` and Unix tools write CSV
         writer.writerow(names)
         writer.writerows([[_printable(v) for v in row] for row in rows])
     elif output == "json":
@@ -87,9 +87,10 @@ def export(connection: duckdb.DuckDBPyConnection, target: str) -> dict[str, int]
     connection.execute(f"ATTACH '{escaped}' AS export")
     counts = {}
     try:
-        views = [row[0] for row in connection.execute(
+        listed = connection.execute(
             "SELECT view_name FROM duckdb_views() WHERE NOT internal AND database_name = current_database() ORDER BY 1"
-        ).fetchall()]  # fmt: skip
+        ).fetchall()
+        views = [row[0] for row in listed]
         for view in views:
             connection.execute(f'CREATE TABLE export."{view}" AS SELECT * FROM "{view}"')
             counts[view] = connection.execute(f'SELECT count(*) FROM export."{view}"').fetchone()[0]
