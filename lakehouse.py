@@ -2,21 +2,111 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import sys
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.padding import Padding
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
-from lake.settings import Settings
+from lake.settings import SettingFlag, Settings, setting_flags
+
+F = TypeVar("F", bound=Callable[..., None])
+ClickContext = Any  # the click Context that typer vendors and does not export
+SETTING_FLAGS = {flag.name: flag for flag in setting_flags()}
+
+SETTINGS_NOTE = (
+    "Every setting is a flag of lakehouse itself, given before the command (lakehouse --lake-root /data/lake "
+    "pipeline), and a LAKEHOUSE_* environment variable; flags win over variables, variables over defaults."
+)
+
+
+def _print_panels(ctx: ClickContext, params: list[Any]) -> None:
+    """Options in panels of two columns, the flags and their help, with a setting's variable and default on a line of
+    their own: typer's panels add three more columns, which leave an 80-column terminal too little room for the help
+    and cut long LAKEHOUSE_* names."""
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+    from typer import rich_utils
+
+    panels: dict[str, Table] = {}
+    for param in params:
+        panel = getattr(param, "rich_help_panel", None) or "Options"
+        table = panels.setdefault(panel, Table(box=None, show_header=False, expand=True, pad_edge=False))
+        if not table.columns:
+            table.add_column(no_wrap=True, style=rich_utils.STYLE_OPTION)
+            table.add_column(ratio=1)
+        flags = Text("\n".join([", ".join(param.opts), *param.secondary_opts]))
+        if isinstance(param, TyperOption) and not param.is_flag:
+            flags.append(" " + str(param.display_type_rich(ctx)), style=rich_utils.STYLE_TYPES)
+        help_text = Text(getattr(param, "help", None) or "")
+        setting = SETTING_FLAGS.get(param.name or "")
+        if setting is not None:
+            help_text.append(f"\n{setting.env}, default {setting.default}", style="dim")
+        table.add_row(flags, help_text)
+    console = Console()
+    for panel, table in panels.items():
+        console.print(Panel(table, title=panel, title_align="left", border_style="dim"))
+
+
+@contextmanager
+def _showing(command: Any, params: list[Any]) -> Iterator[None]:
+    """Let typer's help show only these of the command's parameters (--help among them or not)."""
+    saved = command.params, command.add_help_option
+    command.params = [param for param in params if param.name != "help"]
+    command.add_help_option = any(param.name == "help" for param in params)
+    try:
+        yield
+    finally:
+        command.params, command.add_help_option = saved
+
+
+class LakehouseGroup(TyperGroup):
+    """The root command. Its help lists the commands first, then the options and the settings in panels; it turns
+    the packages' errors (whose messages say what to do) into one red line and exit status 1, for every command."""
+
+    def invoke(self, ctx: ClickContext) -> object:
+        from pydantic import ValidationError
+
+        from lake.errors import LakeError
+        from pipeline.errors import PipelineError
+
+        try:
+            return super().invoke(ctx)
+        except (PipelineError, LakeError, ValidationError) as exc:  # pydantic's message names the setting
+            _fail(str(exc))
+
+    def format_help(self, ctx: ClickContext, formatter: Any) -> None:
+        params = self.get_params(ctx)
+        with _showing(self, []):  # typer would print the options before the commands
+            super().format_help(ctx, formatter)  # usage, summary, commands
+        _print_panels(ctx, [param for param in params if param.name not in SETTING_FLAGS])
+        Console().print(Padding(SETTINGS_NOTE, (1, 1)))
+        _print_panels(ctx, [param for param in params if param.name in SETTING_FLAGS])
+
+
+class ServeCommand(TyperCommand):
+    """`serve`, whose API settings show in a panel of their own with their variables and defaults."""
+
+    def format_help(self, ctx: ClickContext, formatter: Any) -> None:
+        params = self.get_params(ctx)
+        with _showing(self, [param for param in params if param.name not in SETTING_FLAGS]):
+            super().format_help(ctx, formatter)
+        _print_panels(ctx, [param for param in params if param.name in SETTING_FLAGS])
+
 
 app = typer.Typer(
+    cls=LakehouseGroup,
     help="A streaming lakehouse for device telemetry: Kafka -> Spark -> Delta (bronze, silver, gold, quarantine) -> DuckDB -> HTTP.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -35,64 +125,65 @@ def settings() -> Settings:
     return Settings(**_overrides)  # flags win over LAKEHOUSE_* variables, which win over defaults
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(1)
 
 
+def _with_setting_flags(flags: list[SettingFlag], name: Callable[[SettingFlag], str]) -> Callable[[F], F]:
+    """Give a command one option per setting, named `name(flag)`, with the setting's type, help, variable and
+    default; the command's **kwargs receive the options given (None when left out)."""
+
+    def add_options(command: F) -> F:
+        signature = inspect.signature(command, eval_str=True)
+        own = [param for param in signature.parameters.values() if param.kind is not param.VAR_KEYWORD]
+        options = [
+            inspect.Parameter(
+                flag.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=flag.value_type | None,
+                default=typer.Option(
+                    None,
+                    name(flag) + (f"/--no-{name(flag)[2:]}" if flag.value_type is bool else ""),
+                    help=flag.description,
+                    show_default=False,  # _print_panels shows it beside the variable
+                    rich_help_panel=flag.panel,
+                ),
+            )
+            for flag in flags
+        ]
+        command.__signature__ = signature.replace(parameters=[*own, *options])  # type: ignore[attr-defined]
+        return command
+
+    return add_options
+
+
+def _given(flags: dict[str, object]) -> dict[str, object]:
+    return {name: value for name, value in flags.items() if value not in (None, [])}
+
+
 @app.callback()
-def main(
-    kafka_bootstrap: Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers (env LAKEHOUSE_KAFKA_BOOTSTRAP, default localhost:9092)")] = None,
-    topic: Annotated[Optional[str], typer.Option(help="topic (env LAKEHOUSE_TOPIC, default device-data)")] = None,
-    topic_partitions: Annotated[Optional[int], typer.Option(help="partitions of a new topic (env LAKEHOUSE_TOPIC_PARTITIONS, default 4)")] = None,
-    topic_replication: Annotated[Optional[int], typer.Option(help="replicas of a new topic's partitions (env LAKEHOUSE_TOPIC_REPLICATION, default: the cluster's)")] = None,
-    topic_min_insync_replicas: Annotated[Optional[int], typer.Option(help="min.insync.replicas of a new topic (env LAKEHOUSE_TOPIC_MIN_INSYNC_REPLICAS, default: the cluster's)")] = None,
-    kafka_properties: Annotated[Optional[Path], typer.Option(help="Kafka client properties file: security.protocol, sasl.*, ssl.* (env LAKEHOUSE_KAFKA_PROPERTIES)")] = None,
-    max_message_bytes: Annotated[Optional[int], typer.Option(help="message size limit on every layer (env LAKEHOUSE_MAX_MESSAGE_BYTES, default 5242880)")] = None,
-    lake_root: Annotated[Optional[str], typer.Option(help="folder or URI of the Delta tables (env LAKEHOUSE_LAKE_ROOT, default data/lake)")] = None,
-    checkpoint_root: Annotated[Optional[str], typer.Option(help="folder or URI of checkpoints (env LAKEHOUSE_CHECKPOINT_ROOT, default <lake-root>/_checkpoints)")] = None,
-    home: Annotated[Optional[Path], typer.Option(help="local state: jars, local broker (env LAKEHOUSE_HOME, default .lakehouse)")] = None,
-    spark_master: Annotated[Optional[str], typer.Option(help="Spark master (env LAKEHOUSE_SPARK_MASTER, default local[*])")] = None,
-    spark_driver_memory: Annotated[Optional[str], typer.Option(help="Spark driver heap (env LAKEHOUSE_SPARK_DRIVER_MEMORY, default 2g)")] = None,
-    spark_executor_memory: Annotated[Optional[str], typer.Option(help="Spark executor heap on a cluster (env LAKEHOUSE_SPARK_EXECUTOR_MEMORY, default Spark's 1g)")] = None,
-    shuffle_partitions: Annotated[Optional[int], typer.Option(help="Spark shuffle partitions (env LAKEHOUSE_SHUFFLE_PARTITIONS, default 4)")] = None,
-    trigger_interval: Annotated[Optional[str], typer.Option(help="micro-batch interval (env LAKEHOUSE_TRIGGER_INTERVAL, default '1 second')")] = None,
-    max_offsets_per_trigger: Annotated[Optional[int], typer.Option(help="Kafka records per micro-batch (env LAKEHOUSE_MAX_OFFSETS_PER_TRIGGER, default 2000)")] = None,
-    starting_offsets: Annotated[Optional[str], typer.Option(help="earliest|latest for a new checkpoint (env LAKEHOUSE_STARTING_OFFSETS, default earliest)")] = None,
-    fail_on_data_loss: Annotated[Optional[bool], typer.Option(help="stop when Kafka lost unread offsets (env LAKEHOUSE_FAIL_ON_DATA_LOSS, default true)")] = None,
-    extra_timestamp_formats: Annotated[Optional[list[str]], typer.Option("--extra-timestamp-format", help="strptime pattern accepted besides ISO 8601, repeatable (env LAKEHOUSE_EXTRA_TIMESTAMP_FORMATS, a JSON list)")] = None,
-    http_host: Annotated[Optional[str], typer.Option(help="API listen address (env LAKEHOUSE_HTTP_HOST, default 127.0.0.1)")] = None,
-    http_port: Annotated[Optional[int], typer.Option(help="API port (env LAKEHOUSE_HTTP_PORT, default 8000)")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more")] = False,
-) -> None:
+@_with_setting_flags(list(SETTING_FLAGS.values()), lambda flag: flag.flag)
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more")] = False, **flags: object) -> None:
     """Every setting is a flag here and a LAKEHOUSE_* environment variable; flags win."""
-    given = {name: value for name, value in locals().items() if name != "verbose" and value not in (None, [])}
     _overrides.clear()
-    _overrides.update(given)
+    _overrides.update(_given(flags))
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     logging.getLogger("py4j").setLevel(logging.WARNING)  # py4j logs every callback at INFO
-    try:
-        settings()
-    except Exception as exc:  # pydantic's ValidationError names the setting and the problem
-        _fail(str(exc))
+    settings()  # a bad setting fails here, before any command starts
 
 
 @app.command()
 def setup(force: Annotated[bool, typer.Option(help="resolve again even if the jars are there")] = False) -> None:
     """Resolve the JVM jars (Delta, Spark's Kafka source, the Kafka broker) with Maven into <home>/jars."""
     from pipeline.jvm import jars
-    from lake.errors import LakeError
-    from pipeline.errors import PipelineError
 
-    try:
-        with console.status("resolving JVM jars with Maven"):
-            counts = jars.resolve(settings().home, force=force)
-    except (PipelineError, LakeError) as exc:
-        _fail(str(exc))
+    with console.status("resolving JVM jars with Maven"):
+        counts = jars.resolve(settings().home, force=force)
     console.print(f"jars ready: {counts['spark']} for Spark, {counts['kafka']} for the Kafka broker")
 
 
@@ -100,35 +191,34 @@ def setup(force: Annotated[bool, typer.Option(help="resolve again even if the ja
 def kafka_start(
     brokers: Annotated[
         int,
-        typer.Option(min=1, help="local brokers; 3 from localhost:9092 listen on 9092, 9094, 9096 (controllers on 9093, ...)"),
+        typer.Option(
+            min=1, help="local brokers; 3 from localhost:9092 listen on 9092, 9094, 9096 (controllers on 9093, ...)"
+        ),
     ] = 1,
 ) -> None:
     """Start the local broker, or a cluster of brokers (formatting storage on first start), and create the topic."""
     from pipeline.kafka.broker import LocalBroker, LocalCluster, ensure_topic
-    from lake.errors import LakeError
-    from pipeline.errors import PipelineError
 
     current = settings()
-    try:
-        if brokers == 1:
-            broker = LocalBroker.from_settings(current)
-            with console.status(f"starting Kafka on {broker.host}:{broker.port}"):
-                pid = broker.start()
-                created = ensure_topic(current)
-            running = f"Kafka broker running (pid {pid}) on {broker.host}:{broker.port}"
-        else:
-            cluster = LocalCluster.from_settings(current, brokers)
-            with console.status(f"starting {brokers} Kafka brokers on {cluster.bootstrap}"):
-                pids = cluster.start()
-                created = ensure_topic(current.model_copy(update={"kafka_bootstrap": cluster.bootstrap}))
-            running = f"{brokers} Kafka brokers running (pids {', '.join(map(str, pids))}) on {cluster.bootstrap}"
-    except (PipelineError, LakeError) as exc:
-        _fail(str(exc))
+    if brokers == 1:
+        broker = LocalBroker.from_settings(current)
+        with console.status(f"starting Kafka on {broker.host}:{broker.port}"):
+            pid = broker.start()
+            created = ensure_topic(current)
+        running = f"Kafka broker running (pid {pid}) on {broker.host}:{broker.port}"
+    else:
+        cluster = LocalCluster.from_settings(current, brokers)
+        with console.status(f"starting {brokers} Kafka brokers on {cluster.bootstrap}"):
+            pids = cluster.start()
+            created = ensure_topic(current.model_copy(update={"kafka_bootstrap": cluster.bootstrap}))
+        running = f"{brokers} Kafka brokers running (pids {', '.join(map(str, pids))}) on {cluster.bootstrap}"
     state = "created" if created else "exists"
     console.print(f"{running}; topic {current.topic!r} {state}")
     if brokers > 1 and current.kafka_bootstrap != cluster.bootstrap:
-        console.print(f"give clients every broker, so that they ride through one going down: "
-                      f"export LAKEHOUSE_KAFKA_BOOTSTRAP={cluster.bootstrap}")  # fmt: skip
+        console.print(
+            "give clients every broker, so that they ride through one going down: "
+            f"export LAKEHOUSE_KAFKA_BOOTSTRAP={cluster.bootstrap}"
+        )
 
 
 @kafka_app.command("stop")
@@ -160,13 +250,15 @@ def kafka_status() -> None:
         info = describe(current)
     except Exception as exc:
         _fail(f"cannot reach Kafka at {current.kafka_bootstrap}: {exc}")
-    console.print(f"cluster: brokers {info['brokers']}, topic {info['topic']!r} partitions {info['partitions']}, "
-                  f"replicas {info['replicas']}, under-replicated partitions {info['under_replicated']}")  # fmt: skip
+    console.print(
+        f"cluster: brokers {info['brokers']}, topic {info['topic']!r} partitions {info['partitions']}, "
+        f"replicas {info['replicas']}, under-replicated partitions {info['under_replicated']}"
+    )
 
 
 @app.command()
 def produce(
-    path: Annotated[Optional[Path], typer.Argument(help="NDJSON file, one message per line; '-' for stdin")] = None,
+    path: Annotated[Path | None, typer.Argument(help="NDJSON file, one message per line; '-' for stdin")] = None,
     synthetic: Annotated[bool, typer.Option(help="send a generated device fleet instead of a file")] = False,
     devices: Annotated[int, typer.Option(help="synthetic: number of devices")] = 20,
     messages: Annotated[int, typer.Option(help="synthetic: number of messages")] = 2000,
@@ -175,15 +267,13 @@ def produce(
     span_seconds: Annotated[int, typer.Option(help="synthetic: readings spread over this many seconds")] = 600,
     start: Annotated[str, typer.Option(help="synthetic: time of the first reading")] = "2024-07-30T12:00:00Z",
     seed: Annotated[int, typer.Option(help="synthetic: random seed")] = 7,
-    save: Annotated[Optional[Path], typer.Option(help="synthetic: also write the messages to this NDJSON file")] = None,
+    save: Annotated[Path | None, typer.Option(help="synthetic: also write the messages to this NDJSON file")] = None,
     rate: Annotated[float, typer.Option(help="messages per second; 0 sends as fast as possible")] = 0.0,
 ) -> None:
     """Send NDJSON lines (or a synthetic fleet) to the topic, keyed by device_id."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     from lake.timestamps import from_us, parse_timestamp_us
-    from lake.errors import LakeError
-    from pipeline.errors import PipelineError
     from pipeline.kafka.produce import produce as send
     from pipeline.kafka.synthetic import Fleet, generate
 
@@ -194,10 +284,15 @@ def produce(
     resources = ExitStack()
     if synthetic:
         fleet = Fleet(
-            devices=devices, messages=messages, batch_share=batch_share, full_batches=full_batches,
-            max_message_bytes=current.max_message_bytes, start=from_us(parse_timestamp_us(start)),
-            span_seconds=span_seconds, seed=seed,
-        )  # fmt: skip
+            devices=devices,
+            messages=messages,
+            batch_share=batch_share,
+            full_batches=full_batches,
+            max_message_bytes=current.max_message_bytes,
+            start=from_us(parse_timestamp_us(start)),
+            span_seconds=span_seconds,
+            seed=seed,
+        )
         source = generate(fleet)
         if save is not None:
             lines = list(source)
@@ -212,38 +307,32 @@ def produce(
         total = path.stat().st_size
         source = resources.enter_context(path.open("rb"))
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    try:
-        with resources, Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("produce", total=total)
-            report = send(current, source, on_progress=lambda n: progress.advance(task, n), rate=rate)
-        console.print(f"sent {report.sent:,} messages ({report.bytes:,} bytes) to {current.topic!r}"
-                      + (f"; {report.blank_lines} blank lines ignored" if report.blank_lines else ""))  # fmt: skip
-        report.raise_for_problems(current.max_message_bytes)
-    except (PipelineError, LakeError) as exc:
-        _fail(str(exc))
+    with resources, Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("produce", total=total)
+        report = send(current, source, on_progress=lambda n: progress.advance(task, n), rate=rate)
+    blank = f"; {report.blank_lines} blank lines ignored" if report.blank_lines else ""
+    console.print(f"sent {report.sent:,} messages ({report.bytes:,} bytes) to {current.topic!r}{blank}")
+    report.raise_for_problems(current.max_message_bytes)
 
 
 @app.command()
 def pipeline(
     available_now: Annotated[bool, typer.Option("--available-now", help="process what Kafka holds, then exit")] = False,
     report: Annotated[
-        Optional[Path], typer.Option(help="append one JSON line per micro-batch (counts, seconds per stage) to this file")
+        Path | None,
+        typer.Option(help="append one JSON line per micro-batch (counts, seconds per stage) to this file"),
     ] = None,
 ) -> None:
     """Run the streaming job Kafka -> bronze/silver/gold/quarantine (continuous unless --available-now)."""
-    from lake.errors import LakeError
-    from pipeline.errors import PipelineError
     from pipeline.stream.job import run
 
-    current = settings()
-    try:
-        reports = run(current, available_now=available_now, report_file=report)
-    except (PipelineError, LakeError) as exc:
-        _fail(str(exc))
+    reports = run(settings(), available_now=available_now, report_file=report)
     records = sum(r.records for r in reports)
     readings = sum(r.readings for r in reports)
     quarantined = sum(r.quarantined for r in reports)
-    console.print(f"{len(reports)} micro-batches: {records:,} records, {readings:,} readings, {quarantined:,} quarantined")
+    console.print(
+        f"{len(reports)} micro-batches: {records:,} records, {readings:,} readings, {quarantined:,} quarantined"
+    )
 
 
 @app.command()
@@ -260,32 +349,57 @@ def audit(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table as RichTable
 
-    from lake.errors import LakeError
     from pipeline.ops.audit import audit as run_audit
 
     columns = (TextColumn("re-reading bronze"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    try:
-        with Progress(*columns, console=console, transient=True, disable=as_json) as progress:
-            task = progress.add_task("audit", total=None)
-            report = run_audit(settings(), lambda done, total: progress.update(task, completed=done, total=total), kafka)
-    except LakeError as exc:
-        _fail(str(exc))
+    with Progress(*columns, console=console, transient=True, disable=as_json) as progress:
+        task = progress.add_task("audit", total=None)
+        report = run_audit(settings(), lambda done, total: progress.update(task, completed=done, total=total), kafka)
     if as_json:
         print(json.dumps(report.as_dict(), indent=2))
         raise typer.Exit(0 if report.ok else 1)
     out = Console()
-    counts = RichTable("topic", "part.", "Kafka offsets", "bronze", "to ingest", "readings", "accepted",
-                       "quar. readings", "quar. messages", "lost offsets", title="accounting per partition")  # fmt: skip
+    counts = RichTable(
+        "topic",
+        "part.",
+        "Kafka offsets",
+        "bronze",
+        "to ingest",
+        "readings",
+        "accepted",
+        "quar. readings",
+        "quar. messages",
+        "lost offsets",
+        title="accounting per partition",
+    )
     for p in report.partitions:
         kafka_range = "?" if p.kafka_end_offset is None else f"{p.kafka_first_offset:,}..{p.kafka_end_offset - 1:,}"
-        counts.add_row(p.topic, str(p.partition), kafka_range, f"{p.bronze_records:,}",
-                       "?" if p.not_yet_ingested is None else f"{p.not_yet_ingested:,}", f"{p.readings_in_messages:,}",
-                       f"{p.readings_accepted:,}", f"{p.readings_quarantined:,}", f"{p.messages_quarantined:,}",
-                       f"{p.offsets_lost:,}")  # fmt: skip
+        counts.add_row(
+            p.topic,
+            str(p.partition),
+            kafka_range,
+            f"{p.bronze_records:,}",
+            "?" if p.not_yet_ingested is None else f"{p.not_yet_ingested:,}",
+            f"{p.readings_in_messages:,}",
+            f"{p.readings_accepted:,}",
+            f"{p.readings_quarantined:,}",
+            f"{p.messages_quarantined:,}",
+            f"{p.offsets_lost:,}",
+        )
     totals = report.totals()
-    counts.add_row("total", "", "", f"{totals['bronze_records']:,}", "", f"{totals['readings_in_messages']:,}",
-                   f"{totals['readings_accepted']:,}", f"{totals['readings_quarantined']:,}",
-                   f"{totals['messages_quarantined']:,}", f"{totals['offsets_lost']:,}", style="bold")  # fmt: skip
+    counts.add_row(
+        "total",
+        "",
+        "",
+        f"{totals['bronze_records']:,}",
+        "",
+        f"{totals['readings_in_messages']:,}",
+        f"{totals['readings_accepted']:,}",
+        f"{totals['readings_quarantined']:,}",
+        f"{totals['messages_quarantined']:,}",
+        f"{totals['offsets_lost']:,}",
+        style="bold",
+    )
     out.print(counts)
     if report.kafka_error:
         console.print(f"[yellow]Kafka:[/] {escape(report.kafka_error)}")
@@ -324,16 +438,14 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="print the findi
 
 @app.command()
 def replay(
-    reason: Annotated[Optional[str], typer.Option(help="only quarantine rows with this reason code")] = None,
-    since: Annotated[Optional[str], typer.Option(help="only rows quarantined at or after this instant (ISO 8601)")] = None,
+    reason: Annotated[str | None, typer.Option(help="only quarantine rows with this reason code")] = None,
+    since: Annotated[str | None, typer.Option(help="only rows quarantined at or after this instant (ISO 8601)")] = None,
 ) -> None:
     """Re-evaluate quarantined rows with the current rules; now-valid readings move into silver and gold.
 
     For example after adding --extra-timestamp-format. Each now-valid reading moves exactly once; the rest keep an
     updated reason. Safe to run again, or while the pipeline runs."""
     from lake.timestamps import TimestampError, from_us, parse_timestamp_us
-    from lake.errors import LakeError
-    from pipeline.errors import PipelineError
     from pipeline.ops.replay import replay as run_replay
 
     current = settings()
@@ -344,7 +456,7 @@ def replay(
     try:
         with console.status("replaying quarantine with the current rules"):
             report = run_replay(current, reason, since_at)
-    except (PipelineError, LakeError, ValueError) as exc:
+    except ValueError as exc:  # an unknown reason code
         _fail(str(exc))
     console.print(
         f"replayed {report.quarantined_rows:,} quarantine rows from {report.records:,} Kafka records: "
@@ -355,9 +467,15 @@ def replay(
 
 @app.command()
 def maintain(
-    table: Annotated[Optional[list[str]], typer.Option(help="only this table (repeatable): bronze|silver|gold|quarantine")] = None,
-    retain_hours: Annotated[float, typer.Option(help="VACUUM keeps files younger than this; under 168 needs care")] = 168,
-    vacuum: Annotated[bool, typer.Option(help="delete files no longer in the table and older than --retain-hours")] = True,
+    table: Annotated[
+        list[str] | None, typer.Option(help="only this table (repeatable): bronze|silver|gold|quarantine")
+    ] = None,
+    retain_hours: Annotated[
+        float, typer.Option(help="VACUUM keeps files younger than this; under 168 needs care")
+    ] = 168,
+    vacuum: Annotated[
+        bool, typer.Option(help="delete files no longer in the table and older than --retain-hours")
+    ] = True,
     unsafe_retention: Annotated[
         bool, typer.Option(help="allow --retain-hours under 1; only when no pipeline or other writer is running")
     ] = False,
@@ -368,8 +486,6 @@ def maintain(
     from lake.maintenance import UnsafeRetention, check_retention
     from lake.maintenance import maintain as run_maintenance
     from lake.tables import LakePaths, Table
-    from lake.errors import LakeError
-    from pipeline.errors import PipelineError
     from pipeline.stream.spark import build_session
 
     current = settings()
@@ -382,28 +498,39 @@ def maintain(
     except UnsafeRetention as exc:
         _fail(str(exc))
     if retain_hours < 168:
-        console.print(f"[yellow]warning:[/] --retain-hours {retain_hours:g} is under 168: a reader on an older "
-                      "table version, or time travel to one, may fail")  # fmt: skip
-    try:
-        spark = build_session(current, app_name="kpi-lakehouse-maintain")
-    except (PipelineError, LakeError) as exc:
-        _fail(str(exc))
+        console.print(
+            f"[yellow]warning:[/] --retain-hours {retain_hours:g} is under 168: a reader on an older "
+            "table version, or time travel to one, may fail"
+        )
+    spark = build_session(current, app_name="kpi-lakehouse-maintain")
     reports = run_maintenance(spark, LakePaths.from_settings(current), chosen, retain_hours, vacuum, unsafe_retention)
-    summary = RichTable("table", "live files before", "compacted", "live files after", "deleted from storage", "version")
+    summary = RichTable(
+        "table", "live files before", "compacted", "live files after", "deleted from storage", "version"
+    )
     for r in reports:
-        summary.add_row(r.table, str(r.live_files_before), str(r.files_compacted), str(r.live_files_after),
-                        str(r.files_vacuumed), str(r.version))  # fmt: skip
+        summary.add_row(
+            r.table,
+            str(r.live_files_before),
+            str(r.files_compacted),
+            str(r.live_files_after),
+            str(r.files_vacuumed),
+            str(r.version),
+        )
     Console().print(summary)
 
 
 @app.command()
 def bench(
-    quick: Annotated[bool, typer.Option(help="a small smoke run (about two minutes) instead of the full sizes")] = False,
-    part: Annotated[Optional[list[str]], typer.Option(help="only this part (repeatable): ingest|freshness|lookups")] = None,
+    quick: Annotated[
+        bool, typer.Option(help="a small smoke run (about two minutes) instead of the full sizes")
+    ] = False,
+    part: Annotated[
+        list[str] | None, typer.Option(help="only this part (repeatable): ingest|freshness|lookups")
+    ] = None,
     folder: Annotated[Path, typer.Option(help="work folder (deleted and made again)")] = Path("data/bench"),
     port: Annotated[int, typer.Option(help="port of the benchmark's own Kafka broker (and the next one)")] = 19492,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the figures to this JSON file")] = None,
-    markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="also write the table to this file")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this JSON file")] = None,
+    markdown_out: Annotated[Path | None, typer.Option("--markdown", help="also write the table to this file")] = None,
 ) -> None:
     """Measure ingest, freshness and lookups beside references measured in the same run.
 
@@ -419,8 +546,13 @@ def bench(
         _fail(f"unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
     current = settings().model_copy(update={"kafka_bootstrap": f"localhost:{port}"})
     with console.status("benchmark") as status:
-        figures = run(current, Plan.quick() if quick else Plan(), chosen, folder.resolve(),
-                      lambda text: (status.update(text), console.log(text)))  # fmt: skip
+        figures = run(
+            current,
+            Plan.quick() if quick else Plan(),
+            chosen,
+            folder.resolve(),
+            lambda text: (status.update(text), console.log(text)),
+        )
     table = RichTable("figure", "ours", "reference", "ratio", "goal", "met", title="kpi-lakehouse bench")
     for f in figures:
         reference = f"{f.reference:,.2f} {f.unit}\n{f.reference_name}" if f.reference is not None else ""
@@ -437,52 +569,46 @@ def bench(
         markdown_out.write_text(markdown(figures, command))
 
 
-@app.command()
-def serve(
-    port: Annotated[Optional[int], typer.Option(help="port (overrides --http-port / LAKEHOUSE_HTTP_PORT)")] = None,
-    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
-    refresh_seconds: Annotated[Optional[float], typer.Option(help="look for new table versions this often (env LAKEHOUSE_API_REFRESH_SECONDS, default 1)")] = None,
-    rate_limit: Annotated[Optional[int], typer.Option(help="requests per minute per client, 0 = off (env LAKEHOUSE_API_RATE_LIMIT, default 0)")] = None,
-    cors_origins: Annotated[Optional[str], typer.Option(help="comma-separated CORS origins, empty = CORS off (env LAKEHOUSE_API_CORS_ORIGINS)")] = None,
-    max_range_buckets: Annotated[Optional[int], typer.Option(help="most buckets a /kpis range spans (env LAKEHOUSE_API_MAX_RANGE_BUCKETS, default 1000000)")] = None,
-    kafka_timeout_seconds: Annotated[Optional[float], typer.Option(help="wait for Kafka offsets in /health (env LAKEHOUSE_API_KAFKA_TIMEOUT_SECONDS, default 2)")] = None,
-) -> None:
+API_FLAGS = [flag for flag in SETTING_FLAGS.values() if flag.serve_flag is not None]
+
+
+@app.command(cls=ServeCommand)
+@_with_setting_flags(API_FLAGS, lambda flag: str(flag.serve_flag))
+def serve(workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1, **api_flags: object) -> None:
     """Run the HTTP API and dashboard: GET /, /kpis, /kpis/{timestamp}, /devices, /health, /metrics, OpenAPI at /schema."""
     import uvicorn
 
-    if port is not None:
-        _overrides["http_port"] = port
-    api_flags = {"api_refresh_seconds": refresh_seconds, "api_rate_limit": rate_limit, "api_cors_origins": cors_origins,
-                 "api_max_range_buckets": max_range_buckets, "api_kafka_timeout_seconds": kafka_timeout_seconds}  # fmt: skip
-    _overrides.update({name: value for name, value in api_flags.items() if value is not None})
+    _overrides.update(_given(api_flags))
     current = settings()
     # The app factory reads settings from the environment, also in worker processes.
-    for name, value in _overrides.items():
-        os.environ[f"LAKEHOUSE_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    os.environ.update(current.as_env())
     # The app logs each request as a JSON line itself, so uvicorn's access log stays off.
-    uvicorn.run("serve.app:create_app", factory=True, host=current.http_host, port=current.http_port,
-                workers=workers, log_level="info", access_log=False)  # fmt: skip
+    uvicorn.run(
+        "serve.app:create_app",
+        factory=True,
+        host=current.http_host,
+        port=current.http_port,
+        workers=workers,
+        log_level="info",
+        access_log=False,
+    )
 
 
 @app.command()
 def sql(
-    query: Annotated[Optional[str], typer.Argument(help="SQL to run; without it, an interactive prompt")] = None,
+    query: Annotated[str | None, typer.Argument(help="SQL to run; without it, an interactive prompt")] = None,
     output: Annotated[str, typer.Option(help="table|csv|json")] = "table",
     export_to: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--export", help="write the four tables into this DuckDB database file (a snapshot) and exit"),
     ] = None,
 ) -> None:
     """DuckDB over the lake, with views bronze, silver, gold and quarantine."""
     from lake.duck import connect
-    from lake.errors import LakeError
     from lake.sql import export, interactive, run_query
     from lake.tables import LakePaths
 
-    try:
-        connection = connect(LakePaths.from_settings(settings()))
-    except LakeError as exc:
-        _fail(str(exc))
+    connection = connect(LakePaths.from_settings(settings()))
     if export_to is not None:
         with console.status(f"exporting to {export_to}"):
             counts = export(connection, str(export_to))
@@ -499,4 +625,4 @@ def sql(
 
 
 if __name__ == "__main__":
-    app()
+    app(prog_name="lakehouse")

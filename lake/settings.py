@@ -3,71 +3,152 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+ENV_PREFIX = "LAKEHOUSE_"
+
+
+def cli(panel: str, *, flag: str | None = None, serve_flag: str | None = None, default: str | None = None) -> dict:
+    """How a field shows on the command line: its help panel; a flag other than --<field-name>; its name among
+    `serve`'s own flags (API settings); the default as help shows it when the value alone does not say it."""
+    shown = {"panel": panel, "flag": flag, "serve_flag": serve_flag, "default_text": default}
+    return {key: value for key, value in shown.items() if value is not None}
 
 
 class Settings(BaseSettings):
-    """One place for settings; the CLI maps each field to a flag of the same name."""
+    """One place for settings; the CLI makes a flag of each field (see `setting_flags`)."""
 
-    model_config = SettingsConfigDict(env_prefix="LAKEHOUSE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    kafka_bootstrap: str = Field("localhost:9092", description="Kafka bootstrap servers (host:port,...)")
-    topic: str = Field("device-data", description="Kafka topic of device messages")
-    topic_partitions: int = Field(4, ge=1, description="partitions when the topic is created")
+    kafka_bootstrap: str = Field(
+        "localhost:9092",
+        description="Kafka bootstrap servers (host:port,...); the local broker listens on this port",
+        json_schema_extra=cli("Kafka"),
+    )
+    topic: str = Field("device-data", description="Kafka topic of device messages", json_schema_extra=cli("Kafka"))
+    topic_partitions: int = Field(
+        4, ge=1, description="partitions when `kafka start` creates the topic", json_schema_extra=cli("Kafka")
+    )
     topic_replication: int | None = Field(
-        None, ge=1, description="replicas of each partition of a new topic; default: the cluster's default"
+        None,
+        ge=1,
+        description="replicas of each partition when `kafka start` creates the topic",
+        json_schema_extra=cli("Kafka", default="the cluster's"),
     )
     topic_min_insync_replicas: int | None = Field(
-        None, ge=1, description="min.insync.replicas of a new topic (acks=all waits for these); default: the cluster's"
+        None,
+        ge=1,
+        description="min.insync.replicas of a new topic: replicas an acks=all write waits for",
+        json_schema_extra=cli("Kafka", default="the cluster's"),
     )
     kafka_properties: Path | None = Field(
         None,
         description="Java-style properties file of Kafka client settings (security.protocol, sasl.*, ssl.*) for the "
         "producer, admin client and Spark's Kafka source",
+        json_schema_extra=cli("Kafka", default="none"),
     )
     max_message_bytes: int = Field(
-        5 * MIB, ge=1024, description="largest message value accepted by producer, topic, broker and consumer"
+        5 * MIB,
+        ge=1024,
+        description="largest message value accepted by producer, topic, broker and consumer",
+        json_schema_extra=cli("Kafka"),
     )
-    lake_root: str = Field("data/lake", description="folder (or URI) holding the Delta tables")
+    lake_root: str = Field(
+        "data/lake",
+        description="folder or URI (file://, s3a://, ...) of the Delta tables",
+        json_schema_extra=cli("Lake"),
+    )
     checkpoint_root: str | None = Field(
-        None, description="folder (or URI) for streaming checkpoints; default <lake_root>/_checkpoints"
+        None,
+        description="folder or URI of the streaming checkpoints",
+        json_schema_extra=cli("Lake", default="<lake-root>/_checkpoints"),
     )
     home: Path = Field(
-        Path(".lakehouse"), description="local state: resolved JVM jars, the local broker's data and logs"
+        Path(".lakehouse"),
+        description="local state: resolved JVM jars, the local broker's data and logs",
+        json_schema_extra=cli("Lake"),
     )
-    spark_master: str = Field("local[*]", description="Spark master URL")
-    spark_driver_memory: str = Field("2g", description="Spark driver heap (local mode: the whole engine)")
+    spark_master: str = Field("local[*]", description="Spark master URL", json_schema_extra=cli("Spark"))
+    spark_driver_memory: str = Field(
+        "2g", description="Spark driver heap (in local mode, the whole engine)", json_schema_extra=cli("Spark")
+    )
     spark_executor_memory: str | None = Field(
-        None, description="heap of each Spark executor on a cluster; default: Spark's (1g) or spark-submit's"
+        None,
+        description="heap of each Spark executor on a cluster",
+        json_schema_extra=cli("Spark", default="Spark's (1g)"),
     )
-    shuffle_partitions: int = Field(4, ge=1, description="spark.sql.shuffle.partitions for the job")
-    trigger_interval: str = Field("1 second", description="micro-batch trigger interval in continuous mode")
+    shuffle_partitions: int = Field(
+        4, ge=1, description="spark.sql.shuffle.partitions of the job", json_schema_extra=cli("Spark")
+    )
+    trigger_interval: str = Field(
+        "1 second",
+        description="micro-batch trigger interval in continuous mode",
+        json_schema_extra=cli("Streaming job"),
+    )
     max_offsets_per_trigger: int = Field(
-        2000, ge=1, description="bound on Kafka records per micro-batch (memory: this x max_message_bytes)"
+        2000,
+        ge=1,
+        description="Kafka records per micro-batch; bounds a batch's memory at this x max-message-bytes",
+        json_schema_extra=cli("Streaming job"),
     )
-    starting_offsets: str = Field("earliest", description="where a new checkpoint starts reading: earliest|latest")
+    starting_offsets: str = Field(
+        "earliest",
+        description="where a new checkpoint starts reading: earliest or latest",
+        json_schema_extra=cli("Streaming job"),
+    )
     extra_timestamp_formats: list[str] = Field(
         default_factory=list,
-        description="strptime patterns accepted besides ISO 8601 (a JSON list in the variable), e.g. [\"%d/%m/%Y %H:%M:%S\"]",
+        description="strptime patterns accepted besides ISO 8601 (no zone means UTC), e.g. %d/%m/%Y %H:%M:%S; "
+        "the flag is repeatable, the variable a JSON list",
+        json_schema_extra=cli("Streaming job", flag="--extra-timestamp-format"),
     )
-    fail_on_data_loss: bool = Field(True, description="stop when Kafka deleted offsets not yet processed")
-    http_host: str = Field("127.0.0.1", description="address the HTTP API listens on")
-    http_port: int = Field(8000, ge=1, le=65535, description="port of the HTTP API")
+    fail_on_data_loss: bool = Field(
+        True, description="stop when Kafka deleted offsets not yet processed", json_schema_extra=cli("Streaming job")
+    )
+    http_host: str = Field(
+        "127.0.0.1", description="address the HTTP API listens on", json_schema_extra=cli("API", serve_flag="--host")
+    )
+    http_port: int = Field(
+        8000, ge=1, le=65535, description="port of the HTTP API", json_schema_extra=cli("API", serve_flag="--port")
+    )
     api_refresh_seconds: float = Field(
-        1.0, gt=0, le=3600, description="how often the API looks for a new gold/silver version to load"
+        1.0,
+        gt=0,
+        le=3600,
+        description="how often the API looks for a new gold/silver version to load",
+        json_schema_extra=cli("API", serve_flag="--refresh-seconds"),
     )
-    api_rate_limit: int = Field(0, ge=0, description="requests per minute per client address; 0 turns limiting off")
-    api_cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty turns CORS off")
+    api_rate_limit: int = Field(
+        0,
+        ge=0,
+        description="requests per minute per client address; 0 turns limiting off",
+        json_schema_extra=cli("API", serve_flag="--rate-limit"),
+    )
+    api_cors_origins: str = Field(
+        "",
+        description="comma-separated origins allowed by CORS; empty turns CORS off",
+        json_schema_extra=cli("API", serve_flag="--cors-origins"),
+    )
     api_max_range_buckets: int = Field(
-        1_000_000, ge=1, description="most buckets a /kpis range may span (start to end divided by the grain)"
+        1_000_000,
+        ge=1,
+        description="most buckets a /kpis range may span (start to end divided by the grain)",
+        json_schema_extra=cli("API", serve_flag="--max-range-buckets"),
     )
     api_kafka_timeout_seconds: float = Field(
-        2.0, gt=0, le=60, description="how long /health waits for Kafka's newest offsets"
+        2.0,
+        gt=0,
+        le=60,
+        description="how long /health waits for Kafka's newest offsets",
+        json_schema_extra=cli("API", serve_flag="--kafka-timeout-seconds"),
     )
 
     @field_validator("starting_offsets")
@@ -80,7 +161,7 @@ class Settings(BaseSettings):
     def as_env(self) -> dict[str, str]:
         """These settings as LAKEHOUSE_* variables, for a subprocess (lists as JSON, as pydantic-settings reads them)."""
         return {
-            f"LAKEHOUSE_{name.upper()}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            f"{ENV_PREFIX}{name.upper()}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
             for name, value in self.model_dump(exclude_none=True).items()
         }
 
@@ -102,6 +183,56 @@ class Settings(BaseSettings):
     def kafka_limit_bytes(self) -> int:
         """Size limit for the Kafka layers: the value limit plus room for key, headers and batch framing."""
         return self.max_message_bytes + 64 * 1024
+
+
+@dataclass(frozen=True)
+class SettingFlag:
+    """One setting as the command line and the README show it."""
+
+    name: str  # the field
+    env: str  # LAKEHOUSE_<NAME>
+    flag: str  # --<name-with-dashes>, a flag of `lakehouse` itself
+    serve_flag: str | None  # the same setting among `serve`'s flags
+    panel: str
+    value_type: Any  # what the flag parses, e.g. int, Path, list[str]
+    default: str  # as help shows it
+    description: str
+
+
+def setting_flags() -> list[SettingFlag]:
+    """Every field of `Settings` as a flag, in the order of the class."""
+    return [_flag(name, field) for name, field in Settings.model_fields.items()]
+
+
+def _flag(name: str, field: FieldInfo) -> SettingFlag:
+    shown = field.json_schema_extra
+    assert isinstance(shown, dict) and field.description, (
+        f"Settings.{name} needs a description and json_schema_extra=cli(...)"
+    )
+    value_type = field.annotation
+    if get_origin(value_type) in (Union, UnionType):  # `int | None`: the flag parses an int
+        value_type = next(arg for arg in get_args(value_type) if arg is not type(None))
+    return SettingFlag(
+        name=name,
+        env=f"{ENV_PREFIX}{name.upper()}",
+        flag=str(shown.get("flag", "--" + name.replace("_", "-"))),
+        serve_flag=shown.get("serve_flag"),  # type: ignore[arg-type]
+        panel=str(shown["panel"]),
+        value_type=value_type,
+        default=str(shown.get("default_text", _shown_default(field.get_default(call_default_factory=True)))),
+        description=field.description,
+    )
+
+
+def _shown_default(value: object) -> str:
+    """A default spelled as one would set it: true, [], 1 (not 1.0), empty."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list):
+        return json.dumps(value)
+    return str(value) if value != "" else "empty"
 
 
 def join_path(root: str, *parts: str) -> str:
