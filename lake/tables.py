@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+import msgspec
+
 from lake.settings import Settings, absolute, join_path
 
 
@@ -13,6 +15,25 @@ class Table(str, Enum):
     SILVER = "silver"
     GOLD = "gold"
     QUARANTINE = "quarantine"
+
+
+class KpiValues(msgspec.Struct, kw_only=True):
+    """The KPIs of one bucket of readings (CONTRACT section 4): gold's columns, and the fields of the serving
+    queries' rows and of the API's answers, which extend this struct."""
+
+    reading_count: int
+    device_count: int
+    average_value: float
+    min_value: float
+    max_value: float
+    sum_value: float
+    stddev_value: float | None  # null for a bucket of one reading
+
+
+KPI_FIELDS: tuple[str, ...] = KpiValues.__struct_fields__
+# Gold's KPI columns in Spark DDL, typed after KpiValues (an optional float is a nullable DOUBLE).
+_SPARK_TYPES = {int: "BIGINT NOT NULL", float: "DOUBLE NOT NULL", float | None: "DOUBLE"}
+_KPI_COLUMNS = ", ".join(f"{f.name} {_SPARK_TYPES[f.type]}" for f in msgspec.structs.fields(KpiValues))
 
 
 # Schemas as Spark DDL so that this module stays importable without Spark (the API and `lakehouse sql` use it).
@@ -27,27 +48,13 @@ SCHEMAS: dict[Table, str] = {
         "`partition` INT NOT NULL, `offset` BIGINT NOT NULL, reading_index INT NOT NULL, "
         "kafka_timestamp TIMESTAMP, updated_at TIMESTAMP NOT NULL"
     ),
-    Table.GOLD: (
-        "`timestamp` TIMESTAMP NOT NULL, reading_count BIGINT NOT NULL, device_count BIGINT NOT NULL, "
-        "average_value DOUBLE NOT NULL, min_value DOUBLE NOT NULL, max_value DOUBLE NOT NULL, "
-        "sum_value DOUBLE NOT NULL, stddev_value DOUBLE, updated_at TIMESTAMP NOT NULL"
-    ),
+    Table.GOLD: f"`timestamp` TIMESTAMP NOT NULL, {_KPI_COLUMNS}, updated_at TIMESTAMP NOT NULL",
     Table.QUARANTINE: (
         "topic STRING NOT NULL, `partition` INT NOT NULL, `offset` BIGINT NOT NULL, reading_index INT, "
         "reason_code STRING NOT NULL, reason STRING NOT NULL, raw STRING, kafka_timestamp TIMESTAMP, "
         "quarantined_at TIMESTAMP NOT NULL"
     ),
 }
-
-KPI_FIELDS = (
-    "reading_count",
-    "device_count",
-    "average_value",
-    "min_value",
-    "max_value",
-    "sum_value",
-    "stddev_value",
-)
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ import httpx
 from lake import duck
 from lake.settings import Settings
 from lake.snapshot import SnapshotStore
-from lake.tables import LakePaths
+from lake.tables import LakePaths, Table
 from lake.timestamps import Grain, parse_timestamp_us
+from serve import queries
 from tests.conftest import HOME
 from tests.serve_lake import START, api_settings, iso, serving, serving_app
 
@@ -46,14 +47,14 @@ def build_lake(root: Path, seconds: int) -> None:
         "CAST(id % 97 AS DOUBLE) AS value", "'device-data' AS topic", "0 AS `partition`", "id AS `offset`",
         "0 AS reading_index", "CAST(NULL AS TIMESTAMP) AS kafka_timestamp", "current_timestamp() AS updated_at",
     )  # fmt: skip
-    silver.write.format("delta").mode("append").save(paths.table(duck.Table.SILVER))
-    spark.read.format("delta").load(paths.table(duck.Table.SILVER)).createOrReplaceTempView("silver")
+    silver.write.format("delta").mode("append").save(paths.table(Table.SILVER))
+    spark.read.format("delta").load(paths.table(Table.SILVER)).createOrReplaceTempView("silver")
     spark.sql(
         "SELECT timestamp_seconds(CAST(unix_micros(`timestamp`) DIV 1000000 AS BIGINT)) AS `timestamp`, "
         "count(*) AS reading_count, count(DISTINCT device_id) AS device_count, avg(value) AS average_value, "
         "min(value) AS min_value, max(value) AS max_value, sum(value) AS sum_value, stddev_samp(value) AS stddev_value, "
         "current_timestamp() AS updated_at FROM silver GROUP BY 1"
-    ).write.format("delta").mode("append").save(paths.table(duck.Table.GOLD))
+    ).write.format("delta").mode("append").save(paths.table(Table.GOLD))
     spark.stop()
 
 
@@ -66,7 +67,7 @@ def uncached_app(paths: LakePaths):  # type: ignore[no-untyped-def]
 
     @get("/kpis/{timestamp:str}", sync_to_thread=True)
     def lookup(timestamp: str) -> dict:
-        found = duck.kpis(views.cursor(), parse_timestamp_us(timestamp), Grain.SECOND)
+        found = queries.kpis(views.cursor(), parse_timestamp_us(timestamp), Grain.SECOND)
         if found is None:
             raise NotFoundException()
         return {"reading_count": found.reading_count}
@@ -104,14 +105,14 @@ def main() -> None:
     paths = LakePaths.from_settings(Settings(lake_root=str(root)))
 
     views = duck.connect(paths)
-    uncached = timed(lambda t: duck.kpis(views.cursor(), parse_timestamp_us(t), Grain.SECOND), instants)
+    uncached = timed(lambda t: queries.kpis(views.cursor(), parse_timestamp_us(t), Grain.SECOND), instants)
 
     store = SnapshotStore(paths)
     loaded = store.refresh()
 
     def from_snapshot(instant: str) -> object:
         with store.read() as (_, cursor):
-            return duck.kpis(cursor, parse_timestamp_us(instant), Grain.SECOND)
+            return queries.kpis(cursor, parse_timestamp_us(instant), Grain.SECOND)
 
     cached = timed(from_snapshot, instants)
     with serving(api_settings(root)) as base, httpx.Client(base_url=base) as client:

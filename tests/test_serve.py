@@ -14,11 +14,11 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 
-from lake import duck
 from lake.kafka import Watermarks, lag
 from lake.snapshot import SnapshotStore
 from lake.tables import LakePaths
 from lake.timestamps import parse_timestamp_us
+from serve import queries
 from serve.app import create_app
 from tests.serve_lake import (
     DEVICES,
@@ -279,14 +279,13 @@ def test_new_commits_are_served_without_restart(spark, tmp_path: Path) -> None: 
 
         # The reader that began earlier still sees its own version whole, while a new one sees the new version.
         store.refresh()
-        old_row = duck.kpis(old_cursor, parse_timestamp_us(iso(START)))
+        old_row = queries.kpis(old_cursor, parse_timestamp_us(iso(START)))
         assert old_row is not None and old_row.reading_count == before["reading_count"]
-        assert duck.kpis(old_cursor, parse_timestamp_us(iso(START + timedelta(seconds=30)))) is None
+        assert queries.kpis(old_cursor, parse_timestamp_us(iso(START + timedelta(seconds=30)))) is None
         with store.read() as (new_snapshot, new_cursor):
             assert new_snapshot.gold_version > old_snapshot.gold_version
-            assert (
-                duck.kpis(new_cursor, parse_timestamp_us(iso(START))).reading_count == expected[START]["reading_count"]
-            )
+            new_row = queries.kpis(new_cursor, parse_timestamp_us(iso(START)))
+            assert new_row is not None and new_row.reading_count == expected[START]["reading_count"]
     store.close()
 
 

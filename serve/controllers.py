@@ -1,0 +1,291 @@
+"""The API's routes: KPIs of a bucket and of a range, devices, health and liveness, and the dashboard; answers
+to reads carry the snapshot's ETag and are 304 when the client holds it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlencode
+
+import duckdb
+from litestar import Controller, MediaType, Request, Response, get
+from litestar.di import NamedDependency
+from litestar.openapi import ResponseSpec
+from litestar.params import Parameter
+from litestar.static_files import create_static_files_router
+
+from lake import checkpoint, deltalog, duck, kafka
+from lake.errors import LakeError
+from lake.settings import Settings, local_path
+from lake.snapshot import Snapshot, SnapshotStore
+from lake.tables import KPI_FIELDS, Table
+from lake.timestamps import MAX_US, Grain, TimestampError, format_utc, from_us, parse_timestamp_us
+from serve import queries
+from serve.errors import problem
+from serve.kafka_watch import KafkaWatch, records_behind
+from serve.schemas import (
+    DeviceResponse,
+    DevicesResponse,
+    Freshness,
+    HealthResponse,
+    KpiPoint,
+    KpiResponse,
+    KpiSeriesResponse,
+    LiveResponse,
+    PartitionLagResponse,
+    PipelineLagResponse,
+    Problem,
+)
+
+STATIC = Path(__file__).parent / "static"
+MAX_PAGE = 10_000
+_TIMESTAMP_DOC = "RFC 3339 / ISO 8601 instant such as 2024-07-30T12:00:00Z; '+' of an offset as %2B"
+
+
+def _problem_spec(description: str) -> ResponseSpec:
+    return ResponseSpec(Problem, description=description, media_type="application/problem+json")
+
+
+_READ_RESPONSES = {
+    304: ResponseSpec(None, description="Not modified: the If-None-Match ETag is the current snapshot's"),
+    400: _problem_spec("A parameter that cannot be read or is out of range"),
+    429: _problem_spec("Too many requests from this address (when LAKEHOUSE_API_RATE_LIMIT is set)"),
+    503: _problem_spec("The lake has no gold and silver tables yet"),
+}
+_KPI_RESPONSES = {**_READ_RESPONSES, 404: _problem_spec("The bucket has no readings")}
+_DEVICE_ID = Parameter(description="KPIs of this device only", min_length=1, max_length=512)
+_GRAIN = Parameter(description="bucket size")
+
+
+def _utc(moment: datetime | None) -> str | None:
+    return None if moment is None else format_utc(moment)
+
+
+def _freshness(snapshot: Snapshot) -> Freshness:
+    if not snapshot.ready:
+        raise problem(503, "Lake not ready", "the lake has no gold and silver tables yet; run `lakehouse pipeline`")
+    return Freshness(
+        gold_version=snapshot.gold_version or 0,
+        silver_version=snapshot.silver_version or 0,
+        newest_event=_utc(snapshot.newest_event),
+        last_gold_commit=_utc(snapshot.gold_committed_at),
+        snapshot_loaded_at=_utc(snapshot.loaded_at),
+    )
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison of If-None-Match against the current ETag."""
+    if not if_none_match:
+        return False
+    candidates = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in candidates or etag in candidates
+
+
+def _conditional(request: Request, snapshot: Snapshot, body: object) -> Response:
+    """200 with the body, or 304 when the client already holds this snapshot's answer; both carry the ETag."""
+    headers = {"ETag": snapshot.etag, "Cache-Control": "no-cache"}
+    if _etag_matches(request.headers.get("if-none-match"), snapshot.etag):
+        return Response(content=b"", status_code=304, headers=headers)
+    return Response(content=body, headers=headers)
+
+
+def _instant(name: str, text: str) -> int:
+    try:
+        return parse_timestamp_us(text)
+    except TimestampError as exc:
+        raise problem(400, f"Bad {name}", f"{name}: {exc}") from None
+
+
+@contextmanager
+def _reading(store: SnapshotStore) -> Iterator[tuple[Snapshot, Freshness, duckdb.DuckDBPyConnection]]:
+    """One snapshot's cursor and freshness for a request; a lake without tables is a 503."""
+    if local_path(store.paths.root) is None:
+        raise problem(503, "Lake not served", (
+            f"the API reads lakes on local disk only (a folder or file: URI), not {store.paths.root}; "
+            "serve it from a local copy or a mounted bucket"
+        ))  # fmt: skip
+    with store.read() as (snapshot, cursor):
+        freshness = _freshness(snapshot)
+        try:
+            yield snapshot, freshness, cursor
+        except LakeError as exc:
+            raise problem(503, "Lake not ready", str(exc)) from None
+
+
+class KpiController(Controller):
+    path = "/kpis"
+
+    @get(
+        "/{timestamp:str}",
+        sync_to_thread=True,
+        summary="KPIs of the bucket that contains an instant",
+        responses=_KPI_RESPONSES,
+    )
+    def get_kpis(
+        self,
+        request: Request,
+        store: NamedDependency[SnapshotStore],
+        timestamp: Annotated[str, Parameter(description=_TIMESTAMP_DOC, max_length=64)],
+        grain: Annotated[Grain, _GRAIN] = Grain.SECOND,
+        device_id: Annotated[str | None, _DEVICE_ID] = None,
+    ) -> Response[KpiResponse]:
+        instant_us = _instant("timestamp", timestamp)
+        with _reading(store) as (snapshot, freshness, cursor):
+            found = queries.kpis(cursor, instant_us, grain, device_id)
+        bucket = format_utc(from_us(grain.bucket_start_us(instant_us)))
+        if found is None:
+            who = f" for device {device_id!r}" if device_id else ""
+            raise problem(404, "No readings", f"no readings in the {grain.value} starting {bucket}{who}")
+        body = KpiResponse(
+            timestamp=bucket, grain=grain.value, device_id=device_id, freshness=freshness,
+            **{name: getattr(found, name) for name in KPI_FIELDS},
+        )  # fmt: skip
+        return _conditional(request, snapshot, body)
+
+    @get(
+        "/",
+        sync_to_thread=True,
+        summary="KPIs of every bucket with readings in a range, oldest first, a page at a time",
+        responses=_READ_RESPONSES,
+    )
+    def get_kpi_series(
+        self,
+        request: Request,
+        store: NamedDependency[SnapshotStore],
+        settings: NamedDependency[Settings],
+        start: Annotated[
+            str, Parameter(description=f"{_TIMESTAMP_DOC}; the bucket holding it is the first", max_length=64)
+        ],
+        end: Annotated[
+            str, Parameter(description=f"{_TIMESTAMP_DOC}; buckets starting before it are included", max_length=64)
+        ],
+        grain: Annotated[Grain, _GRAIN] = Grain.SECOND,
+        device_id: Annotated[str | None, _DEVICE_ID] = None,
+        limit: Annotated[int, Parameter(description="most buckets in this page", ge=1, le=MAX_PAGE)] = 1000,
+    ) -> Response[KpiSeriesResponse]:
+        start_us, end_us = _instant("start", start), _instant("end", end)
+        if start_us > end_us:
+            raise problem(400, "Bad range", f"start {start} is after end {end}; give start <= end")
+        first_us = grain.bucket_start_us(start_us)
+        # Whole buckets: the last one is the bucket that starts before `end` (clamped at the last representable
+        # instant).
+        stop_us = min(
+            end_us if end_us == grain.bucket_start_us(end_us) else grain.bucket_start_us(end_us) + grain.micros,
+            MAX_US,
+        )
+        buckets = (stop_us - first_us) // grain.micros
+        if buckets > settings.api_max_range_buckets:
+            raise problem(400, "Range too large", (
+                f"the range spans {buckets:,} {grain.value}s, more than the {settings.api_max_range_buckets:,} "
+                f"allowed (LAKEHOUSE_API_MAX_RANGE_BUCKETS); narrow it or use a coarser grain"
+            ))  # fmt: skip
+        with _reading(store) as (snapshot, freshness, cursor):
+            rows = queries.kpi_series(cursor, first_us, stop_us, grain, device_id, limit + 1)
+        next_page = None
+        if len(rows) > limit:
+            query = {
+                "start": format_utc(from_us(rows[limit].bucket_start_us)),
+                "end": end,
+                "grain": grain.value,
+                "limit": limit,
+            }
+            if device_id is not None:
+                query["device_id"] = device_id
+            next_page = f"/kpis?{urlencode(query)}"
+        points = [
+            KpiPoint(
+                timestamp=format_utc(from_us(row.bucket_start_us)), **{name: getattr(row, name) for name in KPI_FIELDS}
+            )
+            for row in rows[:limit]
+        ]
+        body = KpiSeriesResponse(
+            grain=grain.value, device_id=device_id, start=format_utc(from_us(first_us)),
+            end=format_utc(from_us(stop_us)), items=points, next=next_page, freshness=freshness,
+        )  # fmt: skip
+        return _conditional(request, snapshot, body)
+
+
+class DeviceController(Controller):
+    path = "/devices"
+
+    @get(
+        "/",
+        sync_to_thread=True,
+        summary="Known devices with their first and last reading time and reading count, ordered by id",
+        responses=_READ_RESPONSES,
+    )
+    def get_devices(
+        self,
+        request: Request,
+        store: NamedDependency[SnapshotStore],
+        after: Annotated[
+            str | None, Parameter(description="start after this device id (from `next`)", min_length=1, max_length=512)
+        ] = None,
+        limit: Annotated[int, Parameter(description="most devices in this page", ge=1, le=MAX_PAGE)] = 1000,
+    ) -> Response[DevicesResponse]:
+        with _reading(store) as (snapshot, freshness, cursor):
+            found = queries.devices(cursor, after, limit + 1)
+        items = [
+            DeviceResponse(device_id=d.device_id, first_reading=format_utc(d.first_reading),
+                           last_reading=format_utc(d.last_reading), reading_count=d.reading_count)
+            for d in found[:limit]
+        ]  # fmt: skip
+        next_page = None
+        if len(found) > limit:
+            next_page = f"/devices?{urlencode({'after': items[-1].device_id, 'limit': limit})}"
+        return _conditional(request, snapshot, DevicesResponse(items=items, next=next_page, freshness=freshness))
+
+
+class HealthController(Controller):
+    path = "/"
+
+    @get("/health", sync_to_thread=True, summary="Is the service up, which tables exist, and how far the pipeline lags")
+    def health(self, store: NamedDependency[SnapshotStore], kafka_watch: NamedDependency[KafkaWatch]) -> HealthResponse:
+        paths = store.paths
+        snapshot = store.current
+        tables = {t.value: duck.table_exists(paths, t) for t in Table}
+        gold = deltalog.latest_version(paths.table(Table.GOLD))
+        processed = checkpoint.processed_offsets(paths)
+        partitions = kafka.lag(kafka_watch.newest, processed.next_offsets if processed else {})
+        behind = None if kafka_watch.newest is None else records_behind(partitions)
+        committed_at = gold.committed_at if gold else None
+        since_commit = None if committed_at is None else (datetime.now(UTC) - committed_at).total_seconds()
+        lag = PipelineLagResponse(
+            last_gold_commit=_utc(committed_at),
+            seconds_since_gold_commit=since_commit,
+            checkpoint_batch=processed.batch_id if processed else None,
+            records_behind=behind,
+            partitions=[PartitionLagResponse(topic=p.topic, partition=p.partition, newest_offset=p.newest_offset,
+                                             processed_offset=p.processed_offset, records_behind=p.records_behind)
+                        for p in partitions],
+            kafka_error=kafka_watch.error,
+        )  # fmt: skip
+        fresh = _freshness(snapshot) if snapshot.ready else None
+        return HealthResponse(status="ok", tables=tables, snapshot=fresh, pipeline=lag)
+
+    @get("/livez", summary="Is the process up? (no lake access; for liveness probes)")
+    async def livez(self) -> LiveResponse:
+        return LiveResponse(status="ok")
+
+
+class DashboardController(Controller):
+    path = "/"
+    include_in_schema = False
+
+    @get("/", media_type=MediaType.HTML)
+    async def dashboard(self) -> Response[bytes]:
+        # Everything the page runs comes from this service; the policy makes the browser refuse anything else.
+        headers = {
+            "Content-Security-Policy": (
+                "default-src 'self'; img-src 'self' data:; style-src 'self'; frame-ancestors 'none'"
+            ),
+            "X-Content-Type-Options": "nosniff",
+        }
+        return Response((STATIC / "index.html").read_bytes(), media_type=MediaType.HTML, headers=headers)
+
+
+# The dashboard's scripts and styles.
+static_files = create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)

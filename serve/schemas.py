@@ -1,0 +1,87 @@
+"""The bodies the API answers with, as msgspec structs: KPIs, devices, health and problem details."""
+
+from __future__ import annotations
+
+import msgspec
+
+from lake.tables import KpiValues
+
+
+class Freshness(msgspec.Struct, kw_only=True):
+    gold_version: int
+    silver_version: int
+    newest_event: str | None  # the newest second in gold
+    last_gold_commit: str | None  # when the pipeline last committed to gold
+    snapshot_loaded_at: str | None
+
+
+class KpiResponse(KpiValues, kw_only=True, omit_defaults=True):
+    timestamp: str
+    grain: str
+    device_id: str | None = None
+    freshness: Freshness | None = None
+
+
+class KpiPoint(KpiValues, kw_only=True):
+    timestamp: str
+
+
+class KpiSeriesResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    grain: str
+    device_id: str | None = None
+    start: str  # start of the first bucket of the range
+    end: str  # end of the range (exclusive)
+    items: list[KpiPoint]
+    next: str | None  # the next page's path and query; null on the last page
+    freshness: Freshness
+
+
+class DeviceResponse(msgspec.Struct, kw_only=True):
+    device_id: str
+    first_reading: str
+    last_reading: str
+    reading_count: int
+
+
+class DevicesResponse(msgspec.Struct, kw_only=True):
+    items: list[DeviceResponse]
+    next: str | None
+    freshness: Freshness
+
+
+class PartitionLagResponse(msgspec.Struct, kw_only=True):
+    topic: str
+    partition: int
+    newest_offset: int | None
+    processed_offset: int | None
+    records_behind: int | None
+
+
+class PipelineLagResponse(msgspec.Struct, kw_only=True):
+    last_gold_commit: str | None
+    seconds_since_gold_commit: float | None
+    checkpoint_batch: int | None  # the newest micro-batch the pipeline's checkpoint committed
+    records_behind: int | None  # over all partitions; null when Kafka could not be asked
+    partitions: list[PartitionLagResponse]
+    kafka_error: str | None
+
+
+class HealthResponse(msgspec.Struct, kw_only=True):
+    status: str
+    tables: dict[str, bool]
+    snapshot: Freshness | None
+    pipeline: PipelineLagResponse
+
+
+class LiveResponse(msgspec.Struct, kw_only=True):
+    status: str
+
+
+class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """RFC 9457 problem details, the body of every error."""
+
+    status: int
+    title: str
+    detail: str | None = None
+    type: str | None = None
+    errors: list[dict[str, str]] | None = None  # what failed validation, parameter by parameter
