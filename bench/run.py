@@ -11,24 +11,21 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
 
+from bench.processes import LAKEHOUSE, env_for, free_port, running_api, start_lakehouse, stop_group
 from lake.settings import MIB, Settings
-
-LAKEHOUSE = [sys.executable, "-m", "lakehouse"]
 
 
 @dataclass
@@ -91,10 +88,6 @@ class Context:
         return self._spark
 
 
-def env_for(settings: Settings) -> dict[str, str]:
-    return dict(os.environ) | settings.as_env()
-
-
 def tree_rss(root: int) -> int:
     """Resident memory of a process and all its descendants (Spark's JVM, Python workers), in bytes."""
     children: dict[int, list[int]] = {}
@@ -131,42 +124,6 @@ def children_named(root: int, name: str) -> list[int]:
     return found
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def _api(settings: Settings, log: Path) -> Iterator[int]:
-    import httpx
-
-    port = _free_port()
-    with log.open("ab") as output:
-        server = subprocess.Popen([*LAKEHOUSE, "serve", "--port", str(port)], env=env_for(settings), stdout=output,
-                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not start; see {log}")
-            time.sleep(0.3)
-        yield port
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-
-
 def _produce(settings: Settings, payloads: list[bytes]) -> None:
     from pipeline.kafka.broker import ensure_topic
     from pipeline.kafka.produce import produce
@@ -192,10 +149,12 @@ def bench_ingest(ctx: Context) -> None:
     _produce(settings, payloads)
 
     ctx.say(f"ingest: the pipeline on {total / MIB:.0f} MiB already in Kafka")
+    report = ctx.folder / "ingest-batches.jsonl"
+    arguments = ["pipeline", "--available-now", "--report", str(report)]
     started = time.monotonic()
     log = ctx.folder / "ingest-pipeline.log"
     with log.open("wb") as output:
-        pipeline = subprocess.Popen([*LAKEHOUSE, "pipeline", "--available-now"], env=env_for(settings), stdout=output,
+        pipeline = subprocess.Popen([*LAKEHOUSE, *arguments], env=env_for(settings), stdout=output,
                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     peak = peak_jvm = 0
     while pipeline.poll() is None:
@@ -207,23 +166,23 @@ def bench_ingest(ctx: Context) -> None:
         raise RuntimeError(f"the pipeline failed; see {log}")
     # From the first micro-batch's start to the last one's end: Spark's start is left out, the work between
     # micro-batches (offsets, checkpoint commits) is counted.
-    batch_seconds, readings, ends = [], 0, []
-    for line in log.read_text(errors="replace").splitlines():
-        if " lakehouse.pipeline: batch " in line:
-            fields = line.split(" lakehouse.pipeline: batch ", 1)[1].split(" (", 1)[0].replace(",", "").split()
-            readings += int(fields[3])
-            batch_seconds.append(float(fields[-2]))
-            ends.append(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp())
-    if not ends:
-        raise RuntimeError(f"the pipeline logged no micro-batch; see {log}")
-    processing = ends[-1] - (ends[0] - batch_seconds[0])
+    batches = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
+    if not batches:
+        raise RuntimeError(f"the pipeline reported no micro-batch in {report}; see {log}")
+    processing = batches[-1]["finished_at"] - (batches[0]["finished_at"] - batches[0]["seconds"])
+    readings = sum(batch["readings"] for batch in batches)
+    stages: dict[str, float] = {}
+    for batch in batches:
+        for name, seconds in batch["stages"].items():
+            stages[name] = stages.get(name, 0.0) + seconds
+    spent = ", ".join(f"{name} {seconds:,.1f} s" for name, seconds in stages.items())
 
     references = _ingest_references(ctx, settings, payloads)
     ours_mb = total / 1e6 / processing
     ctx.figures.append(Figure("ingest, Kafka to gold (micro-batches)", ours_mb, "MB/s", references["spark"],
                               "Spark from_json + explode + groupBy", "≥ 100 MB/s", ours_mb >= 100,
                               f"{readings:,} readings, {readings / processing:,.0f} readings/s; "
-                              f"{len(batch_seconds)} micro-batches; {wall:.0f} s wall with Spark's start"))  # fmt: skip
+                              f"{len(batches)} micro-batches ({spent}); {wall:.0f} s wall with Spark's start"))  # fmt: skip
     ctx.figures.append(Figure("ingest vs msgspec typed parse, 1 core", ours_mb, "MB/s", references["msgspec"],
                               "msgspec decode only"))  # fmt: skip
     ctx.figures.append(Figure("ingest vs DuckDB read_json + unnest", ours_mb, "MB/s", references["duckdb"],
@@ -334,13 +293,11 @@ def bench_freshness(ctx: Context) -> None:
         return json.dumps({"device_id": "fresh-1", "timestamp": format_utc(moment), "value": float(second)}).encode()
 
     produce(settings, [reading(0)])  # the tables exist once the first batch commits
-    with log.open("wb") as output:
-        pipeline = subprocess.Popen([*LAKEHOUSE, "pipeline"], env=env_for(settings), stdout=output,
-                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    pipeline = start_lakehouse(settings, "pipeline", log=log)
     latencies: list[float] = []
     try:
-        with _api(settings, ctx.folder / "freshness-api.log") as port, httpx.Client(timeout=5) as client:
-            url = f"http://127.0.0.1:{port}/kpis/"
+        with running_api(settings, ctx.folder / "freshness-api.log") as api, httpx.Client(timeout=5) as client:
+            url = f"{api}/kpis/"
             deadline = time.monotonic() + 300
             while client.get(url + format_utc(base)).status_code != 200:
                 if pipeline.poll() is not None or time.monotonic() > deadline:
@@ -369,11 +326,7 @@ def bench_freshness(ctx: Context) -> None:
                 time.sleep(0.02)
             sender.join(timeout=60)
     finally:
-        pipeline.send_signal(signal.SIGTERM)
-        try:
-            pipeline.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(pipeline.pid, signal.SIGKILL)
+        stop_group(pipeline)
     if not latencies:
         raise RuntimeError("no reading became visible")
     ordered = sorted(latencies)
@@ -421,7 +374,8 @@ def bench_lookups(ctx: Context) -> None:
     stamps = [row[0] for row in lake.sql("SELECT strftime(\"timestamp\", '%Y-%m-%dT%H:%M:%SZ') FROM gold").fetchall()]
     lake.close()
 
-    with _api(settings, ctx.folder / "lookups-api.log") as port:
+    port = free_port()
+    with running_api(settings, ctx.folder / "lookups-api.log", port):
         paths_of = loadgen.random_paths("/kpis/", stamps)
         loadgen.sequential("127.0.0.1", port, paths_of, 200)  # warm-up
         lone = loadgen.sequential("127.0.0.1", port, paths_of, 300)
@@ -430,7 +384,7 @@ def bench_lookups(ctx: Context) -> None:
         kpi_peak = loadgen.closed_loop("127.0.0.1", port, paths_of, 5, connections=16)
         trivial_peak = loadgen.closed_loop("127.0.0.1", port, lambda: "/livez", 5, connections=16)
 
-    port = _free_port()
+    port = free_port()
     with (ctx.folder / "tutorial-api.log").open("ab") as output:
         tutorial = subprocess.Popen([sys.executable, "-m", "bench.tutorial", "--folder", str(csv_folder), "--port",
                                      str(port)], stdout=output, stderr=subprocess.STDOUT)  # fmt: skip

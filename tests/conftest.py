@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import uuid
 from pathlib import Path
 
@@ -14,12 +13,6 @@ from lake.settings import Settings
 REPO = Path(__file__).resolve().parent.parent
 HOME = REPO / ".lakehouse"  # jars resolved by `lakehouse setup` (make test runs it first)
 TEST_KAFKA_PORT = 19092
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,23 @@
-"""An independent reference for KPIs: built from the readings a test sends, not from the pipeline's code."""
+"""The independent side of every KPI check: contract section 4 recomputed in plain Python from the readings a test
+sends (never from the pipeline's or the API's code), and the one comparison of an answer with it."""
 
 from __future__ import annotations
 
 import math
-import statistics
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+
+KPI_FIELDS = ("reading_count", "device_count", "average_value", "min_value", "max_value", "sum_value", "stddev_value")
+GRAINS = {"second": timedelta(seconds=1), "minute": timedelta(minutes=1), "hour": timedelta(hours=1),
+          "day": timedelta(days=1)}  # fmt: skip
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Contract section 4: the KPIs "equal an independent recomputation from the produced data (relative tolerance
+# 1e-9)". Averages, sums and standard deviations are compared within it, relative to the larger magnitude and
+# with no absolute floor; counts, minimum and maximum are exact, and a null standard deviation must be null.
+REL_TOL = 1e-9
+ROUNDED_FIELDS = frozenset({"average_value", "sum_value", "stddev_value"})
 
 
 @dataclass
@@ -14,46 +26,59 @@ class Reference:
 
     readings: dict[tuple[str, datetime], float] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, readings: Iterable[tuple[str, datetime, float]]) -> Reference:
+        """The reference of (device_id, timestamp, value) readings taken in this order."""
+        reference = cls()
+        for device_id, moment, value in readings:
+            reference.add(device_id, moment, value)
+        return reference
+
     def add(self, device_id: str, moment: datetime, value: float) -> None:
         self.readings[(device_id, moment.astimezone(UTC))] = value
 
-    def buckets(self, width: timedelta = timedelta(seconds=1), device_id: str | None = None) -> dict[datetime, dict[str, object]]:
-        epoch = datetime(1970, 1, 1, tzinfo=UTC)
-        grouped: dict[datetime, list[tuple[str, float]]] = {}
+    def buckets(self, grain: str = "second", device_id: str | None = None) -> dict[datetime, dict[str, object]]:
+        """KPIs per bucket of `grain` (of one device with `device_id`), by bucket start, in time order."""
+        width = GRAINS[grain]
+        grouped: dict[datetime, tuple[list[float], set[str]]] = {}
         for (device, moment), value in self.readings.items():
-            if device_id is not None and device != device_id:
-                continue
-            start = epoch + ((moment - epoch) // width) * width
-            grouped.setdefault(start, []).append((device, value))
-        return {start: kpis(items) for start, items in grouped.items()}
+            if device_id is None or device == device_id:
+                values, devices = grouped.setdefault(EPOCH + (moment - EPOCH) // width * width, ([], set()))
+                values.append(value)
+                devices.add(device)
+        return {start: kpis(*grouped[start]) for start in sorted(grouped)}
 
 
-def kpis(items: list[tuple[str, float]]) -> dict[str, object]:
-    values = [v for _, v in items]
+def kpis(values: Sequence[float], devices: Collection[object]) -> dict[str, object]:
+    """The contract's fields over one bucket's values and distinct devices, in gold's column order; sums are exact
+    (math.fsum) before their one rounding, and the deviation is taken from the mean in a second pass."""
+    count = len(values)
+    total = math.fsum(values)
+    mean = total / count
     return {
-        "reading_count": len(values),
-        "device_count": len({d for d, _ in items}),
-        "average_value": statistics.fmean(values),
+        "reading_count": count,
+        "device_count": len(devices),
+        "average_value": mean,
         "min_value": min(values),
         "max_value": max(values),
-        "sum_value": math.fsum(values),
-        "stddev_value": statistics.stdev(values) if len(values) > 1 else None,
+        "sum_value": total,
+        "stddev_value": math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (count - 1)) if count > 1 else None,
     }
 
 
 def assert_kpis_equal(got: dict[str, object], expected: dict[str, object], where: str) -> None:
+    """`got` (a gold row, an API answer) holds `expected`'s KPIs within REL_TOL."""
     for name, want in expected.items():
         have = got[name]
-        if want is None or isinstance(want, int):
-            assert have == want, f"{where}: {name} is {have}, expected {want}"
-        else:
-            assert isinstance(have, float) and math.isclose(have, want, rel_tol=1e-9, abs_tol=1e-12), (
-                f"{where}: {name} is {have}, expected {want}"
+        if want is not None and name in ROUNDED_FIELDS:
+            assert isinstance(have, float) and math.isclose(have, want, rel_tol=REL_TOL), (  # type: ignore[arg-type]
+                f"{where}: {name} is {have}, expected {want} (relative tolerance {REL_TOL})"
             )
+        else:
+            assert have == want, f"{where}: {name} is {have}, expected {want}"
 
 
 def gold_kpis(lake: object) -> dict[datetime, dict[str, object]]:
     """Gold as DuckDB reads it, by second, with the fields of contract section 4."""
-    fields = ["reading_count", "device_count", "average_value", "min_value", "max_value", "sum_value", "stddev_value"]
-    rows = lake.sql(f'SELECT "timestamp", {", ".join(fields)} FROM gold').fetchall()  # type: ignore[attr-defined]
-    return {row[0].astimezone(UTC): dict(zip(fields, row[1:], strict=True)) for row in rows}
+    rows = lake.sql(f'SELECT "timestamp", {", ".join(KPI_FIELDS)} FROM gold').fetchall()  # type: ignore[attr-defined]
+    return {row[0].astimezone(UTC): dict(zip(KPI_FIELDS, row[1:], strict=True)) for row in rows}

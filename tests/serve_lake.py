@@ -1,31 +1,29 @@
-"""A small lake for the API tests: silver readings made up here, gold computed from them in Python, both written as
-the pipeline's Delta tables with the project's Spark session; and a reference the API's answers are checked against."""
+"""A small lake for the API tests: silver readings made up here, gold computed from them by tests.reference, both
+written as the pipeline's Delta tables with the project's Spark session."""
 
 from __future__ import annotations
 
 import json
-import math
 import random
-import statistics
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
+from bench.processes import free_port, wait_for_http
 from lake.settings import Settings
 from lake.tables import SCHEMAS, LakePaths, Table
-from tests.conftest import HOME, free_port
+from tests.conftest import HOME
+from tests.reference import Reference
 
 START = datetime(2024, 7, 30, 12, 0, 0, tzinfo=UTC)
 DEVICES = ("meter-3", "pump-1", "pump-2")
-GRAIN_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
 
-@dataclass(frozen=True)
-class Reading:
+class Reading(NamedTuple):
     device_id: str
     timestamp: datetime
     value: float
@@ -45,45 +43,6 @@ def make_readings(seed: int = 11, seconds: int = 150, stragglers: bool = True) -
     for offset in later if stragglers else ():
         found[("pump-1", START + offset)] = Reading("pump-1", START + offset, 7.25)
     return list(found.values())
-
-
-def bucket_start(moment: datetime, grain: str) -> datetime:
-    seconds = GRAIN_SECONDS[grain]
-    epoch = int(moment.timestamp() // seconds * seconds)
-    return datetime.fromtimestamp(epoch, UTC)
-
-
-def reference_kpis(readings: list[Reading], grain: str, device_id: str | None = None) -> dict[datetime, dict]:
-    """KPIs per bucket computed with Python's statistics, the independent side of every comparison."""
-    buckets: dict[datetime, list[Reading]] = {}
-    for reading in readings:
-        if device_id is None or reading.device_id == device_id:
-            buckets.setdefault(bucket_start(reading.timestamp, grain), []).append(reading)
-    return {start: kpi_fields(group) for start, group in sorted(buckets.items())}
-
-
-def kpi_fields(group: list[Reading]) -> dict:
-    values = [r.value for r in group]
-    return {
-        "reading_count": len(values),
-        "device_count": len({r.device_id for r in group}),
-        "average_value": statistics.fmean(values),
-        "min_value": min(values),
-        "max_value": max(values),
-        "sum_value": math.fsum(values),
-        "stddev_value": statistics.stdev(values) if len(values) > 1 else None,
-    }
-
-
-def same_kpis(answer: dict, expected: dict) -> bool:
-    for name, value in expected.items():
-        got = answer[name]
-        if value is None or isinstance(value, int):
-            if got != value:
-                return False
-        elif not math.isclose(got, value, rel_tol=1e-9, abs_tol=1e-9):
-            return False
-    return True
 
 
 def iso(moment: datetime) -> str:
@@ -118,8 +77,8 @@ class LakeWriter:
             )
         self.offset += len(readings)
         self._frame(Table.SILVER, silver_rows).write.format("delta").mode("append").save(self.paths.table(Table.SILVER))
-        touched = {bucket_start(r.timestamp, "second") for r in readings}
-        per_second = reference_kpis(all_readings, "second")
+        touched = {r.timestamp.replace(microsecond=0) for r in readings}
+        per_second = Reference.of(all_readings).buckets()
         gold_rows = [(second, *per_second[second].values(), now) for second in sorted(touched)]
         updates = self._frame(Table.GOLD, gold_rows)
         gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD))
@@ -162,7 +121,6 @@ def serving(settings: Settings) -> Iterator[str]:
 @contextmanager
 def serving_app(app, probe: str = "/schema/openapi.json") -> Iterator[str]:  # type: ignore[no-untyped-def]
     """An ASGI app under uvicorn on a free loopback port, in this process; yields its base URL once `probe` answers."""
-    import httpx
     import uvicorn
 
     port = free_port()
@@ -170,15 +128,7 @@ def serving_app(app, probe: str = "/schema/openapi.json") -> Iterator[str]:  # t
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}{probe}", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the API did not start"
-        time.sleep(0.1)
+    assert wait_for_http(f"{base}{probe}", 30, alive=thread.is_alive), "the API did not start"
     try:
         yield base
     finally:

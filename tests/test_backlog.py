@@ -3,6 +3,7 @@ micro-batch is bounded by LAKEHOUSE_MAX_OFFSETS_PER_TRIGGER, and the pipeline's 
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import time
@@ -16,7 +17,8 @@ from lake import duck
 from lake.settings import MIB, Settings
 from lake.tables import LakePaths
 from bench.run import children_named, tree_rss
-from tests.helpers import LAKEHOUSE, env_for, lakehouse
+from bench.processes import LAKEHOUSE, env_for, lakehouse
+from tests.reference import assert_kpis_equal, gold_kpis, kpis
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
 
@@ -58,20 +60,6 @@ def backlog(path: Path, limit: int) -> dict[datetime, tuple[list[float], set[int
     return per_second
 
 
-def expected_kpis(numbers: list[float], devices: set[int]) -> dict[str, object]:
-    n = len(numbers)
-    mean = math.fsum(numbers) / n
-    return {
-        "reading_count": n,
-        "device_count": len(devices),
-        "average_value": mean,
-        "min_value": min(numbers),
-        "max_value": max(numbers),
-        "sum_value": math.fsum(numbers),
-        "stddev_value": math.sqrt(math.fsum((x - mean) ** 2 for x in numbers) / (n - 1)),
-    }
-
-
 def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str, tmp_path: Path) -> None:
     settings = lake_settings.model_copy(update={"max_offsets_per_trigger": PER_TRIGGER, "spark_driver_memory": DRIVER_HEAP})
     ndjson = tmp_path / "backlog.ndjson"
@@ -81,8 +69,10 @@ def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str
     assert sent.returncode == 0, sent.stderr
     assert f"sent {MESSAGES} messages" in sent.stderr
 
+    report = tmp_path / "batches.jsonl"
+    command = [*LAKEHOUSE, "pipeline", "--available-now", "--report", str(report)]
     started = time.monotonic()
-    pipeline = subprocess.Popen([*LAKEHOUSE, "pipeline", "--available-now"], env=env_for(settings),
+    pipeline = subprocess.Popen(command, env=env_for(settings),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     peak_total = peak_jvm = 0
     while pipeline.poll() is None:
@@ -92,7 +82,8 @@ def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str
     stdout, stderr = pipeline.communicate()
     seconds = time.monotonic() - started
     assert pipeline.returncode == 0, stderr[-5000:]
-    batches = int(stderr.rsplit(" micro-batches:", 1)[0].rsplit("\n", 1)[-1].split()[-1])
+    reports = [json.loads(line) for line in report.read_text().splitlines()]
+    batches = len(reports)
     readings = sum(len(values) for values, _ in per_second.values())
     print(f"\n{MESSAGES} messages ({ndjson.stat().st_size / MIB:.0f} MiB, {readings:,} readings) in {batches} "
           f"micro-batches, {seconds:.0f} s ({ndjson.stat().st_size / MIB / seconds:.1f} MiB/s end to end); "
@@ -100,6 +91,8 @@ def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str
           f"(driver heap {DRIVER_HEAP})")  # fmt: skip
 
     # Each micro-batch took at most PER_TRIGGER records.
+    assert max(r["records"] for r in reports) <= PER_TRIGGER, reports
+    assert sum(r["records"] for r in reports) == MESSAGES and sum(r["readings"] for r in reports) == readings
     assert batches >= math.ceil(MESSAGES / PER_TRIGGER)
     # Bounded by the settings: the JVM stays near its heap plus Spark's and Java's own overhead (< 1.5 GiB
     # here), and the tree (JVM, the Python driver, two Python workers with Arrow batches of at most 32 MiB)
@@ -113,12 +106,7 @@ def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str
     )  # fmt: skip
     assert lake.sql("SELECT count(*) FROM silver").fetchone() == (readings,)
     assert lake.sql("SELECT count(*) FROM quarantine").fetchone() == (0,)
-    gold = {row[0].astimezone(UTC): row[1:] for row in lake.sql(
-        'SELECT "timestamp", reading_count, device_count, average_value, min_value, max_value, sum_value, stddev_value FROM gold'
-    ).fetchall()}  # fmt: skip
+    gold = gold_kpis(lake)
     assert set(gold) == set(per_second)
-    fields = ("reading_count", "device_count", "average_value", "min_value", "max_value", "sum_value", "stddev_value")
     for second, (values, devices) in per_second.items():
-        want = expected_kpis(values, devices)
-        for name, have in zip(fields, gold[second], strict=True):
-            assert math.isclose(have, want[name], rel_tol=1e-9), f"{second} {name}: {have} != {want[name]}"
+        assert_kpis_equal(gold[second], kpis(values, devices), f"gold {second}")

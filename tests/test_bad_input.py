@@ -9,11 +9,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from bench.processes import lakehouse
 from lake import duck
 from lake.settings import Settings
 from lake.tables import LakePaths
-from tests.helpers import dumps, lakehouse
 from tests.reference import Reference, assert_kpis_equal, gold_kpis
+from tests.stream import dumps, stamp
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
 
@@ -22,7 +23,7 @@ DAY_FIRST = "%d/%m/%Y %H:%M:%S"  # the format a rule change accepts later
 
 
 def at(seconds: float) -> str:
-    return (T0 + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return stamp(T0 + timedelta(seconds=seconds))
 
 
 @dataclass
@@ -166,10 +167,7 @@ def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_
         table.append(f"{case.name:34} -> {got if got else 'silver'}")
         assert got == case.quarantined, case.name
     print("\n".join(table))
-    reference = Reference()
-    for case in found:
-        for device, moment, value in case.readings:
-            reference.add(device, moment, value)
+    reference = Reference.of(reading for case in found for reading in case.readings)
     assert_gold(lake_settings, reference)
 
     # The accounting adds up, per partition and in total.

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.processes import LAKEHOUSE
 from tests.conftest import HOME
-from tests.helpers import LAKEHOUSE
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
 

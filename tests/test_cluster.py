@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -16,11 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.processes import LAKEHOUSE, env_for, lakehouse, start_lakehouse, stop_group
 from lake.settings import Settings
 from lake.tables import LakePaths
 from tests.conftest import HOME
-from tests.helpers import LAKEHOUSE, dumps, env_for, lakehouse
-from tests.reference import Reference, assert_kpis_equal, gold_kpis
+from tests.reference import assert_kpis_equal, gold_kpis
+from tests.stream import Stream
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kafka, pytest.mark.spark]
 
@@ -82,7 +82,7 @@ def spark_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         for daemon in reversed(started):
-            _stop_group(daemon)
+            stop_group(daemon)
 
 
 def _master_state() -> dict[str, object]:
@@ -96,23 +96,9 @@ def _alive_workers() -> int:
     return sum(1 for worker in _master_state().get("workers", []) if worker["state"] == "ALIVE")  # type: ignore[union-attr]
 
 
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the process and its children (its own session), SIGKILL if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=30)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def build_stream(rng: random.Random, messages: int) -> tuple[list[bytes], Reference]:
-    """Single readings, small batches, corrections and one 2 MiB batch, with the reference of what must come out."""
-    reference = Reference()
-    stream: list[bytes] = []
+def build_stream(rng: random.Random, messages: int) -> Stream:
+    """Single readings, small batches, corrections and one 2 MiB batch, each with what must come out of it."""
+    stream = Stream(spell=datetime.isoformat)
     devices = [f"pump-{n}" for n in range(12)]
     sent: dict[str, list[datetime]] = {}
     for index in range(messages):
@@ -120,27 +106,23 @@ def build_stream(rng: random.Random, messages: int) -> tuple[list[bytes], Refere
         if index % 20 == 7 and sent.get(device):
             # A correction: a reading this device sent before, with another value; same key, so a later offset.
             moment, value = rng.choice(sent[device]), round(rng.uniform(-50, 50), 3)
-            stream.append(dumps({"device_id": device, "timestamp": moment.isoformat(), "value": value}))
-            reference.add(device, moment, value)
+            stream.single(device, moment, value)
             continue
         count = 15 if index % 10 == 0 else 1
         readings = []
         for _ in range(count):
             moment = T0 + timedelta(milliseconds=rng.randrange(120_000))
-            readings.append({"timestamp": moment.isoformat(), "value": round(rng.gauss(40, 9), 4)})
+            readings.append((moment, round(rng.gauss(40, 9), 4)))
             sent.setdefault(device, []).append(moment)
-        message = {"device_id": device, "readings": readings} if count > 1 else {"device_id": device, **readings[0]}
-        stream.append(dumps(message))
-        for reading in readings:
-            reference.add(device, datetime.fromisoformat(str(reading["timestamp"])), float(reading["value"]))
+        if count > 1:
+            stream.batch(device, readings)
+        else:
+            stream.single(device, *readings[0])
     # Over twice the 1 MiB that Kafka replicates by default: the replicas must fetch it too.
-    big = [{"timestamp": (T0 + timedelta(minutes=3, microseconds=400 * n)).isoformat(), "value": n % 997 / 7}
-           for n in range(30_000)]  # fmt: skip
-    stream.insert(messages // 4, dumps({"device_id": "big-1", "readings": big}))
-    assert len(stream[messages // 4]) > 2 * 1024 * 1024
-    for reading in big:
-        reference.add("big-1", datetime.fromisoformat(str(reading["timestamp"])), float(reading["value"]))
-    return stream, reference
+    big = stream.batch("big-1", [(T0 + timedelta(minutes=3, microseconds=400 * n), n % 997 / 7) for n in range(30_000)])
+    stream.sent.insert(messages // 4, stream.sent.pop())
+    assert len(big.payload) > 2 * 1024 * 1024
+    return stream
 
 
 def bronze_records(paths: LakePaths) -> int:
@@ -179,21 +161,18 @@ def test_standalone_spark_and_three_brokers_survive_a_broker_loss(
         time.sleep(0.5)
     assert topology["brokers"] and len(topology["brokers"]) == 3 and topology["replicas"] == 3  # type: ignore[arg-type]
 
-    messages, reference = build_stream(random.Random(8), 300)
+    stream = build_stream(random.Random(8), 300)
+    messages, reference = stream.messages, stream.reference()
     half = len(messages) // 2
-    first, second = tmp_path / "first.ndjson", tmp_path / "second.ndjson"
-    first.write_bytes(b"".join(m + b"\n" for m in messages[:half]))
-    second.write_bytes(b"".join(m + b"\n" for m in messages[half:]))
+    first, second = stream.write(tmp_path / "first.ndjson", stop=half), stream.write(tmp_path / "second.ndjson", half)
 
     sent = lakehouse(settings, "produce", str(first))
     assert sent.returncode == 0, sent.stderr
 
     # The driver on loopback, so that the worker's executors reach it whatever the host's name resolves to.
-    env = env_for(settings) | {"SPARK_LOCAL_IP": "127.0.0.1"}
+    loopback = {"SPARK_LOCAL_IP": "127.0.0.1"}
     log = tmp_path / "pipeline.log"
-    with open(log, "ab") as out:
-        pipeline = subprocess.Popen([*LAKEHOUSE, "pipeline"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # fmt: skip
+    pipeline = start_lakehouse(settings, "pipeline", log=log, env_extra=loopback)
     producer: subprocess.Popen[str] | None = None
     try:
 
@@ -237,7 +216,7 @@ def test_standalone_spark_and_three_brokers_survive_a_broker_loss(
     finally:
         if producer is not None and producer.poll() is None:
             producer.kill()
-        _stop_group(pipeline)
+        stop_group(pipeline)
 
     lake = connect(paths)
     bronze = lake.sql('SELECT count(*), count(DISTINCT ("partition", "offset")) FROM bronze').fetchone()

@@ -13,7 +13,8 @@ import pytest
 
 from lake.tables import LakePaths
 from tests.conftest import REPO
-from tests.serve_lake import START, LakeWriter, Reading, api_settings, make_readings, reference_kpis, serving
+from tests.reference import Reference
+from tests.serve_lake import START, LakeWriter, Reading, api_settings, make_readings, serving
 
 pytestmark = pytest.mark.spark
 CHROMIUM = "/usr/bin/chromium"
@@ -77,7 +78,7 @@ def test_dashboard_draws_the_api_values_and_follows_new_data(spark, tmp_path: Pa
             url = page.evaluate("() => window.kpiDashboard.url")
             chart = _chart_columns(page)
             assert chart == _api_columns(base, url)
-            expected = reference_kpis(readings, "second")
+            expected = Reference.of(readings).buckets("second")
             assert [int(x) for x in chart[0]] == [int(s.timestamp()) for s in expected]
             assert chart[4] == [k["reading_count"] for k in expected.values()]
             # The canvas really has a drawing on it, not just data behind it.
@@ -104,7 +105,7 @@ def test_dashboard_draws_the_api_values_and_follows_new_data(spark, tmp_path: Pa
             page.select_option("#device", "pump-1")
             page.wait_for_function("() => window.kpiDashboard.url.includes('device_id=pump-1')", timeout=20_000)
             page.wait_for_function("() => window.kpiDashboard.url.includes('grain=minute')", timeout=20_000)
-            minute = reference_kpis(readings, "minute", "pump-1")
+            minute = Reference.of(readings).buckets("minute", "pump-1")
             chart = _chart_columns(page)
             assert chart[4] == [k["reading_count"] for k in minute.values()]
             assert chart == _api_columns(base, page.evaluate("() => window.kpiDashboard.url"))

@@ -1,13 +1,13 @@
-"""Dedupe and KPI math on plain Spark DataFrames, checked against independent Python computations."""
+"""Dedupe and KPI math on plain Spark DataFrames, checked against the independent reference."""
 
 from __future__ import annotations
 
-import math
 import random
-import statistics
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
+from tests.reference import Reference, assert_kpis_equal
 
 pytestmark = pytest.mark.spark
 
@@ -51,19 +51,7 @@ def test_kpis_per_second_match_python(spark) -> None:  # type: ignore[no-untyped
     frame = spark.createDataFrame(readings, "device_id STRING, `timestamp` TIMESTAMP, value DOUBLE")
     got = {row.timestamp.replace(tzinfo=UTC): row for row in kpis_per_second(frame).collect()}
 
-    by_second: dict[datetime, list[tuple[str, float]]] = {}
-    for device, moment, value in readings:
-        by_second.setdefault(moment.replace(microsecond=0), []).append((device, value))
-    assert set(got) == set(by_second)
-    for second, items in by_second.items():
-        values = [v for _, v in items]
-        row = got[second]
-        assert row.reading_count == len(values)
-        assert row.device_count == len({d for d, _ in items})
-        assert math.isclose(row.average_value, statistics.fmean(values), rel_tol=1e-9)
-        assert row.min_value == min(values) and row.max_value == max(values)
-        assert math.isclose(row.sum_value, math.fsum(values), rel_tol=1e-9)
-        if len(values) == 1:
-            assert row.stddev_value is None
-        else:
-            assert math.isclose(row.stddev_value, statistics.stdev(values), rel_tol=1e-9)
+    expected = Reference.of(readings).buckets("second")
+    assert set(got) == set(expected)
+    for second, want in expected.items():
+        assert_kpis_equal(got[second].asDict(), want, f"second {second}")

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from bench.processes import lakehouse
 from lake.settings import MIB, Settings
-from tests.helpers import lakehouse
 
 pytestmark = pytest.mark.kafka
 

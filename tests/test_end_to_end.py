@@ -14,20 +14,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.processes import lakehouse, running_api
 from lake.settings import Settings
-from tests.helpers import dumps, lakehouse, running_api
-from tests.reference import Reference, assert_kpis_equal
+from tests.reference import assert_kpis_equal
+from tests.stream import Stream, dumps
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
 
 T0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
 
 
-def build_messages() -> tuple[list[bytes], Reference, Counter[tuple[str, int | None]]]:
-    """The mix the product must handle, with the reference of what must come out of it."""
-    reference = Reference()
-    messages: list[bytes] = []
-    quarantine: Counter[tuple[str, int | None]] = Counter()
+def build_stream() -> Stream:
+    """The mix the product must handle, each message with what must come out of it."""
+    stream = Stream()
 
     # Single readings in the timestamp formats of contract section 1.
     formats = [
@@ -39,48 +38,42 @@ def build_messages() -> tuple[list[bytes], Reference, Counter[tuple[str, int | N
         ("dev-5", "2024-07-30T12:00:02.000001z", T0 + timedelta(seconds=2, microseconds=1)),
     ]
     for i, (device, text, moment) in enumerate(formats):
-        value = 10.0 + i * 1.5
-        messages.append(dumps({"device_id": device, "timestamp": text, "value": value, "fw": "2.1"}))
-        reference.add(device, moment, value)
+        stream.single(device, moment, 10.0 + i * 1.5, timestamp=text, fw="2.1")
+    first = stream.sent[0]
 
     # A batch of over 4 MiB, under the 5 MiB limit: one device, 60 seconds.
     rng = random.Random(11)
-    big, size = [], 0
+    big: list[tuple[datetime, float]] = []
+    size = 0
     for i in range(200_000):
         moment = T0 + timedelta(minutes=1, microseconds=i * 250)  # 4,000 readings a second
-        reading = {"timestamp": moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "value": round(rng.gauss(50, 12), 6)}
-        size += len(dumps(reading)) + 1
+        value = round(rng.gauss(50, 12), 6)
+        size += len(dumps(stream.item(moment, value))) + 1
         if size > 5 * 1024 * 1024 - 1000:
             break
-        big.append(reading)
-        reference.add("big-1", moment, reading["value"])
-    batch = dumps({"device_id": "big-1", "site": "plant-3", "readings": big})
-    assert 4 * 1024 * 1024 < len(batch) <= 5 * 1024 * 1024
-    messages.append(batch)
+        big.append((moment, value))
+    batch = stream.batch("big-1", big, site="plant-3")
+    assert 4 * 1024 * 1024 < len(batch.payload) <= 5 * 1024 * 1024
 
     # A JSON array of readings, each with its own device.
-    array = [{"device_id": f"arr-{i}", "timestamp": f"2024-07-30T12:00:0{i}Z", "value": -1.0 * i} for i in range(4)]
-    messages.append(dumps(array))
-    for item in array:
-        reference.add(item["device_id"], T0 + timedelta(seconds=int(item["timestamp"][18])), item["value"])
+    array = [(f"arr-{i}", T0 + timedelta(seconds=i), -1.0 * i) for i in range(4)]
+    stream.send(dumps([{"device_id": device, "timestamp": f"2024-07-30T12:00:0{at.second}Z", "value": value}
+                       for device, at, value in array]), array)  # fmt: skip
 
     # An exact duplicate, sent again later: changes nothing.
-    messages.append(messages[0])
+    stream.repeat(first)
 
     # A correction of dev-2's reading, later in the same partition (same key): the new value wins.
-    messages.append(dumps({"device_id": "dev-2", "timestamp": "2024-07-30T12:00:00.25Z", "value": 99.5}))
-    reference.add("dev-2", T0 + timedelta(milliseconds=250), 99.5)
+    stream.single("dev-2", T0 + timedelta(milliseconds=250), 99.5, timestamp="2024-07-30T12:00:00.25Z")
 
     # A batch that corrects itself (the later index wins) and holds an invalid reading among valid ones.
-    messages.append(dumps({"device_id": "dev-6", "readings": [
+    stream.send(dumps({"device_id": "dev-6", "readings": [
         {"timestamp": "2024-07-30T12:00:03Z", "value": 1.0},
         {"timestamp": "2024-07-30T12:00:03Z", "value": "high"},
         {"timestamp": "2024-07-30T12:00:03Z", "value": 3.0},
         {"timestamp": "2024-07-30T12:00:04Z", "value": 4.0},
-    ]}))  # fmt: skip
-    reference.add("dev-6", T0 + timedelta(seconds=3), 3.0)
-    reference.add("dev-6", T0 + timedelta(seconds=4), 4.0)
-    quarantine[("bad_value", 1)] += 1
+    ]}), [("dev-6", T0 + timedelta(seconds=3), 1.0), ("dev-6", T0 + timedelta(seconds=3), 3.0),
+          ("dev-6", T0 + timedelta(seconds=4), 4.0)], [("bad_value", 1)])  # fmt: skip
 
     # Malformed messages: each lands in quarantine, none stops the stream.
     for payload, reason, index in [
@@ -91,9 +84,8 @@ def build_messages() -> tuple[list[bytes], Reference, Counter[tuple[str, int | N
         (b'{"timestamp": "2024-07-30T12:00:05Z", "value": 5}', "missing_device_id", 0),
         (b'{"device_id": "dev-8", "timestamp": "tomorrow", "value": 5}', "bad_timestamp", 0),
     ]:
-        messages.append(payload)
-        quarantine[(reason, index)] += 1
-    return messages, reference, quarantine
+        stream.send(payload, quarantined=[(reason, index)])
+    return stream
 
 
 @pytest.fixture()
@@ -107,9 +99,9 @@ def parse_sql_time(text: str) -> datetime:
 
 
 def test_end_to_end(lake_settings: Settings, topic: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    messages, reference, expected_quarantine = build_messages()
-    ndjson = tmp_path / "messages.ndjson"
-    ndjson.write_bytes(b"".join(m + b"\n" for m in messages))
+    stream = build_stream()
+    messages, reference, expected_quarantine = stream.messages, stream.reference(), stream.quarantine()
+    ndjson = stream.write(tmp_path / "messages.ndjson")
 
     sent = lakehouse(lake_settings, "produce", str(ndjson))
     assert sent.returncode == 0, sent.stderr
@@ -160,12 +152,12 @@ def test_end_to_end(lake_settings: Settings, topic: str, tmp_path: Path, request
         assert_kpis_equal(body, per_second[T0], spelling)
 
     # Coarser grains and one device, each over the deduplicated readings.
-    for grain, width in [("minute", timedelta(minutes=1)), ("hour", timedelta(hours=1)), ("day", timedelta(days=1))]:
-        for start, want in reference.buckets(width).items():
+    for grain in ["minute", "hour", "day"]:
+        for start, want in reference.buckets(grain).items():
             body = httpx.get(f"{base}/kpis/{start.strftime('%Y-%m-%dT%H:%M:%SZ')}", params={"grain": grain}).json()
             assert_kpis_equal(body, want, f"API {grain} {start}")
     for device in ["dev-2", "big-1", "dev-6"]:
-        for start, want in reference.buckets(timedelta(minutes=1), device_id=device).items():
+        for start, want in reference.buckets("minute", device_id=device).items():
             answer = httpx.get(f"{base}/kpis/{start.strftime('%Y-%m-%dT%H:%M:%SZ')}",
                                params={"grain": "minute", "device_id": device})  # fmt: skip
             assert answer.json()["device_id"] == device

@@ -4,8 +4,6 @@ and Kafka's retention deletes offsets it had not read. A reader queries the API 
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
 import subprocess
@@ -19,69 +17,47 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.processes import lakehouse, running_api, start_lakehouse, stop_group
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
-from tests.helpers import LAKEHOUSE, dumps, env_for, lakehouse, running_api
-from tests.reference import Reference, assert_kpis_equal, gold_kpis
+from tests.reference import assert_kpis_equal, gold_kpis
+from tests.stream import Message, Stream, dumps, stamp
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.faults]
 
 T0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
 
 
-def stamp(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def build_stream(rng: random.Random) -> tuple[list[bytes], Reference, Counter[tuple[str, int | None]]]:
-    """Over 20,000 readings: singles, batches, exact duplicates, corrections and invalid input, in send order."""
-    reference, quarantine = Reference(), Counter()
-    messages: list[bytes] = []
+def build_stream(rng: random.Random) -> Stream:
+    """Over 20,000 readings: singles, batches, exact duplicates, corrections and invalid input, shuffled."""
+    stream = Stream()
     devices = [f"dev-{i:02d}" for i in range(30)]
-    singles: list[dict[str, object]] = []
 
     def moment() -> datetime:
         return T0 + timedelta(microseconds=rng.randrange(120_000_000))
 
+    singles: list[Message] = []
     for _ in range(600):
         device, at = rng.choice(devices), moment()
-        reading = {"device_id": device, "timestamp": stamp(at), "value": round(rng.uniform(0, 100), 3)}
-        messages.append(dumps(reading))
-        reference.add(device, at, reading["value"])
-        singles.append(reading)
+        singles.append(stream.single(device, at, round(rng.uniform(0, 100), 3)))
     for _ in range(80):
         device = rng.choice(devices)
         readings = []
         for _ in range(250):
             at = moment()
-            readings.append({"timestamp": stamp(at), "value": round(rng.gauss(50, 10), 4)})
-            reference.add(device, at, readings[-1]["value"])
-        messages.append(dumps({"device_id": device, "readings": readings}))
+            readings.append((at, round(rng.gauss(50, 10), 4)))
+        stream.batch(device, readings)
     for _ in range(50):  # exact duplicates of earlier messages
-        messages.append(rng.choice(messages))
-    for reading in rng.sample(singles, 50):  # corrections: same device (same key, same partition), new value
-        corrected = {**reading, "value": round(rng.uniform(100, 200), 3)}
-        messages.append(dumps(corrected))
-        reference.add(str(corrected["device_id"]), datetime.fromisoformat(str(corrected["timestamp"])), corrected["value"])
+        stream.repeat(rng.choice(stream.sent))
+    for single in rng.sample(singles, 50):  # corrections: same device (same key, same partition), new value
+        device, at, _ = single.readings[0]
+        stream.single(device, at, round(rng.uniform(100, 200), 3))
     for i in range(20):
-        messages.append(b"{broken json " + str(i).encode())
-        quarantine[("not_json", None)] += 1
-        messages.append(dumps({"device_id": "dev-00", "readings": [{"timestamp": stamp(T0), "value": "n/a"}]}))
-        quarantine[("bad_value", 0)] += 1
-    rng.shuffle(messages)  # shuffled before send: the reference is rebuilt in send order below
-    ordered = Reference()
-    for payload in messages:
-        try:
-            document = json.loads(payload)
-        except ValueError:
-            continue
-        items = document["readings"] if "readings" in document else [document]
-        for item in items:
-            if isinstance(item.get("value"), float):
-                device = item.get("device_id", document.get("device_id"))
-                ordered.add(device, datetime.fromisoformat(item["timestamp"]), item["value"])
-    assert len(ordered.readings) == len(reference.readings) > 20_000
-    return messages, ordered, quarantine
+        stream.send(b"{broken json " + str(i).encode(), quarantined=[("not_json", None)])
+        stream.send(dumps({"device_id": "dev-00", "readings": [stream.item(T0, "n/a")]}), quarantined=[("bad_value", 0)])
+    stream.shuffle(rng)  # the reference follows the send order
+    assert len(stream.reference().readings) > 20_000
+    return stream
 
 
 class ApiReader(threading.Thread):
@@ -108,23 +84,6 @@ class ApiReader(threading.Thread):
                 time.sleep(0.5)
 
 
-def start_pipeline(settings: Settings, log: Path, crash_after: str | None = None, **env: str) -> subprocess.Popen[bytes]:
-    environment = env_for(settings) | env
-    if crash_after:
-        environment["LAKEHOUSE_TEST_CRASH_AFTER"] = crash_after
-    with open(log, "ab") as out:
-        return subprocess.Popen([*LAKEHOUSE, "pipeline"], env=environment, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-
-
-def kill(process: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=60)
-
-
 def commits(paths: LakePaths, table: Table) -> int:
     return len(list((Path(paths.table(table)) / "_delta_log").glob("*.json")))
 
@@ -141,7 +100,8 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
     rng = random.Random(2024)
     settings = lake_settings.model_copy(update={"max_offsets_per_trigger": 40, "trigger_interval": "500 milliseconds"})
     paths = LakePaths.from_settings(settings)
-    messages, reference, expected_quarantine = build_stream(rng)
+    stream = build_stream(rng)
+    messages, reference, expected_quarantine = stream.messages, stream.reference(), stream.quarantine()
     log = tmp_path / "pipeline.log"
     half = len(messages) // 2
     step = -(-(len(messages) - half) // 6)
@@ -161,7 +121,8 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
     try:
         # Crashes inside micro-batches: right after a Delta commit, before Spark's checkpoint commit.
         for crash_after in ["bronze:0", "quarantine:1", "silver:2", "gold:3"]:
-            running.append(start_pipeline(settings, log, crash_after))
+            crash = {"LAKEHOUSE_TEST_CRASH_AFTER": crash_after}
+            running.append(start_lakehouse(settings, "pipeline", log=log, env_extra=crash))
             assert running[-1].wait(timeout=600) == -signal.SIGKILL, log.read_text()[-3000:]
             kills += 1
 
@@ -175,29 +136,29 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
         # SIGKILL at random moments of a running stream, with new data arriving before each run.
         for chunk in chunks[1:6]:
             produce(chunk)
-            running.append(start_pipeline(settings, log))
+            running.append(start_lakehouse(settings, "pipeline", log=log))
             wait_for_new_commit(paths, Table.BRONZE, running[-1])
             time.sleep(rng.uniform(0, 8))
-            kill(running[-1])
+            stop_group(running[-1], signal.SIGKILL)
             kills += 1
 
         # The broker stops and comes back while the stream runs.
         produce(chunks[6])
-        running.append(start_pipeline(settings, log))
+        running.append(start_lakehouse(settings, "pipeline", log=log))
         wait_for_new_commit(paths, Table.BRONZE, running[-1])
         broker.stop()
         time.sleep(8)
         broker.start()
         time.sleep(15)
         rode_through = running[-1].poll() is None
-        kill(running[-1])
+        stop_group(running[-1], signal.SIGKILL)
 
         finished = lakehouse(settings, "pipeline", "--available-now")
         assert finished.returncode == 0, finished.stderr[-3000:]
     finally:
         for process in running:
             if process.poll() is None:
-                kill(process)
+                stop_group(process, signal.SIGKILL)
         if reader is not None:
             reader.stop_event.set()
             reader.join(timeout=30)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,12 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.processes import lakehouse, running_api, start_lakehouse, stop_group
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
 from tests.conftest import HOME, REPO, TEST_KAFKA_PORT
-from tests.helpers import LAKEHOUSE, dumps, env_for, lakehouse, running_api
-from tests.reference import Reference, assert_kpis_equal, gold_kpis
-from tests.test_faults import kill, start_pipeline, wait_for_new_commit
+from tests.reference import assert_kpis_equal, gold_kpis
+from tests.stream import Stream, dumps
+from tests.test_faults import wait_for_new_commit
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
 
@@ -28,23 +30,18 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.py"))
 T0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
 
 
-def fleet(rng: random.Random, singles: int, batches: int) -> tuple[list[bytes], Reference]:
-    reference, messages = Reference(), []
+def fleet(rng: random.Random, singles: int, batches: int) -> Stream:
+    stream = Stream()
     for i in range(singles + batches):
         device = f"dev-{rng.randrange(12):02d}"
         count = 1 if i < singles else 100
         readings = [(T0 + timedelta(microseconds=rng.randrange(90_000_000)), round(rng.gauss(40, 8), 4)) for _ in range(count)]
-        items = [{"timestamp": at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "value": v} for at, v in readings]
-        messages.append(dumps({"device_id": device, **items[0]} if count == 1 else {"device_id": device, "readings": items}))
-        for at, value in readings:
-            reference.add(device, at, value)
-    rng.shuffle(messages)
-    ordered = Reference()  # rebuilt in send order, so that a repeated identity's last value wins
-    for payload in messages:
-        document = json.loads(payload)
-        for item in document.get("readings", [document]):
-            ordered.add(document["device_id"], datetime.fromisoformat(item["timestamp"]), item["value"])
-    return messages, ordered
+        if count == 1:
+            stream.single(device, *readings[0])
+        else:
+            stream.batch(device, readings)
+    stream.shuffle(rng)  # the reference follows the send order: a repeated identity's last value wins
+    return stream
 
 
 def send(settings: Settings, messages: list[bytes], path: Path) -> None:
@@ -63,7 +60,7 @@ def small_lake(broker, spark, tmp_path_factory: pytest.TempPathFactory) -> Setti
     settings = Settings(kafka_bootstrap=f"localhost:{TEST_KAFKA_PORT}", topic="notebook-fleet", home=HOME,
                         lake_root=str(folder / "lake"), spark_master="local[2]", shuffle_partitions=2)  # fmt: skip
     ensure_topic(settings)
-    messages, _ = fleet(random.Random(5), singles=300, batches=8)
+    messages = fleet(random.Random(5), singles=300, batches=8).messages
     messages += [b"not json", dumps({"device_id": "dev-01", "readings": [{"timestamp": "soon", "value": 1}]})]
     send(settings, messages, folder / "fleet.ndjson")
     run(settings, available_now=True, spark=spark)
@@ -132,18 +129,18 @@ def test_maintain_while_the_stream_writes(lake_settings: Settings, topic: str, t
 
     settings = lake_settings.model_copy(update={"max_offsets_per_trigger": 15, "trigger_interval": "200 milliseconds"})
     paths = LakePaths.from_settings(settings)
-    messages, reference = fleet(random.Random(9), singles=240, batches=12)
+    sent = fleet(random.Random(9), singles=240, batches=12)
+    messages, reference = sent.messages, sent.reference()
     third = len(messages) // 3
     send(settings, messages[:third], tmp_path / "a.ndjson")
     log = tmp_path / "pipeline.log"
-    stream = start_pipeline(settings, log)
+    stream = start_lakehouse(settings, "pipeline", log=log)
     try:
         for _ in range(4):
             wait_for_new_commit(paths, Table.SILVER, stream)
         files_before = {t: data_files(paths.table(t)) for t in Table}
         send(settings, messages[third : 2 * third], tmp_path / "b.ndjson")
-        maintained = subprocess.run([*LAKEHOUSE, "maintain"], env=env_for(settings),
-                                    capture_output=True, text=True, timeout=900)  # fmt: skip
+        maintained = lakehouse(settings, "maintain")
         assert maintained.returncode == 0, maintained.stderr[-3000:]
         assert stream.poll() is None, "the stream stopped while maintenance ran:\n" + log.read_text()[-3000:]
         print(maintained.stdout)
@@ -165,7 +162,7 @@ def test_maintain_while_the_stream_writes(lake_settings: Settings, topic: str, t
             assert time.monotonic() < deadline, "the stream did not catch up"
             time.sleep(1)
     finally:
-        kill(stream)
+        stop_group(stream, signal.SIGKILL)
     finished = lakehouse(settings, "pipeline", "--available-now")  # completes a batch the kill may have cut
     assert finished.returncode == 0, finished.stderr[-3000:]
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench.processes import lakehouse
 from lake.settings import Settings
-from tests.helpers import env_for
 
 pytestmark = pytest.mark.kafka
 
@@ -49,8 +47,7 @@ def test_over_limit_line_is_named_and_the_others_are_sent(lake_settings: Setting
     ]
     path = tmp_path / "in.ndjson"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    result = subprocess.run([sys.executable, "-m", "lakehouse", "produce", str(path)], env=env_for(lake_settings),
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = lakehouse(lake_settings, "produce", str(path), timeout=120)
     assert result.returncode == 1
     assert "line 2: message of 5,242,881 bytes exceeds LAKEHOUSE_MAX_MESSAGE_BYTES=5,242,880" in result.stderr
     assert "sent 3 messages" in result.stderr and "1 blank lines ignored" in result.stderr

@@ -20,17 +20,8 @@ from lake.tables import LakePaths
 from lake.timestamps import parse_timestamp_us
 from serve import queries
 from serve.app import create_app
-from tests.serve_lake import (
-    DEVICES,
-    START,
-    LakeWriter,
-    Reading,
-    api_settings,
-    iso,
-    make_readings,
-    reference_kpis,
-    same_kpis,
-)
+from tests.reference import Reference, assert_kpis_equal
+from tests.serve_lake import DEVICES, START, LakeWriter, Reading, api_settings, iso, make_readings
 
 pytestmark = pytest.mark.spark
 PROBLEM = "application/problem+json"
@@ -80,7 +71,7 @@ def _all_pages(client: TestClient, params: dict) -> list[dict]:
 @pytest.mark.parametrize("device_id", [None, "pump-1"])
 def test_series_pages_equal_python_kpis(client: TestClient, lake, grain: str, device_id: str | None) -> None:  # type: ignore[no-untyped-def]
     readings = lake[1]
-    expected = reference_kpis(readings, grain, device_id)
+    expected = Reference.of(readings).buckets(grain, device_id)
     params: dict = {"start": "2024-07-30T11:59:59.5Z", "end": "2024-08-01T00:00:00Z", "grain": grain, "limit": 37}
     if grain == "second":
         params["end"] = "2024-07-31T00:00:01Z"  # under the range limit of a million seconds
@@ -91,17 +82,17 @@ def test_series_pages_equal_python_kpis(client: TestClient, lake, grain: str, de
     expected = {k: v for k, v in expected.items() if k < end}
     assert [item["timestamp"] for item in items] == [iso(start) for start in expected]
     for item, kpis in zip(items, expected.values()):
-        assert same_kpis(item, kpis), (item, kpis)
+        assert_kpis_equal(item, kpis, item["timestamp"])
 
 
 def test_series_range_holds_the_buckets_of_start_and_end(client: TestClient, lake) -> None:  # type: ignore[no-untyped-def]
-    expected = reference_kpis(lake[1], "minute")
+    expected = Reference.of(lake[1]).buckets("minute")
     body = client.get(
         "/kpis", params={"start": "2024-07-30T12:00:30Z", "end": "2024-07-30T12:01:00.5Z", "grain": "minute"}
     ).json()
     assert (body["start"], body["end"]) == ("2024-07-30T12:00:00Z", "2024-07-30T12:02:00Z")
     assert [i["timestamp"] for i in body["items"]] == ["2024-07-30T12:00:00Z", "2024-07-30T12:01:00Z"]
-    assert same_kpis(body["items"][1], expected[START + timedelta(minutes=1)])
+    assert_kpis_equal(body["items"][1], expected[START + timedelta(minutes=1)], "minute 12:01")
 
 
 def test_point_lookup_carries_freshness_and_etag(client: TestClient, lake, spark) -> None:  # type: ignore[no-untyped-def]
@@ -112,10 +103,10 @@ def test_point_lookup_carries_freshness_and_etag(client: TestClient, lake, spark
     answer = client.get(f"/kpis/{iso(second + timedelta(milliseconds=250))}")
     assert answer.status_code == 200
     body = answer.json()
-    assert same_kpis(body, reference_kpis(readings, "second")[second])
+    assert_kpis_equal(body, Reference.of(readings).buckets("second")[second], "point lookup")
     freshness = body["freshness"]
     assert (freshness["gold_version"], freshness["silver_version"]) == (gold_version, silver_version)
-    assert freshness["newest_event"] == iso(max(reference_kpis(readings, "second")))
+    assert freshness["newest_event"] == iso(max(Reference.of(readings).buckets("second")))
     committed = datetime.fromisoformat(freshness["last_gold_commit"])
     assert abs(committed - gold_committed) < timedelta(seconds=1)
     etag = answer.headers["etag"]
@@ -240,7 +231,7 @@ def test_new_commits_are_served_without_restart(spark, tmp_path: Path) -> None: 
     readings = make_readings(seed=5, seconds=20)
     writer = LakeWriter(spark, LakePaths.from_settings(api_settings(root)))
     writer.append(readings, readings)
-    before = reference_kpis(readings, "second")[START]
+    before = Reference.of(readings).buckets("second")[START]
     # A reader that began before the new commits, on a store of its own that the test refreshes by hand.
     store = SnapshotStore(LakePaths.from_settings(api_settings(root)))
     store.refresh()
@@ -266,15 +257,17 @@ def test_new_commits_are_served_without_restart(spark, tmp_path: Path) -> None: 
             assert time.monotonic() < deadline, "the new gold version was not served"
             time.sleep(0.1)
         assert answer.headers["etag"] != etag
-        expected = reference_kpis(readings, "second")
-        assert same_kpis(answer.json(), expected[START])
-        assert same_kpis(
-            client.get(f"/kpis/{iso(START + timedelta(seconds=30))}").json(), expected[START + timedelta(seconds=30)]
+        expected = Reference.of(readings).buckets("second")
+        assert_kpis_equal(answer.json(), expected[START], "updated second")
+        assert_kpis_equal(
+            client.get(f"/kpis/{iso(START + timedelta(seconds=30))}").json(), expected[START + timedelta(seconds=30)],
+            "new second",
         )
         devices = {d["device_id"]: d["reading_count"] for d in client.get("/devices").json()["items"]}
         assert devices["pump-9"] == 2
-        assert same_kpis(
-            client.get(f"/kpis/{iso(START)}?grain=minute").json(), reference_kpis(readings, "minute")[START]
+        assert_kpis_equal(
+            client.get(f"/kpis/{iso(START)}?grain=minute").json(), Reference.of(readings).buckets("minute")[START],
+            "updated minute",
         )
 
         # The reader that began earlier still sees its own version whole, while a new one sees the new version.
@@ -327,7 +320,7 @@ def test_file_uri_lake_root_is_served(lake) -> None:  # type: ignore[no-untyped-
     with TestClient(create_app(api_settings(f"file://{lake[0]}"))) as client:
         answer = client.get(f"/kpis/{iso(START)}")
         assert answer.status_code == 200
-        assert same_kpis(answer.json(), reference_kpis(lake[1], "second")[START])
+        assert_kpis_equal(answer.json(), Reference.of(lake[1]).buckets("second")[START], "file:// lake")
 
 
 def test_object_store_lake_is_a_503_that_says_why(tmp_path: Path) -> None:

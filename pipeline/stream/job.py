@@ -35,6 +35,7 @@ class BatchReport:
     quarantined: int = 0
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, in order
+    finished_at: float = 0.0  # Unix time at the batch's end: with `seconds`, where it sits on a clock
 
 
 class _StageClock:
@@ -118,6 +119,7 @@ class IngestJob:
         finally:
             parsed.unpersist()
         report.seconds = time.monotonic() - started
+        report.finished_at = time.time()
         self.reports.append(report)
         if self.report_file is not None:
             with self.report_file.open("a", encoding="utf-8") as out:

@@ -1,0 +1,90 @@
+"""The messages a test sends to Kafka, each with the valid readings and the quarantine rows it must produce; the
+Reference of a whole stream follows from them in send order (so duplicates and corrections count as they land)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from tests.reference import Reference
+
+Quarantined = tuple[str, int | None]  # (reason code, reading index; None for the whole message)
+
+
+def dumps(document: object) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def stamp(moment: datetime) -> str:
+    """A timestamp as the tests spell it by default: UTC, microseconds, `Z`."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Message:
+    payload: bytes
+    readings: tuple[tuple[str, datetime, float], ...] = ()  # valid (device_id, timestamp, value), in message order
+    quarantined: tuple[Quarantined, ...] = ()
+
+
+class Stream:
+    """Builds a stream in send order; `spell` writes a reading's timestamp in the messages it builds."""
+
+    def __init__(self, spell: Callable[[datetime], str] = stamp) -> None:
+        self.spell = spell
+        self.sent: list[Message] = []
+
+    def send(
+        self, payload: bytes, readings: Iterable[tuple[str, datetime, float]] = (),
+        quarantined: Iterable[Quarantined] = (),
+    ) -> Message:  # fmt: skip
+        """Any message as given, with what it must produce: valid readings, quarantine rows."""
+        message = Message(payload, tuple(readings), tuple(quarantined))
+        self.sent.append(message)
+        return message
+
+    def item(self, moment: datetime, value: object) -> dict[str, object]:
+        """One reading of a batch, as the messages hold it."""
+        return {"timestamp": self.spell(moment), "value": value}
+
+    def single(self, device_id: str, moment: datetime, value: float, timestamp: str | None = None,
+               **fields: object) -> Message:  # fmt: skip
+        """One reading in its own message; `timestamp` spells `moment` another way, `fields` are sent along."""
+        text = self.spell(moment) if timestamp is None else timestamp
+        document = {"device_id": device_id, "timestamp": text, "value": value, **fields}
+        return self.send(dumps(document), [(device_id, moment, value)])
+
+    def batch(self, device_id: str, readings: Sequence[tuple[datetime, float]], **fields: object) -> Message:
+        """One device's valid readings in one message (`fields` come before `readings`)."""
+        items = [self.item(moment, value) for moment, value in readings]
+        document = {"device_id": device_id, **fields, "readings": items}
+        return self.send(dumps(document), [(device_id, moment, value) for moment, value in readings])
+
+    def repeat(self, message: Message) -> Message:
+        """The same message sent again: an exact duplicate."""
+        self.sent.append(message)
+        return message
+
+    def shuffle(self, rng: random.Random) -> None:
+        rng.shuffle(self.sent)
+
+    @property
+    def messages(self) -> list[bytes]:
+        return [m.payload for m in self.sent]
+
+    def reference(self) -> Reference:
+        """The valid readings as the stream leaves them: a later message's reading of an identity wins."""
+        return Reference.of(reading for message in self.sent for reading in message.readings)
+
+    def quarantine(self) -> Counter[Quarantined]:
+        return Counter(entry for message in self.sent for entry in message.quarantined)
+
+    def write(self, path: Path, start: int = 0, stop: int | None = None) -> Path:
+        """Messages [start:stop] as NDJSON, one a line, for `lakehouse produce`."""
+        path.write_bytes(b"".join(payload + b"\n" for payload in self.messages[start:stop]))
+        return path
