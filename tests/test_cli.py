@@ -12,8 +12,8 @@ import typer
 from typer.testing import CliRunner
 
 import lakehouse
+from bench.processes import LAKEHOUSE
 from lake.settings import setting_flags
-from tests.helpers import LAKEHOUSE
 
 # flags that the Makefile, README, DEPLOY.md, the benchmark and the tests give
 EXISTING_FLAGS = {

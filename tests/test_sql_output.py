@@ -11,8 +11,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from bench.processes import LAKEHOUSE
 from lake.sql import run_query
-from tests.helpers import LAKEHOUSE
 
 QUERY = "SELECT 1 AS n, 'a,b' AS text, 'say \"hi\"' AS quoted UNION ALL SELECT 2, 'c', 'd' ORDER BY n"
 
