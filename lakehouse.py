@@ -248,7 +248,7 @@ def kafka_status() -> None:
         console.print(f"local broker {node.host}:{node.port}: {'running, pid ' + str(pid) if pid else 'not running'}")
     try:
         info = describe(current)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever stops the admin client, the user reads why
         _fail(f"cannot reach Kafka at {current.kafka_bootstrap}: {exc}")
     console.print(
         f"cluster: brokers {info['brokers']}, topic {info['topic']!r} partitions {info['partitions']}, "
@@ -604,6 +604,8 @@ def sql(
     ] = None,
 ) -> None:
     """DuckDB over the lake, with views bronze, silver, gold and quarantine."""
+    import duckdb
+
     from lake.duck import connect
     from lake.sql import export, interactive, run_query
     from lake.tables import LakePaths
@@ -620,7 +622,7 @@ def sql(
         return
     try:
         run_query(connection, query, output, sys.stdout)
-    except Exception as exc:  # DuckDB's own message says what is wrong with the query
+    except (duckdb.Error, ValueError) as exc:  # DuckDB's own message says what is wrong with the query
         _fail(str(exc))
 
 

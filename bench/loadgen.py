@@ -83,7 +83,9 @@ class _Connection:
         self.reader = self.writer = None
 
 
-async def _open_loop(host: str, port: int, paths: Callable[[], str], rate: float, seconds: float, connections: int) -> LoadResult:
+async def _open_loop(
+    host: str, port: int, paths: Callable[[], str], rate: float, seconds: float, connections: int
+) -> LoadResult:
     result = LoadResult()
     idle: asyncio.Queue[_Connection] = asyncio.Queue()
     for _ in range(connections):
@@ -144,7 +146,9 @@ async def _closed_loop(host: str, port: int, paths: Callable[[], str], seconds: 
     return result
 
 
-def open_loop(host: str, port: int, paths: Callable[[], str], rate: float, seconds: float, connections: int = 64) -> LoadResult:
+def open_loop(
+    host: str, port: int, paths: Callable[[], str], rate: float, seconds: float, connections: int = 64
+) -> LoadResult:
     """`rate` requests per second for `seconds`, each on an idle keep-alive connection (opened as needed)."""
     return asyncio.run(_open_loop(host, port, paths, rate, seconds, connections))
 

@@ -39,8 +39,15 @@ def lakehouse(
 ) -> subprocess.CompletedProcess[str]:
     """Run `lakehouse ARGS` to the end, output captured, in its own process group (so that a crash hook takes
     Spark's JVM down with it)."""
-    return subprocess.run([*LAKEHOUSE, *args], env=env_for(settings, env_extra), capture_output=True, text=True,
-                          timeout=timeout, start_new_session=True, check=False)  # fmt: skip
+    return subprocess.run(
+        [*LAKEHOUSE, *args],
+        env=env_for(settings, env_extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+        check=False,
+    )
 
 
 def start_lakehouse(
@@ -49,8 +56,13 @@ def start_lakehouse(
     """Start `lakehouse ARGS` in its own process group, its output appended to `log` (a file, not a pipe: the
     log of a long run would fill a pipe nobody reads and block the process)."""
     with log.open("ab") as output:
-        return subprocess.Popen([*LAKEHOUSE, *args], env=env_for(settings, env_extra), stdout=output,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            [*LAKEHOUSE, *args],
+            env=env_for(settings, env_extra),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def stop_group(process: subprocess.Popen[bytes], first: int = signal.SIGTERM, timeout_s: float = 60) -> None:
@@ -98,8 +110,13 @@ def running_api(
     port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     with log.open("a+b") if log is not None else tempfile.TemporaryFile() as output:
-        server = subprocess.Popen([*LAKEHOUSE, "serve", "--port", str(port)], env=env_for(settings), stdout=output,
-                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        server = subprocess.Popen(
+            [*LAKEHOUSE, "serve", "--port", str(port)],
+            env=env_for(settings),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             if not wait_for_http(f"{base}/health", timeout_s, alive=lambda: server.poll() is None):
                 output.seek(0)

@@ -6,17 +6,22 @@ audit, doctor and the API report."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 from lake.errors import KafkaConfigError
 from lake.settings import Settings
 
 # The file speaks the Java client's names (as Kafka's own tools and Spark do). These few are spelled differently in
 # librdkafka, or mean nothing there, and are translated below; every other key means the same in both clients.
-_JAVA_ONLY = {"sasl.jaas.config", "ssl.truststore.location", "ssl.truststore.type", "ssl.truststore.password",
-              "ssl.truststore.certificates", "ssl.keystore.type"}  # fmt: skip
+_JAVA_ONLY = {
+    "sasl.jaas.config",
+    "ssl.truststore.location",
+    "ssl.truststore.type",
+    "ssl.truststore.password",
+    "ssl.truststore.certificates",
+    "ssl.keystore.type",
+}
 # Keys for one client only, for what has no common spelling (say, an OAUTHBEARER callback class).
 LIBRDKAFKA_PREFIX = "librdkafka."
 JAVA_PREFIX = "java."
@@ -96,7 +101,9 @@ class Watermarks:
     high: int
 
 
-def watermarks(settings: Settings, timeout_s: float = 10, group: str = "kpi-lakehouse") -> dict[tuple[str, int], Watermarks]:
+def watermarks(
+    settings: Settings, timeout_s: float = 10, group: str = "kpi-lakehouse"
+) -> dict[tuple[str, int], Watermarks]:
     """Kafka's offsets per partition of the topic, asked with the client properties' security.
 
     Raises confluent_kafka.KafkaException when the broker does not answer within the timeout or the topic is missing.
@@ -106,9 +113,13 @@ def watermarks(settings: Settings, timeout_s: float = 10, group: str = "kpi-lake
     # No offsets are committed: watermarks only need a consumer, not a group's state.
     consumer = Consumer(
         admin_config(settings)
-        | {"group.id": group, "enable.auto.commit": False, "socket.timeout.ms": max(100, int(timeout_s * 1000)),
-           "log_level": 0}  # a broker that does not answer is reported by the caller, not logged on every poll
-    )  # fmt: skip
+        | {
+            "group.id": group,
+            "enable.auto.commit": False,
+            "socket.timeout.ms": max(100, int(timeout_s * 1000)),
+            "log_level": 0,
+        }  # a broker that does not answer is reported by the caller, not logged on every poll
+    )
     try:
         metadata = consumer.list_topics(settings.topic, timeout=timeout_s)
         described = metadata.topics.get(settings.topic)
@@ -142,6 +153,4 @@ def lag(newest: dict[tuple[str, int], Watermarks] | None, processed: dict[tuple[
     """One row per partition known to either side; Kafka's side is None when it could not be asked."""
     known = newest or {}
     keys = sorted(set(known) | set(processed))
-    return [
-        PartitionLag(t, p, known[(t, p)].high if (t, p) in known else None, processed.get((t, p))) for t, p in keys
-    ]
+    return [PartitionLag(t, p, known[(t, p)].high if (t, p) in known else None, processed.get((t, p))) for t, p in keys]

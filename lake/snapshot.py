@@ -138,9 +138,14 @@ class SnapshotStore:
             writer.execute(
                 "UPDATE snapshot_meta SET gold_version = $gold, silver_version = $silver, "
                 "gold_committed_at = $committed, newest_event = $newest, loaded_at = $loaded",
-                {"gold": snapshot.gold_version, "silver": snapshot.silver_version, "committed": gold_committed_at,
-                 "newest": newest_event, "loaded": snapshot.loaded_at},
-            )  # fmt: skip
+                {
+                    "gold": snapshot.gold_version,
+                    "silver": snapshot.silver_version,
+                    "committed": gold_committed_at,
+                    "newest": newest_event,
+                    "loaded": snapshot.loaded_at,
+                },
+            )
             writer.commit()
         except BaseException:
             writer.rollback()

@@ -30,8 +30,7 @@ def run_query(connection: duckdb.DuckDBPyConnection, query: str, output: str, st
         writer.writerow(names)
         writer.writerows([[_printable(v) for v in row] for row in rows])
     elif output == "json":
-        for row in rows:
-            stream.write(json.dumps(dict(zip(names, map(_printable, row))), default=str) + "\n")
+        stream.writelines(json.dumps(dict(zip(names, map(_printable, row))), default=str) + "\n" for row in rows)
     else:
         from rich.console import Console
         from rich.table import Table

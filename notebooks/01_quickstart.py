@@ -41,7 +41,9 @@ lake.sql("""
 """).df()
 
 # %%
-lake.sql('SELECT "partition", count(*) AS records, sum(octet_length(value)) AS bytes FROM bronze GROUP BY ALL ORDER BY 1').df()
+lake.sql(
+    'SELECT "partition", count(*) AS records, sum(octet_length(value)) AS bytes FROM bronze GROUP BY ALL ORDER BY 1'
+).df()
 
 # %%
 lake.sql('SELECT * FROM silver ORDER BY "timestamp" LIMIT 5').df()

@@ -30,14 +30,20 @@ lake = connect(LakePaths.from_settings(Settings()))
 DEVICE = None  # e.g. "pump-0003"
 
 # %%
-device = DEVICE or lake.sql("SELECT device_id FROM silver GROUP BY ALL ORDER BY count(*) DESC, device_id LIMIT 1").fetchone()[0]
+device = (
+    DEVICE
+    or lake.sql("SELECT device_id FROM silver GROUP BY ALL ORDER BY count(*) DESC, device_id LIMIT 1").fetchone()[0]
+)
 readings = lake.sql('SELECT "timestamp", value FROM silver WHERE device_id = $d ORDER BY 1', params={"d": device}).df()
-fleet = lake.sql("""
+fleet = lake.sql(
+    """
     SELECT g."timestamp", g.average_value, g.min_value, g.max_value FROM gold g
     WHERE g."timestamp" BETWEEN (SELECT date_trunc('second', min("timestamp")) FROM silver WHERE device_id = $d)
                             AND (SELECT max("timestamp") FROM silver WHERE device_id = $d)
     ORDER BY 1
-""", params={"d": device}).df()
+""",
+    params={"d": device},
+).df()
 print(f"{device}: {len(readings):,} readings")
 
 # %%
@@ -58,22 +64,28 @@ plt.show()
 # (an exact resend, or a correction with another value) no longer appear in silver's lineage columns.
 
 # %%
-lineage = lake.sql("""
+lineage = lake.sql(
+    """
     SELECT b."partition", b."offset", b.kafka_timestamp, octet_length(b.value) AS bytes,
            count(s."offset") AS readings_it_holds_in_silver
     FROM bronze b LEFT JOIN silver s ON s."partition" = b."partition" AND s."offset" = b."offset"
     WHERE b.key = encode($d)
     GROUP BY ALL ORDER BY b."partition", b."offset"
-""", params={"d": device}).df()
+""",
+    params={"d": device},
+).df()
 superseded = lineage[lineage["readings_it_holds_in_silver"] == 0]
 print(f"{len(lineage)} records keyed {device!r}; {len(superseded)} fully superseded by later records")
 superseded.head(20)
 
 # %%
-per_minute = lake.sql("""
+per_minute = lake.sql(
+    """
     SELECT date_trunc('minute', "timestamp") AS minute, count(*) AS readings, avg(value) AS average
     FROM silver WHERE device_id = $d GROUP BY ALL ORDER BY 1
-""", params={"d": device}).df()
+""",
+    params={"d": device},
+).df()
 fig, ax = plt.subplots(figsize=(11, 3))
 ax.bar(per_minute["minute"], per_minute["readings"], width=0.9 / 1440, align="edge")
 ax.set_ylabel("readings")

@@ -52,10 +52,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             observability.record_refresh_error(exc)
         observability.track_snapshot(lambda: store.current)
         refresher = Refresher(
-            store, settings.api_refresh_seconds,
+            store,
+            settings.api_refresh_seconds,
             on_refresh=lambda report: observability.record_refresh(report, store.current),
             on_error=observability.record_refresh_error,
-        )  # fmt: skip
+        )
         watch = KafkaWatch(settings, paths)
         app.state.store, app.state.kafka_watch, app.state.settings = store, watch, settings
         refresher.start()

@@ -103,10 +103,14 @@ def _instant(name: str, text: str) -> int:
 def _reading(store: SnapshotStore) -> Iterator[tuple[Snapshot, Freshness, duckdb.DuckDBPyConnection]]:
     """One snapshot's cursor and freshness for a request; a lake without tables is a 503."""
     if local_path(store.paths.root) is None:
-        raise problem(503, "Lake not served", (
-            f"the API reads lakes on local disk only (a folder or file: URI), not {store.paths.root}; "
-            "serve it from a local copy or a mounted bucket"
-        ))  # fmt: skip
+        raise problem(
+            503,
+            "Lake not served",
+            (
+                f"the API reads lakes on local disk only (a folder or file: URI), not {store.paths.root}; "
+                "serve it from a local copy or a mounted bucket"
+            ),
+        )
     with store.read() as (snapshot, cursor):
         freshness = _freshness(snapshot)
         try:
@@ -140,9 +144,12 @@ class KpiController(Controller):
             who = f" for device {device_id!r}" if device_id else ""
             raise problem(404, "No readings", f"no readings in the {grain.value} starting {bucket}{who}")
         body = KpiResponse(
-            timestamp=bucket, grain=grain.value, device_id=device_id, freshness=freshness,
+            timestamp=bucket,
+            grain=grain.value,
+            device_id=device_id,
+            freshness=freshness,
             **{name: getattr(found, name) for name in KPI_FIELDS},
-        )  # fmt: skip
+        )
         return _conditional(request, snapshot, body)
 
     @get(
@@ -178,10 +185,14 @@ class KpiController(Controller):
         )
         buckets = (stop_us - first_us) // grain.micros
         if buckets > settings.api_max_range_buckets:
-            raise problem(400, "Range too large", (
-                f"the range spans {buckets:,} {grain.value}s, more than the {settings.api_max_range_buckets:,} "
-                f"allowed (LAKEHOUSE_API_MAX_RANGE_BUCKETS); narrow it or use a coarser grain"
-            ))  # fmt: skip
+            raise problem(
+                400,
+                "Range too large",
+                (
+                    f"the range spans {buckets:,} {grain.value}s, more than the {settings.api_max_range_buckets:,} "
+                    f"allowed (LAKEHOUSE_API_MAX_RANGE_BUCKETS); narrow it or use a coarser grain"
+                ),
+            )
         with _reading(store) as (snapshot, freshness, cursor):
             rows = queries.kpi_series(cursor, first_us, stop_us, grain, device_id, limit + 1)
         next_page = None
@@ -202,9 +213,14 @@ class KpiController(Controller):
             for row in rows[:limit]
         ]
         body = KpiSeriesResponse(
-            grain=grain.value, device_id=device_id, start=format_utc(from_us(first_us)),
-            end=format_utc(from_us(stop_us)), items=points, next=next_page, freshness=freshness,
-        )  # fmt: skip
+            grain=grain.value,
+            device_id=device_id,
+            start=format_utc(from_us(first_us)),
+            end=format_utc(from_us(stop_us)),
+            items=points,
+            next=next_page,
+            freshness=freshness,
+        )
         return _conditional(request, snapshot, body)
 
 
@@ -229,10 +245,14 @@ class DeviceController(Controller):
         with _reading(store) as (snapshot, freshness, cursor):
             found = queries.devices(cursor, after, limit + 1)
         items = [
-            DeviceResponse(device_id=d.device_id, first_reading=format_utc(d.first_reading),
-                           last_reading=format_utc(d.last_reading), reading_count=d.reading_count)
+            DeviceResponse(
+                device_id=d.device_id,
+                first_reading=format_utc(d.first_reading),
+                last_reading=format_utc(d.last_reading),
+                reading_count=d.reading_count,
+            )
             for d in found[:limit]
-        ]  # fmt: skip
+        ]
         next_page = None
         if len(found) > limit:
             next_page = f"/devices?{urlencode({'after': items[-1].device_id, 'limit': limit})}"
@@ -258,11 +278,18 @@ class HealthController(Controller):
             seconds_since_gold_commit=since_commit,
             checkpoint_batch=processed.batch_id if processed else None,
             records_behind=behind,
-            partitions=[PartitionLagResponse(topic=p.topic, partition=p.partition, newest_offset=p.newest_offset,
-                                             processed_offset=p.processed_offset, records_behind=p.records_behind)
-                        for p in partitions],
+            partitions=[
+                PartitionLagResponse(
+                    topic=p.topic,
+                    partition=p.partition,
+                    newest_offset=p.newest_offset,
+                    processed_offset=p.processed_offset,
+                    records_behind=p.records_behind,
+                )
+                for p in partitions
+            ],
             kafka_error=kafka_watch.error,
-        )  # fmt: skip
+        )
         fresh = _freshness(snapshot) if snapshot.ready else None
         return HealthResponse(status="ok", tables=tables, snapshot=fresh, pipeline=lag)
 

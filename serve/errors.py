@@ -52,8 +52,12 @@ def as_problem(exc: HTTPException) -> ProblemDetailsException:
 
 def internal_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc, extra={"fields": {"path": request.url.path[:200]}})
-    body = {"type": "about:blank", "title": "Internal Server Error", "status": 500,
-            "detail": "the server failed to answer this request; the error is in its log"}  # fmt: skip
+    body = {
+        "type": "about:blank",
+        "title": "Internal Server Error",
+        "status": 500,
+        "detail": "the server failed to answer this request; the error is in its log",
+    }
     return Response(body, status_code=500, media_type="application/problem+json")
 
 
@@ -68,10 +72,13 @@ class RequestHeadLimit:
             size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
             size += sum(len(name) + len(value) for name, value in scope.get("headers", []))
             if size > MAX_HEAD_BYTES:
-                body = msgspec.json.encode(Problem(
-                    status=431, title="Request Header Fields Too Large",
-                    detail=f"the request's target and headers take {size:,} bytes, over {MAX_HEAD_BYTES:,}; send less",
-                ))  # fmt: skip
+                body = msgspec.json.encode(
+                    Problem(
+                        status=431,
+                        title="Request Header Fields Too Large",
+                        detail=f"the request's target and headers take {size:,} bytes, over {MAX_HEAD_BYTES:,}; send less",
+                    )
+                )
                 headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
                 await send({"type": "http.response.start", "status": 431, "headers": headers})
                 await send({"type": "http.response.body", "body": body})

@@ -61,10 +61,17 @@ def record_refresh(report: RefreshReport, snapshot: Snapshot) -> None:
     for table, version in (("gold", snapshot.gold_version), ("silver", snapshot.silver_version)):
         SNAPSHOT_VERSION.labels(table=table).set(float("nan") if version is None else version)
     if report.changed:
-        log.info("snapshot loaded", extra={"fields": {
-            "gold_version": snapshot.gold_version, "silver_version": snapshot.silver_version,
-            "rows": report.rows, "seconds": round(report.seconds, 4),
-        }})  # fmt: skip
+        log.info(
+            "snapshot loaded",
+            extra={
+                "fields": {
+                    "gold_version": snapshot.gold_version,
+                    "silver_version": snapshot.silver_version,
+                    "rows": report.rows,
+                    "seconds": round(report.seconds, 4),
+                }
+            },
+        )
 
 
 def record_refresh_error(exc: Exception) -> None:
@@ -121,7 +128,15 @@ class AccessLog:
             await self.app(scope, receive, send_and_note)
         finally:
             client = scope.get("client")
-            log.info("request", extra={"fields": {
-                "method": scope["method"], "path": scope["path"][:200], "status": status,
-                "ms": round((time.perf_counter() - started) * 1000, 2), "client": client[0] if client else None,
-            }})  # fmt: skip
+            log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "method": scope["method"],
+                        "path": scope["path"][:200],
+                        "status": status,
+                        "ms": round((time.perf_counter() - started) * 1000, 2),
+                        "client": client[0] if client else None,
+                    }
+                },
+            )

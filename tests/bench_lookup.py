@@ -34,8 +34,8 @@ from tests.serve_lake import START, api_settings, iso, serving, serving_app
 
 
 def build_lake(root: Path, seconds: int) -> None:
-    from pipeline.stream.tables import create_tables
     from pipeline.stream.spark import build_session
+    from pipeline.stream.tables import create_tables
 
     spark = build_session(Settings(home=HOME, spark_master="local[2]", shuffle_partitions=2), app_name="bench-lookup")
     paths = LakePaths.from_settings(Settings(lake_root=str(root)))
@@ -44,9 +44,14 @@ def build_lake(root: Path, seconds: int) -> None:
     silver = spark.range(seconds * 2).selectExpr(
         "IF(id % 2 = 0, 'pump-1', 'pump-2') AS device_id",
         f"timestamp_micros(({start} + id DIV 2) * 1000000 + (id % 2) * 250000) AS `timestamp`",
-        "CAST(id % 97 AS DOUBLE) AS value", "'device-data' AS topic", "0 AS `partition`", "id AS `offset`",
-        "0 AS reading_index", "CAST(NULL AS TIMESTAMP) AS kafka_timestamp", "current_timestamp() AS updated_at",
-    )  # fmt: skip
+        "CAST(id % 97 AS DOUBLE) AS value",
+        "'device-data' AS topic",
+        "0 AS `partition`",
+        "id AS `offset`",
+        "0 AS reading_index",
+        "CAST(NULL AS TIMESTAMP) AS kafka_timestamp",
+        "current_timestamp() AS updated_at",
+    )
     silver.write.format("delta").mode("append").save(paths.table(Table.SILVER))
     spark.read.format("delta").load(paths.table(Table.SILVER)).createOrReplaceTempView("silver")
     spark.sql(

@@ -9,8 +9,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 KPI_FIELDS = ("reading_count", "device_count", "average_value", "min_value", "max_value", "sum_value", "stddev_value")
-GRAINS = {"second": timedelta(seconds=1), "minute": timedelta(minutes=1), "hour": timedelta(hours=1),
-          "day": timedelta(days=1)}  # fmt: skip
+GRAINS = {
+    "second": timedelta(seconds=1),
+    "minute": timedelta(minutes=1),
+    "hour": timedelta(hours=1),
+    "day": timedelta(days=1),
+}
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Contract section 4: the KPIs "equal an independent recomputation from the produced data (relative tolerance

@@ -82,8 +82,13 @@ class LakeWriter:
         gold_rows = [(second, *per_second[second].values(), now) for second in sorted(touched)]
         updates = self._frame(Table.GOLD, gold_rows)
         gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD))
-        (gold.alias("g").merge(updates.alias("u"), "g.`timestamp` = u.`timestamp`")
-         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())  # fmt: skip
+        (
+            gold.alias("g")
+            .merge(updates.alias("u"), "g.`timestamp` = u.`timestamp`")
+            .whenMatchedUpdateAll()
+            .whenNotMatchedInsertAll()
+            .execute()
+        )
 
     def write_checkpoint(self, batch_id: int, next_offsets: dict[int, int], topic: str = "device-data") -> None:
         """The files Spark's streaming checkpoint keeps for a committed micro-batch."""

@@ -40,9 +40,11 @@ class Stream:
         self.sent: list[Message] = []
 
     def send(
-        self, payload: bytes, readings: Iterable[tuple[str, datetime, float]] = (),
+        self,
+        payload: bytes,
+        readings: Iterable[tuple[str, datetime, float]] = (),
         quarantined: Iterable[Quarantined] = (),
-    ) -> Message:  # fmt: skip
+    ) -> Message:
         """Any message as given, with what it must produce: valid readings, quarantine rows."""
         message = Message(payload, tuple(readings), tuple(quarantined))
         self.sent.append(message)
@@ -52,8 +54,9 @@ class Stream:
         """One reading of a batch, as the messages hold it."""
         return {"timestamp": self.spell(moment), "value": value}
 
-    def single(self, device_id: str, moment: datetime, value: float, timestamp: str | None = None,
-               **fields: object) -> Message:  # fmt: skip
+    def single(
+        self, device_id: str, moment: datetime, value: float, timestamp: str | None = None, **fields: object
+    ) -> Message:
         """One reading in its own message; `timestamp` spells `moment` another way, `fields` are sent along."""
         text = self.spell(moment) if timestamp is None else timestamp
         document = {"device_id": device_id, "timestamp": text, "value": value, **fields}

@@ -48,7 +48,11 @@ def cases(limit: int) -> list[Case]:
     found = [
         Case("not JSON", b"temperature=21.5", [(None, "not_json")]),
         Case("truncated JSON", dumps(ok)[:-9], [(None, "not_json")]),
-        Case("not UTF-8", b'{"device_id": "caf\xe9", "timestamp": "' + at(2).encode() + b'", "value": 1}', [(None, "not_utf8")]),
+        Case(
+            "not UTF-8",
+            b'{"device_id": "caf\xe9", "timestamp": "' + at(2).encode() + b'", "value": 1}',
+            [(None, "not_utf8")],
+        ),
         Case("empty message", b"", [(None, "not_json")]),
         Case("null value (tombstone)", None, [(None, "not_json")]),
         Case("JSON null", b"null", [(None, "bad_shape")]),
@@ -58,33 +62,61 @@ def cases(limit: int) -> list[Case]:
         Case("empty device_id", dumps({"device_id": "", "timestamp": at(3), "value": 3}), [(0, "bad_device_id")]),
         Case("numeric device_id", dumps({"device_id": 17, "timestamp": at(3), "value": 3}), [(0, "bad_device_id")]),
         Case("no timestamp", dumps({"device_id": "d", "value": 3}), [(0, "missing_timestamp")]),
-        Case("timestamp not a date", dumps({"device_id": "d", "timestamp": "soon", "value": 3}), [(0, "bad_timestamp")]),
-        Case("year 0", dumps({"device_id": "d", "timestamp": "0000-07-30T12:00:00Z", "value": 3}), [(0, "bad_timestamp")]),
-        Case("year 10000", dumps({"device_id": "d", "timestamp": "10000-07-30T12:00:00Z", "value": 3}), [(0, "bad_timestamp")]),
+        Case(
+            "timestamp not a date", dumps({"device_id": "d", "timestamp": "soon", "value": 3}), [(0, "bad_timestamp")]
+        ),
+        Case(
+            "year 0", dumps({"device_id": "d", "timestamp": "0000-07-30T12:00:00Z", "value": 3}), [(0, "bad_timestamp")]
+        ),
+        Case(
+            "year 10000",
+            dumps({"device_id": "d", "timestamp": "10000-07-30T12:00:00Z", "value": 3}),
+            [(0, "bad_timestamp")],
+        ),
         Case("no value", dumps({"device_id": "d", "timestamp": at(4)}), [(0, "missing_value")]),
         Case("value a string", dumps({"device_id": "d", "timestamp": at(4), "value": "42"}), [(0, "bad_value")]),
         Case("value null", dumps({"device_id": "d", "timestamp": at(4), "value": None}), [(0, "bad_value")]),
         Case("value a boolean", dumps({"device_id": "d", "timestamp": at(4), "value": True}), [(0, "bad_value")]),
-        Case("value 1e999", f'{{"device_id": "d", "timestamp": "{at(4)}", "value": 1e999}}'.encode(), [(0, "bad_value")]),
-        Case("readings not an array", dumps({"device_id": "d", "readings": {"timestamp": at(5), "value": 1}}), [(None, "bad_shape")]),
+        Case(
+            "value 1e999", f'{{"device_id": "d", "timestamp": "{at(4)}", "value": 1e999}}'.encode(), [(0, "bad_value")]
+        ),
+        Case(
+            "readings not an array",
+            dumps({"device_id": "d", "readings": {"timestamp": at(5), "value": 1}}),
+            [(None, "bad_shape")],
+        ),
         Case("empty batch", dumps({"device_id": "d", "readings": []}), [(None, "no_readings")]),
         Case("empty array", b"[]", [(None, "no_readings")]),
-        Case("nested 10,000 levels", b'{"device_id": "d", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", [(None, "too_deep")]),
+        Case(
+            "nested 10,000 levels",
+            b'{"device_id": "d", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+            [(None, "too_deep")],
+        ),
         # Duplicate keys: the last one wins, as in JavaScript's JSON.parse (README, "Input rules").
-        Case("duplicate keys", b'{"device_id": "dup", "timestamp": "' + at(6).encode() + b'", "value": 1, "value": 2}',
-             readings=[one("dup", 6, 2.0)]),  # fmt: skip
-        Case("day-first timestamp", dumps({"device_id": "eu-1", "timestamp": "30/07/2024 12:00:07", "value": 7.5}),
-             [(0, "bad_timestamp")], after_replay=[]),  # fmt: skip
+        Case(
+            "duplicate keys",
+            b'{"device_id": "dup", "timestamp": "' + at(6).encode() + b'", "value": 1, "value": 2}',
+            readings=[one("dup", 6, 2.0)],
+        ),
+        Case(
+            "day-first timestamp",
+            dumps({"device_id": "eu-1", "timestamp": "30/07/2024 12:00:07", "value": 7.5}),
+            [(0, "bad_timestamp")],
+            after_replay=[],
+        ),
     ]
     # A batch of 10 valid and 3 invalid readings, one of them accepted after the rule change.
     items: list[object] = [{"timestamp": at(8 + i / 10), "value": float(i)} for i in range(10)]
     items[3:3] = [{"timestamp": at(8), "value": "n/a"}]
     items[7:7] = [{"timestamp": "30/07/2024 12:00:09", "value": 90.0}]
     items.append(["not", "a", "reading"])
-    batch = Case("10 valid, 3 invalid", dumps({"device_id": "batch-1", "readings": items}),
-                 [(3, "bad_value"), (7, "bad_timestamp"), (12, "bad_reading_shape")],
-                 [one("batch-1", 8 + i / 10, float(i)) for i in range(10)],
-                 after_replay=[(3, "bad_value"), (12, "bad_reading_shape")])  # fmt: skip
+    batch = Case(
+        "10 valid, 3 invalid",
+        dumps({"device_id": "batch-1", "readings": items}),
+        [(3, "bad_value"), (7, "bad_timestamp"), (12, "bad_reading_shape")],
+        [one("batch-1", 8 + i / 10, float(i)) for i in range(10)],
+        after_replay=[(3, "bad_value"), (12, "bad_reading_shape")],
+    )
     found.append(batch)
     found.append(big_batch(limit))
     found.append(Case("valid reading after all of them", dumps(ok), readings=[one("ok-1", 1, 1.0)]))
@@ -115,8 +147,14 @@ def send_raw(settings: Settings, payloads: list[bytes | None]) -> list[tuple[int
     """Sends with a plain confluent-kafka producer, no key; returns each message's (partition, offset)."""
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "message.max.bytes": 16 * 1024 * 1024,
-                         "acks": "all", "linger.ms": 0})  # fmt: skip
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "message.max.bytes": 16 * 1024 * 1024,
+            "acks": "all",
+            "linger.ms": 0,
+        }
+    )
     where: dict[int, tuple[int, int]] = {}
     for number, payload in enumerate(payloads):
 
@@ -176,7 +214,9 @@ def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_
     totals = report["totals"]
     assert totals["bronze_records"] == len(found)
     assert totals["readings_accepted"] == sum(len(case.readings) for case in found)
-    assert totals["readings_quarantined"] == sum(1 for case in found for index, _ in case.quarantined if index is not None)
+    assert totals["readings_quarantined"] == sum(
+        1 for case in found for index, _ in case.quarantined if index is not None
+    )
     assert totals["messages_quarantined"] == sum(1 for case in found for index, _ in case.quarantined if index is None)
     assert sum(p["kafka_end_offset"] - p["kafka_first_offset"] for p in report["partitions"]) == len(found)
     assert all(p["not_yet_ingested"] == 0 for p in report["partitions"])
@@ -198,8 +238,13 @@ def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_
     reference.add("batch-1", T0 + timedelta(seconds=9), 90.0)
 
     # A replay killed after its silver commit (before gold and quarantine), then run to the end, then again.
-    crashed = lakehouse(new_rules.model_copy(), "replay", "--reason", "bad_timestamp",
-                        env_extra={"LAKEHOUSE_TEST_CRASH_AFTER": "replay_silver:0"})  # fmt: skip
+    crashed = lakehouse(
+        new_rules.model_copy(),
+        "replay",
+        "--reason",
+        "bad_timestamp",
+        env_extra={"LAKEHOUSE_TEST_CRASH_AFTER": "replay_silver:0"},
+    )
     assert crashed.returncode != 0
     done = lakehouse(new_rules, "replay", "--reason", "bad_timestamp")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -209,9 +254,11 @@ def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_
     for case, record in zip(found, where, strict=True):
         expected = case.quarantined if case.after_replay is None else case.after_replay
         assert quarantined.get(record, []) == expected, case.name
-    reasons = duck.connect(LakePaths.from_settings(lake_settings)).sql(
-        "SELECT reason FROM quarantine WHERE reason_code = 'bad_timestamp'"
-    ).fetchall()
+    reasons = (
+        duck.connect(LakePaths.from_settings(lake_settings))
+        .sql("SELECT reason FROM quarantine WHERE reason_code = 'bad_timestamp'")
+        .fetchall()
+    )
     assert reasons and all("LAKEHOUSE_EXTRA_TIMESTAMP_FORMATS" in reason for (reason,) in reasons)  # brought up to date
 
     again = lakehouse(new_rules, "replay")
@@ -227,8 +274,13 @@ def test_a_message_over_the_broker_limit_is_refused_by_the_broker(lake_settings:
     from confluent_kafka import KafkaError, Producer
 
     refused: list[KafkaError] = []
-    producer = Producer({"bootstrap.servers": lake_settings.kafka_bootstrap, "message.max.bytes": 32 * 1024 * 1024,
-                         "compression.type": "none"})  # fmt: skip
+    producer = Producer(
+        {
+            "bootstrap.servers": lake_settings.kafka_bootstrap,
+            "message.max.bytes": 32 * 1024 * 1024,
+            "compression.type": "none",
+        }
+    )
     payload = b'{"device_id": "x", "pad": "' + b"x" * (lake_settings.kafka_limit_bytes + 1024) + b'"}'
     producer.produce(lake_settings.topic, payload, on_delivery=lambda error, _message: refused.append(error))
     producer.flush(30)

@@ -19,10 +19,27 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     figures_file = tmp_path / "figures.json"
     markdown_file = tmp_path / "BENCHMARKS-table.md"
     result = subprocess.run(
-        [*LAKEHOUSE, "--home", str(HOME), "--spark-master", "local[2]", "--shuffle-partitions", "2", "bench", "--quick",
-         "--folder", str(tmp_path / "bench"), "--json", str(figures_file), "--markdown", str(markdown_file)],
-        capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+        [
+            *LAKEHOUSE,
+            "--home",
+            str(HOME),
+            "--spark-master",
+            "local[2]",
+            "--shuffle-partitions",
+            "2",
+            "bench",
+            "--quick",
+            "--folder",
+            str(tmp_path / "bench"),
+            "--json",
+            str(figures_file),
+            "--markdown",
+            str(markdown_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     print(result.stdout)
     figures = {f["name"]: f for f in json.loads(figures_file.read_text())}

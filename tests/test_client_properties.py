@@ -47,7 +47,9 @@ def test_health_asks_kafka_with_the_client_properties(lake_settings: Settings, t
     assert "cannot read offsets from Kafka" in body["pipeline"]["kafka_error"]
 
 
-def test_doctor_checks_the_checkpoint_and_disk_of_a_file_uri_lake(lake_settings: Settings, topic: str, tmp_path: Path) -> None:
+def test_doctor_checks_the_checkpoint_and_disk_of_a_file_uri_lake(
+    lake_settings: Settings, topic: str, tmp_path: Path
+) -> None:
     folder = tmp_path / "deep" / "lake"
     settings = lake_settings.model_copy(update={"lake_root": folder.as_uri()})  # file:///.../deep/lake
     # The files Spark's checkpoint keeps for a committed micro-batch, made for another topic.

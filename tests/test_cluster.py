@@ -58,12 +58,32 @@ def spark_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     }
     url = f"spark://127.0.0.1:{SPARK_MASTER_PORT}"
     daemons = {
-        "master": ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(SPARK_MASTER_PORT),
-                   "--webui-port", str(SPARK_MASTER_UI_PORT)],
-        "worker": ["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--port", str(SPARK_WORKER_PORT),
-                   "--webui-port", str(SPARK_WORKER_UI_PORT), "--cores", "2", "--memory", "2g",
-                   "--work-dir", str(folder / "work"), url],
-    }  # fmt: skip
+        "master": [
+            "org.apache.spark.deploy.master.Master",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(SPARK_MASTER_PORT),
+            "--webui-port",
+            str(SPARK_MASTER_UI_PORT),
+        ],
+        "worker": [
+            "org.apache.spark.deploy.worker.Worker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(SPARK_WORKER_PORT),
+            "--webui-port",
+            str(SPARK_WORKER_UI_PORT),
+            "--cores",
+            "2",
+            "--memory",
+            "2g",
+            "--work-dir",
+            str(folder / "work"),
+            url,
+        ],
+    }
     started: list[subprocess.Popen[bytes]] = []
     try:
         spark_class = str(spark_home / "bin" / "spark-class")
@@ -193,8 +213,13 @@ def test_standalone_spark_and_three_brokers_survive_a_broker_loss(
 
         # Data keeps arriving, and the job keeps reading, while a broker stops: the producer sends with acks=all,
         # and 2 of 3 replicas stay in sync (min.insync.replicas=2).
-        producer = subprocess.Popen([*LAKEHOUSE, "produce", "--rate", "15", str(second)], env=env_for(settings),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        producer = subprocess.Popen(
+            [*LAKEHOUSE, "produce", "--rate", "15", str(second)],
+            env=env_for(settings),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(4)
         stopped = kafka_cluster.nodes[0]  # also the first bootstrap address
         assert stopped.stop(), "the first broker was not running"

@@ -33,8 +33,10 @@ def test_later_record_wins(spark) -> None:  # type: ignore[no-untyped-def]
         ("a", T0 + timedelta(microseconds=1), 3.0, "t", 0, 2, 0, k),
     ]
     frame = spark.createDataFrame(rows, READINGS_DDL)
-    result = {(r.device_id, r.timestamp.replace(tzinfo=UTC) if r.timestamp.tzinfo is None else r.timestamp): r.value
-              for r in latest_per_identity(frame).collect()}  # fmt: skip
+    result = {
+        (r.device_id, r.timestamp.replace(tzinfo=UTC) if r.timestamp.tzinfo is None else r.timestamp): r.value
+        for r in latest_per_identity(frame).collect()
+    }
     assert sorted(result.values()) == [2.0, 3.0, 6.0, 8.0]
     assert len(result) == 4
 

@@ -57,8 +57,15 @@ def build_stream() -> Stream:
 
     # A JSON array of readings, each with its own device.
     array = [(f"arr-{i}", T0 + timedelta(seconds=i), -1.0 * i) for i in range(4)]
-    stream.send(dumps([{"device_id": device, "timestamp": f"2024-07-30T12:00:0{at.second}Z", "value": value}
-                       for device, at, value in array]), array)  # fmt: skip
+    stream.send(
+        dumps(
+            [
+                {"device_id": device, "timestamp": f"2024-07-30T12:00:0{at.second}Z", "value": value}
+                for device, at, value in array
+            ]
+        ),
+        array,
+    )
 
     # An exact duplicate, sent again later: changes nothing.
     stream.repeat(first)
@@ -67,13 +74,25 @@ def build_stream() -> Stream:
     stream.single("dev-2", T0 + timedelta(milliseconds=250), 99.5, timestamp="2024-07-30T12:00:00.25Z")
 
     # A batch that corrects itself (the later index wins) and holds an invalid reading among valid ones.
-    stream.send(dumps({"device_id": "dev-6", "readings": [
-        {"timestamp": "2024-07-30T12:00:03Z", "value": 1.0},
-        {"timestamp": "2024-07-30T12:00:03Z", "value": "high"},
-        {"timestamp": "2024-07-30T12:00:03Z", "value": 3.0},
-        {"timestamp": "2024-07-30T12:00:04Z", "value": 4.0},
-    ]}), [("dev-6", T0 + timedelta(seconds=3), 1.0), ("dev-6", T0 + timedelta(seconds=3), 3.0),
-          ("dev-6", T0 + timedelta(seconds=4), 4.0)], [("bad_value", 1)])  # fmt: skip
+    stream.send(
+        dumps(
+            {
+                "device_id": "dev-6",
+                "readings": [
+                    {"timestamp": "2024-07-30T12:00:03Z", "value": 1.0},
+                    {"timestamp": "2024-07-30T12:00:03Z", "value": "high"},
+                    {"timestamp": "2024-07-30T12:00:03Z", "value": 3.0},
+                    {"timestamp": "2024-07-30T12:00:04Z", "value": 4.0},
+                ],
+            }
+        ),
+        [
+            ("dev-6", T0 + timedelta(seconds=3), 1.0),
+            ("dev-6", T0 + timedelta(seconds=3), 3.0),
+            ("dev-6", T0 + timedelta(seconds=4), 4.0),
+        ],
+        [("bad_value", 1)],
+    )
 
     # Malformed messages: each lands in quarantine, none stops the stream.
     for payload, reason, index in [
@@ -118,7 +137,9 @@ def test_end_to_end(lake_settings: Settings, topic: str, tmp_path: Path, request
         assert result.returncode == 0, result.stderr
         return [json.loads(line) for line in result.stdout.splitlines()]
 
-    bronze = sql('SELECT count(*) AS n, count(DISTINCT ("partition", "offset")) AS distinct_n, sum(octet_length(value)) AS bytes FROM bronze')[0]
+    bronze = sql(
+        'SELECT count(*) AS n, count(DISTINCT ("partition", "offset")) AS distinct_n, sum(octet_length(value)) AS bytes FROM bronze'
+    )[0]
     assert bronze == {"n": len(messages), "distinct_n": len(messages), "bytes": sum(len(m) for m in messages)}
 
     silver = sql("SELECT count(*) AS n FROM silver")[0]
@@ -133,7 +154,10 @@ def test_end_to_end(lake_settings: Settings, topic: str, tmp_path: Path, request
     quarantined = Counter((row["reason_code"], row["reading_index"]) for row in sql("SELECT * FROM quarantine"))
     assert quarantined == expected_quarantine
     raw = {row["reason_code"]: row["raw"] for row in sql("SELECT reason_code, raw, reason FROM quarantine")}
-    assert raw["not_json"] in {"this is not json", '{"device_id": "dev-7", "timestamp": "2024-07-30T12:00:05Z", "value": 1'}
+    assert raw["not_json"] in {
+        "this is not json",
+        '{"device_id": "dev-7", "timestamp": "2024-07-30T12:00:05Z", "value": 1',
+    }
     assert json.loads(raw["bad_value"]) == {"timestamp": "2024-07-30T12:00:03Z", "value": "high"}
 
     # Through the HTTP API.
@@ -158,18 +182,29 @@ def test_end_to_end(lake_settings: Settings, topic: str, tmp_path: Path, request
             assert_kpis_equal(body, want, f"API {grain} {start}")
     for device in ["dev-2", "big-1", "dev-6"]:
         for start, want in reference.buckets("minute", device_id=device).items():
-            answer = httpx.get(f"{base}/kpis/{start.strftime('%Y-%m-%dT%H:%M:%SZ')}",
-                               params={"grain": "minute", "device_id": device})  # fmt: skip
+            answer = httpx.get(
+                f"{base}/kpis/{start.strftime('%Y-%m-%dT%H:%M:%SZ')}", params={"grain": "minute", "device_id": device}
+            )
             assert answer.json()["device_id"] == device
             assert_kpis_equal(answer.json(), want, f"API {device} {start}")
 
     # Errors are problem details, never a 500.
-    for empty in ["/kpis/2024-07-30T13:00:00Z", "/kpis/9999-12-31T23:59:59Z?grain=day", "/kpis/0001-01-01T00:00:00Z?grain=hour",
-                  "/kpis/2024-07-30T12:00:00Z?device_id=nobody"]:  # fmt: skip
+    for empty in [
+        "/kpis/2024-07-30T13:00:00Z",
+        "/kpis/9999-12-31T23:59:59Z?grain=day",
+        "/kpis/0001-01-01T00:00:00Z?grain=hour",
+        "/kpis/2024-07-30T12:00:00Z?device_id=nobody",
+    ]:
         missing = httpx.get(f"{base}{empty}")
         assert missing.status_code == 404 and missing.headers["content-type"].startswith("application/problem+json")
-    for bad in ["/kpis/not-a-time", "/kpis/2024-02-30T00:00:00Z", "/kpis/2024-07-30T12:00:00Z?grain=week",
-                "/kpis/0001-01-01T00:00:00%2B01:00", "/kpis/2024-07-30T12:00:00Z?device_id=", "/kpis/" + "9" * 5000]:  # fmt: skip
+    for bad in [
+        "/kpis/not-a-time",
+        "/kpis/2024-02-30T00:00:00Z",
+        "/kpis/2024-07-30T12:00:00Z?grain=week",
+        "/kpis/0001-01-01T00:00:00%2B01:00",
+        "/kpis/2024-07-30T12:00:00Z?device_id=",
+        "/kpis/" + "9" * 5000,
+    ]:
         answer = httpx.get(f"{base}{bad}")
         assert answer.status_code == 400, bad
         assert answer.json()["status"] == 400

@@ -24,16 +24,20 @@ def records(spark, payloads: list[bytes], first_offset: int):  # type: ignore[no
 
 def snapshot(spark, paths: LakePaths) -> dict[str, list[tuple[object, ...]]]:  # type: ignore[no-untyped-def]
     result = {}
-    for table, drop in [(Table.BRONZE, "ingested_at"), (Table.SILVER, "updated_at"), (Table.GOLD, "updated_at"),
-                        (Table.QUARANTINE, "quarantined_at")]:  # fmt: skip
+    for table, drop in [
+        (Table.BRONZE, "ingested_at"),
+        (Table.SILVER, "updated_at"),
+        (Table.GOLD, "updated_at"),
+        (Table.QUARANTINE, "quarantined_at"),
+    ]:
         frame = spark.read.format("delta").load(paths.table(table)).drop(drop)
         result[table.value] = sorted(tuple(row) for row in frame.collect())
     return result
 
 
 def test_replayed_batch_changes_nothing(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from pipeline.stream.tables import create_tables
     from pipeline.stream.job import IngestJob
+    from pipeline.stream.tables import create_tables
 
     settings = Settings(lake_root=str(tmp_path / "lake"))
     paths = LakePaths.from_settings(settings)

@@ -54,7 +54,9 @@ def build_stream(rng: random.Random) -> Stream:
         stream.single(device, at, round(rng.uniform(100, 200), 3))
     for i in range(20):
         stream.send(b"{broken json " + str(i).encode(), quarantined=[("not_json", None)])
-        stream.send(dumps({"device_id": "dev-00", "readings": [stream.item(T0, "n/a")]}), quarantined=[("bad_value", 0)])
+        stream.send(
+            dumps({"device_id": "dev-00", "readings": [stream.item(T0, "n/a")]}), quarantined=[("bad_value", 0)]
+        )
     stream.shuffle(rng)  # the reference follows the send order
     assert len(stream.reference().readings) > 20_000
     return stream
@@ -88,7 +90,9 @@ def commits(paths: LakePaths, table: Table) -> int:
     return len(list((Path(paths.table(table)) / "_delta_log").glob("*.json")))
 
 
-def wait_for_new_commit(paths: LakePaths, table: Table, process: subprocess.Popen[bytes], timeout_s: float = 240) -> None:
+def wait_for_new_commit(
+    paths: LakePaths, table: Table, process: subprocess.Popen[bytes], timeout_s: float = 240
+) -> None:
     before, deadline = commits(paths, table), time.monotonic() + timeout_s
     while commits(paths, table) == before:
         assert process.poll() is None, f"the pipeline exited with {process.returncode}"
@@ -129,7 +133,10 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
         base = cleanup.enter_context(running_api(settings))
         seconds = sorted(reference.buckets())[::15]
         targets = [f"/kpis/{s.strftime('%Y-%m-%dT%H:%M:%SZ')}" for s in seconds]
-        targets += ["/kpis/2024-07-30T12:00:30Z?grain=minute", "/kpis/2024-07-30T12:01:30Z?grain=minute&device_id=dev-03"]
+        targets += [
+            "/kpis/2024-07-30T12:00:30Z?grain=minute",
+            "/kpis/2024-07-30T12:01:30Z?grain=minute&device_id=dev-03",
+        ]
         reader = ApiReader(base, targets)
         reader.start()
 
@@ -169,7 +176,9 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
     lake = connect(paths)
     total, distinct = lake.sql('SELECT count(*), count(DISTINCT (topic, "partition", "offset")) FROM bronze').fetchone()
     assert total == distinct == len(messages)
-    silver = {(d, t.astimezone(UTC)): v for d, t, v in lake.sql('SELECT device_id, "timestamp", value FROM silver').fetchall()}
+    silver = {
+        (d, t.astimezone(UTC)): v for d, t, v in lake.sql('SELECT device_id, "timestamp", value FROM silver').fetchall()
+    }
     assert silver == reference.readings
     gold = gold_kpis(lake)
     expected = reference.buckets()
@@ -184,9 +193,11 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
     assert reader.statuses[200] > 0
     for target, counts in reader.counts.items():
         assert counts == sorted(counts), f"{target}: reading_count went down: {counts}"
-    print(f"kills survived: {kills}; broker restart: {'rode through' if rode_through else 'pipeline exited, restarted'}; "
-          f"records: {total}; readings: {len(silver)}; gold seconds: {len(gold)}, all equal to the reference; "
-          f"API answers: {dict(reader.statuses)}")  # fmt: skip
+    print(
+        f"kills survived: {kills}; broker restart: {'rode through' if rode_through else 'pipeline exited, restarted'}; "
+        f"records: {total}; readings: {len(silver)}; gold seconds: {len(gold)}, all equal to the reference; "
+        f"API answers: {dict(reader.statuses)}"
+    )
 
 
 def test_retention_loss_stops_then_is_recorded(broker, lake_settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -199,8 +210,10 @@ def test_retention_loss_stops_then_is_recorded(broker, lake_settings: Settings, 
     ensure_topic(settings)
 
     def send(first: int, count: int) -> None:
-        lines = [dumps({"device_id": "d", "timestamp": stamp(T0 + timedelta(seconds=i)), "value": float(i)})
-                 for i in range(first, first + count)]  # fmt: skip
+        lines = [
+            dumps({"device_id": "d", "timestamp": stamp(T0 + timedelta(seconds=i)), "value": float(i)})
+            for i in range(first, first + count)
+        ]
         path = tmp_path / f"{first}.ndjson"
         path.write_bytes(b"\n".join(lines) + b"\n")
         assert lakehouse(settings, "produce", str(path)).returncode == 0
@@ -223,6 +236,8 @@ def test_retention_loss_stops_then_is_recorded(broker, lake_settings: Settings, 
     lake = connect(LakePaths.from_settings(settings))
     assert lake.sql('SELECT count(*), min("offset"), max("offset") FROM bronze').fetchone() == (70, 0, 99)
     assert lake.sql("SELECT count(*) FROM silver").fetchone() == (70,)
-    gaps = lake.sql("SELECT \"partition\", \"offset\", reason FROM quarantine WHERE reason_code = 'offsets_lost'").fetchall()
+    gaps = lake.sql(
+        'SELECT "partition", "offset", reason FROM quarantine WHERE reason_code = \'offsets_lost\''
+    ).fetchall()
     assert len(gaps) == 1 and gaps[0][:2] == (0, 50)
     assert "offsets 50..79" in gaps[0][2] and "(30 records)" in gaps[0][2]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lake.settings import Settings
 from lake.errors import KafkaConfigError
 from lake.kafka import admin_config
+from lake.settings import Settings
 from pipeline.kafka.produce import producer_config
 from pipeline.stream.source import kafka_options
 
@@ -34,9 +34,8 @@ def settings_with(tmp_path: Path, text: str) -> Settings:
 
 
 def test_one_file_configures_producer_admin_and_spark(tmp_path: Path) -> None:
-    from confluent_kafka import Producer
-
     import certifi  # a real PEM bundle: librdkafka reads the CA file when the producer is made
+    from confluent_kafka import Producer
 
     settings = settings_with(tmp_path, SASL_SSL.replace("{ca_file}", certifi.where()))
     producer = producer_config(settings)

@@ -35,7 +35,9 @@ def fleet(rng: random.Random, singles: int, batches: int) -> Stream:
     for i in range(singles + batches):
         device = f"dev-{rng.randrange(12):02d}"
         count = 1 if i < singles else 100
-        readings = [(T0 + timedelta(microseconds=rng.randrange(90_000_000)), round(rng.gauss(40, 8), 4)) for _ in range(count)]
+        readings = [
+            (T0 + timedelta(microseconds=rng.randrange(90_000_000)), round(rng.gauss(40, 8), 4)) for _ in range(count)
+        ]
         if count == 1:
             stream.single(device, *readings[0])
         else:
@@ -57,8 +59,14 @@ def small_lake(broker, spark, tmp_path_factory: pytest.TempPathFactory) -> Setti
     from pipeline.stream.job import run
 
     folder = tmp_path_factory.mktemp("small_lake")
-    settings = Settings(kafka_bootstrap=f"localhost:{TEST_KAFKA_PORT}", topic="notebook-fleet", home=HOME,
-                        lake_root=str(folder / "lake"), spark_master="local[2]", shuffle_partitions=2)  # fmt: skip
+    settings = Settings(
+        kafka_bootstrap=f"localhost:{TEST_KAFKA_PORT}",
+        topic="notebook-fleet",
+        home=HOME,
+        lake_root=str(folder / "lake"),
+        spark_master="local[2]",
+        shuffle_partitions=2,
+    )
     ensure_topic(settings)
     messages = fleet(random.Random(5), singles=300, batches=8).messages
     messages += [b"not json", dumps({"device_id": "dev-01", "readings": [{"timestamp": "soon", "value": 1}]})]
@@ -75,9 +83,9 @@ def test_notebook_is_paired_and_stripped(script: Path) -> None:
     notebook = script.with_suffix(".ipynb")
     assert notebook.exists(), f"{notebook.name} is missing: run `jupytext --sync {script}`"
     stored = nbformat.read(notebook, as_version=4)
-    assert all(not c.get("outputs") and c.get("execution_count") is None for c in stored.cells if c.cell_type == "code"), (
-        f"{notebook.name} has outputs in git; strip them (jupytext --sync rewrites it without)"
-    )
+    assert all(
+        not c.get("outputs") and c.get("execution_count") is None for c in stored.cells if c.cell_type == "code"
+    ), f"{notebook.name} has outputs in git; strip them (jupytext --sync rewrites it without)"
     from_script = jupytext.read(script)
     assert [(c.cell_type, c.source) for c in from_script.cells] == [(c.cell_type, c.source) for c in stored.cells], (
         f"{notebook.name} and {script.name} differ: run `jupytext --sync {script}`"
@@ -85,7 +93,9 @@ def test_notebook_is_paired_and_stripped(script: Path) -> None:
 
 
 @pytest.mark.parametrize("script", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_and_plots(script: Path, small_lake: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notebook_runs_and_plots(
+    script: Path, small_lake: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import base64
 
     import nbformat
@@ -95,8 +105,13 @@ def test_notebook_runs_and_plots(script: Path, small_lake: Settings, tmp_path: P
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     notebook = nbformat.read(script.with_suffix(".ipynb"), as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
-    images = [o["data"]["image/png"] for c in notebook.cells if c.cell_type == "code" for o in c.outputs
-              if "image/png" in o.get("data", {})]  # fmt: skip
+    images = [
+        o["data"]["image/png"]
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]
     assert images, f"{script.stem} drew no plot"
     for index, image in enumerate(images):
         (tmp_path / f"{script.stem}-{index}.png").write_bytes(base64.b64decode(image))
@@ -114,12 +129,20 @@ def test_sql_export_opens_in_the_duckdb_cli(small_lake: Settings, tmp_path: Path
     assert cli, "the duckdb command line is not installed (pip: duckdb-cli)"
     lake = connect(LakePaths.from_settings(small_lake))
     for table in Table:
-        opened = subprocess.run([cli, "-readonly", "-json", str(target), "-c", f"SELECT count(*) AS n FROM {table.value}"],
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        opened = subprocess.run(
+            [cli, "-readonly", "-json", str(target), "-c", f"SELECT count(*) AS n FROM {table.value}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert opened.returncode == 0, opened.stderr
         assert json.loads(opened.stdout) == [{"n": lake.sql(f"SELECT count(*) FROM {table.value}").fetchone()[0]}]
-    kpis = subprocess.run([cli, "-readonly", "-json", str(target), "-c",
-                           'SELECT sum(reading_count)::BIGINT AS n FROM gold'], capture_output=True, text=True, timeout=60)  # fmt: skip
+    kpis = subprocess.run(
+        [cli, "-readonly", "-json", str(target), "-c", "SELECT sum(reading_count)::BIGINT AS n FROM gold"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert json.loads(kpis.stdout) == [{"n": lake.sql("SELECT count(*) FROM silver").fetchone()[0]}]
 
 
@@ -147,7 +170,9 @@ def test_maintain_while_the_stream_writes(lake_settings: Settings, topic: str, t
         from delta.tables import DeltaTable
 
         for table in (Table.BRONZE, Table.SILVER):
-            optimized = DeltaTable.forPath(spark, paths.table(table)).history().where("operation = 'OPTIMIZE'").collect()
+            optimized = (
+                DeltaTable.forPath(spark, paths.table(table)).history().where("operation = 'OPTIMIZE'").collect()
+            )
             assert optimized, f"no OPTIMIZE in {table.value}'s history"
             metrics = optimized[0]["operationMetrics"]
             assert int(metrics["numRemovedFiles"]) > int(metrics["numAddedFiles"]), (table, metrics)
@@ -185,7 +210,10 @@ def test_maintain_while_the_stream_writes(lake_settings: Settings, topic: str, t
         assert_kpis_equal(gold[second], want, f"gold {second}")
     # Spark reads every table too, and sees what DuckDB sees.
     for table in Table:
-        assert spark.read.format("delta").load(paths.table(table)).count() == lake.sql(f"SELECT count(*) FROM {table.value}").fetchone()[0]
+        assert (
+            spark.read.format("delta").load(paths.table(table)).count()
+            == lake.sql(f"SELECT count(*) FROM {table.value}").fetchone()[0]
+        )
     # And so does the API.
     with running_api(settings) as base:
         second, want = next(iter(expected.items()))

@@ -50,10 +50,22 @@ def test_timestamp_formats(text: str, same_as: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["2024-07-30", "0000-01-01T00:00:00Z", "10000-01-01T00:00:00Z", "2024-13-01T00:00:00Z", "2024-02-30T00:00:00Z",
-     "2024-07-30T24:00:00Z", "2024-07-30T12:00:60Z", "yesterday", "", "2024-07-30T12:00:00+25:00", "1722340800",
-     "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-00:01"],
-)  # fmt: skip
+    [
+        "2024-07-30",
+        "0000-01-01T00:00:00Z",
+        "10000-01-01T00:00:00Z",
+        "2024-13-01T00:00:00Z",
+        "2024-02-30T00:00:00Z",
+        "2024-07-30T24:00:00Z",
+        "2024-07-30T12:00:60Z",
+        "yesterday",
+        "",
+        "2024-07-30T12:00:00+25:00",
+        "1722340800",
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:59-00:01",
+    ],
+)
 def test_bad_timestamps(text: str) -> None:
     parsed = parse_messages([json.dumps({"device_id": "d", "timestamp": text, "value": 1}).encode()])
     assert parsed.reason_code == ["bad_timestamp"]
@@ -92,7 +104,10 @@ def test_invalid_readings_keep_their_valid_siblings() -> None:
     assert [v[2] for v in valid] == [float(i) for i in range(10)]
     assert invalid == [(3, "bad_value"), (6, "bad_timestamp"), (9, "bad_device_id")]
     # the quarantined reading's own JSON is kept
-    assert json.loads(parsed.raw[parsed.reason_code.index("bad_value")]) == {"timestamp": "2024-07-30T12:00:00Z", "value": "12"}
+    assert json.loads(parsed.raw[parsed.reason_code.index("bad_value")]) == {
+        "timestamp": "2024-07-30T12:00:00Z",
+        "value": "12",
+    }
 
 
 @pytest.mark.parametrize(
@@ -137,8 +152,10 @@ def test_duplicate_keys_last_wins_and_extra_fields_are_ignored() -> None:
 
 
 def test_big_batch_is_read_whole() -> None:
-    readings = [{"timestamp": f"2024-07-30T12:{i // 60000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000:03d}Z", "value": i * 0.5}
-                for i in range(80_000)]  # fmt: skip
+    readings = [
+        {"timestamp": f"2024-07-30T12:{i // 60000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000:03d}Z", "value": i * 0.5}
+        for i in range(80_000)
+    ]
     payload = json.dumps({"device_id": "big", "readings": readings}).encode()
     assert len(payload) > 4 * 1024 * 1024
     parsed = parse_messages([payload])
@@ -153,8 +170,10 @@ def test_invalid_utf8_inside_a_string_is_quarantined_not_raised() -> None:
     assert parsed.reason_code == ["not_utf8"] and parsed.reading_index == [None]
 
 
-def test_a_parser_failure_quarantines_the_message_instead_of_stopping_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.stream.parse as parse
+def test_a_parser_failure_quarantines_the_message_instead_of_stopping_the_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipeline.stream import parse
 
     def broken(*_args: object) -> None:
         raise KeyError("a bug")
@@ -173,5 +192,7 @@ def test_extra_timestamp_formats_are_tried_after_iso_8601() -> None:
     message = b'{"device_id": "d", "timestamp": "30/07/2024 14:00:01", "value": 1}'
     assert parse_messages([message]).reason_code == ["bad_timestamp"]
     day_first = Rules(extra_timestamp_formats=("%d/%m/%Y %H:%M:%S",))
-    parsed = parse_messages([message, b'{"device_id": "d", "timestamp": "2024-07-30T14:00:01Z", "value": 1}'], day_first)
+    parsed = parse_messages(
+        [message, b'{"device_id": "d", "timestamp": "2024-07-30T14:00:01Z", "value": 1}'], day_first
+    )
     assert parsed.reason_code == [None, None] and parsed.timestamp_us[0] == parsed.timestamp_us[1] == 1722348001000000

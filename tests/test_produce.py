@@ -18,10 +18,15 @@ def consume_all(settings: Settings, expected: int, timeout_s: float = 30) -> lis
 
     from confluent_kafka import Consumer
 
-    consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap, "group.id": "test-reader", "auto.offset.reset": "earliest",
-        "fetch.max.bytes": 64 * 1024 * 1024, "max.partition.fetch.bytes": settings.kafka_limit_bytes,
-    })  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": "test-reader",
+            "auto.offset.reset": "earliest",
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "max.partition.fetch.bytes": settings.kafka_limit_bytes,
+        }
+    )
     consumer.subscribe([settings.topic])
     got: list[tuple[bytes | None, bytes]] = []
     deadline = time.monotonic() + timeout_s

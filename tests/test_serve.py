@@ -198,7 +198,10 @@ def test_health_reports_checkpoint_offsets_and_commit_age(client: TestClient, la
 
 
 def test_lag_counts_records_between_processed_and_newest_offsets() -> None:
-    rows = lag({("t", 0): Watermarks(0, 130), ("t", 1): Watermarks(3, 41), ("t", 2): Watermarks(5, 5)}, {("t", 0): 120, ("t", 1): 41})
+    rows = lag(
+        {("t", 0): Watermarks(0, 130), ("t", 1): Watermarks(3, 41), ("t", 2): Watermarks(5, 5)},
+        {("t", 0): 120, ("t", 1): 41},
+    )
     assert [(r.partition, r.records_behind) for r in rows] == [(0, 10), (1, 0), (2, 5)]
     assert [r.records_behind for r in lag(None, {("t", 0): 120})] == [None]
 
@@ -260,13 +263,15 @@ def test_new_commits_are_served_without_restart(spark, tmp_path: Path) -> None: 
         expected = Reference.of(readings).buckets("second")
         assert_kpis_equal(answer.json(), expected[START], "updated second")
         assert_kpis_equal(
-            client.get(f"/kpis/{iso(START + timedelta(seconds=30))}").json(), expected[START + timedelta(seconds=30)],
+            client.get(f"/kpis/{iso(START + timedelta(seconds=30))}").json(),
+            expected[START + timedelta(seconds=30)],
             "new second",
         )
         devices = {d["device_id"]: d["reading_count"] for d in client.get("/devices").json()["items"]}
         assert devices["pump-9"] == 2
         assert_kpis_equal(
-            client.get(f"/kpis/{iso(START)}?grain=minute").json(), Reference.of(readings).buckets("minute")[START],
+            client.get(f"/kpis/{iso(START)}?grain=minute").json(),
+            Reference.of(readings).buckets("minute")[START],
             "updated minute",
         )
 

@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lake.settings import Settings
-from pipeline.jvm import jars
-from pipeline.errors import BrokerError
 from lake.kafka import admin_config
+from lake.settings import Settings
+from pipeline.errors import BrokerError
+from pipeline.jvm import jars
 
 
 def _alive(pid: int) -> bool:
@@ -52,7 +52,9 @@ class LocalBroker:
         host, _, port = first.rpartition(":")
         if not port.isdigit():
             raise BrokerError(f"LAKEHOUSE_KAFKA_BOOTSTRAP={settings.kafka_bootstrap!r} needs host:port")
-        return cls(home=settings.home.resolve(), host=host or "localhost", port=int(port), max_bytes=settings.kafka_limit_bytes)
+        return cls(
+            home=settings.home.resolve(), host=host or "localhost", port=int(port), max_bytes=settings.kafka_limit_bytes
+        )
 
     @property
     def folder(self) -> Path:
@@ -151,7 +153,9 @@ class LocalBroker:
             # A single node formats itself as a one-voter quorum; a cluster's nodes share an id and a static voter set.
             standalone = [] if self.cluster else ["--standalone"]
             format_command = self._java("kafka.tools.StorageTool", "format", *standalone, "-t", self._cluster_id())
-            formatted = subprocess.run([*format_command, "-c", str(config)], check=False, capture_output=True, text=True)
+            formatted = subprocess.run(
+                [*format_command, "-c", str(config)], check=False, capture_output=True, text=True
+            )
             if formatted.returncode != 0:
                 raise BrokerError(f"formatting Kafka storage failed: {formatted.stdout}{formatted.stderr}")
         logs = self.folder / "logs"
@@ -183,11 +187,14 @@ class LocalBroker:
         raise BrokerError(f"the Kafka broker did not answer on {self.host}:{self.port} within {timeout_s:.0f} s")
 
     def _metadata_ready(self) -> bool:
+        from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
 
         try:
-            metadata = AdminClient({"bootstrap.servers": f"{self.host}:{self.port}", "log_level": 3}).list_topics(timeout=2)
-        except Exception:
+            metadata = AdminClient({"bootstrap.servers": f"{self.host}:{self.port}", "log_level": 3}).list_topics(
+                timeout=2
+            )
+        except KafkaException:
             return False
         return bool(metadata.brokers)
 
@@ -308,8 +315,10 @@ class LocalCluster:
             if registered == self.size:
                 return
             time.sleep(0.5)
-        raise BrokerError(f"only {registered} of {self.size} local brokers registered within {timeout_s:.0f} s; "
-                          f"see the logs under {self.folder}")  # fmt: skip
+        raise BrokerError(
+            f"only {registered} of {self.size} local brokers registered within {timeout_s:.0f} s; "
+            f"see the logs under {self.folder}"
+        )
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """Stop every node; returns how many were running."""
@@ -362,7 +371,9 @@ def raise_topic_limit(admin: object, settings: Settings, timeout_s: float = 30.0
     current = admin.describe_configs([resource])[resource].result(timeout=timeout_s)  # type: ignore[attr-defined]
     if int(current["max.message.bytes"].value) >= settings.kafka_limit_bytes:
         return False
-    entry = ConfigEntry("max.message.bytes", str(settings.kafka_limit_bytes), incremental_operation=AlterConfigOpType.SET)
+    entry = ConfigEntry(
+        "max.message.bytes", str(settings.kafka_limit_bytes), incremental_operation=AlterConfigOpType.SET
+    )
     change = ConfigResource(ResourceType.TOPIC, settings.topic, incremental_configs=[entry])
     admin.incremental_alter_configs([change])[change].result(timeout=timeout_s)  # type: ignore[attr-defined]
     return True

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from lake.kafka import librdkafka_properties
 from lake.settings import Settings
 from pipeline.errors import MessageTooLarge, PipelineError
-from lake.kafka import librdkafka_properties
 
 
 class _KeyItem(msgspec.Struct):

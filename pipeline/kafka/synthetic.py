@@ -50,7 +50,9 @@ class _Generator:
     def batch(self, count: int) -> bytes:
         device = self.random.choice(self.devices)
         readings = [self.reading(device) for _ in range(count)]
-        return json.dumps({"device_id": device, "firmware": "1.4.2", "readings": readings}, separators=(",", ":")).encode()
+        return json.dumps(
+            {"device_id": device, "firmware": "1.4.2", "readings": readings}, separators=(",", ":")
+        ).encode()
 
     def full_batch(self) -> bytes:
         """A batch as close to the limit as whole readings allow."""

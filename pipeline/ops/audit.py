@@ -64,8 +64,14 @@ class AuditReport:
         return all(check.ok for check in self.checks)
 
     def totals(self) -> dict[str, int]:
-        names = ("bronze_records", "readings_in_messages", "readings_accepted", "readings_quarantined",
-                 "messages_quarantined", "offsets_lost")  # fmt: skip
+        names = (
+            "bronze_records",
+            "readings_in_messages",
+            "readings_accepted",
+            "readings_quarantined",
+            "messages_quarantined",
+            "offsets_lost",
+        )
         return {name: sum(getattr(p, name) for p in self.partitions) for name in names}
 
     def as_dict(self) -> dict[str, object]:
@@ -78,16 +84,23 @@ class AuditReport:
         }
 
 
-_REPARSED_SCHEMA = pa.schema([
-    ("topic", pa.string()), ("partition", pa.int32()), ("offset", pa.int64()), ("reading_index", pa.int32()),
-    ("device_id", pa.string()), ("timestamp_us", pa.int64()), ("reason_code", pa.string()),
-])  # fmt: skip
+_REPARSED_SCHEMA = pa.schema(
+    [
+        ("topic", pa.string()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+        ("reading_index", pa.int32()),
+        ("device_id", pa.string()),
+        ("timestamp_us", pa.int64()),
+        ("reason_code", pa.string()),
+    ]
+)
 
 
 def _reparse_bronze(connection: duckdb.DuckDBPyConnection, rules: Rules, on_progress: Callable[[int], None]) -> None:
     """Fill the table `reparsed` (in memory): what each bronze record yields under the current rules."""
     connection.execute(
-        "CREATE OR REPLACE TABLE reparsed (topic VARCHAR, \"partition\" INTEGER, \"offset\" BIGINT, "
+        'CREATE OR REPLACE TABLE reparsed (topic VARCHAR, "partition" INTEGER, "offset" BIGINT, '
         "reading_index INTEGER, device_id VARCHAR, timestamp_us BIGINT, reason_code VARCHAR)"
     )
     reader = connection.execute('SELECT topic, "partition", "offset", value FROM bronze').fetch_record_batch(
@@ -209,7 +222,9 @@ def audit(settings: Settings, on_progress: Callable[[int, int], None] | None = N
     paths = LakePaths.from_settings(settings)
     missing = [t.value for t in Table if not duck.table_exists(paths, t)]
     if missing:
-        raise duck.LakeError(f"the lake at {paths.root} has no {', '.join(missing)} table yet; run `lakehouse pipeline`")
+        raise duck.LakeError(
+            f"the lake at {paths.root} has no {', '.join(missing)} table yet; run `lakehouse pipeline`"
+        )
     connection = duck.connect(paths)
     total = connection.execute("SELECT count(*) FROM bronze").fetchone()[0]  # type: ignore[index]
     done = 0
@@ -226,8 +241,15 @@ def audit(settings: Settings, on_progress: Callable[[int, int], None] | None = N
     for row in connection.execute(_PER_PARTITION, {"lost": OFFSETS_LOST}).fetchall():
         topic, partition, *numbers = row
         counts = PartitionCounts(topic, partition)
-        (counts.bronze_records, counts.bronze_last_offset, counts.readings_in_messages, counts.readings_accepted,
-         counts.readings_quarantined, counts.messages_quarantined, counts.offsets_lost) = numbers  # fmt: skip
+        (
+            counts.bronze_records,
+            counts.bronze_last_offset,
+            counts.readings_in_messages,
+            counts.readings_accepted,
+            counts.readings_quarantined,
+            counts.messages_quarantined,
+            counts.offsets_lost,
+        ) = numbers
         partitions[(topic, partition)] = counts
     if kafka:
         report.kafka_error = _kafka_offsets(settings, partitions)

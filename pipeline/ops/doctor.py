@@ -38,7 +38,9 @@ def _size(n: int) -> str:
 
 def _java() -> Finding:
     if shutil.which("java") is None:
-        return Finding("Java", FAIL, "no `java` on PATH", "install a JDK 17+ (Debian: apt-get install openjdk-17-jre-headless)")
+        return Finding(
+            "Java", FAIL, "no `java` on PATH", "install a JDK 17+ (Debian: apt-get install openjdk-17-jre-headless)"
+        )
     out = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
     match = re.search(r'version "(\d+)', out)
     major = int(match.group(1)) if match else 0
@@ -82,13 +84,25 @@ def _kafka(settings: Settings) -> list[Finding]:
     try:
         metadata = admin.list_topics(timeout=8)
     except Exception as exc:  # noqa: BLE001
-        return [Finding("Kafka", FAIL, f"cannot reach {settings.kafka_bootstrap}: {exc}",
-                        "start the local broker (`lakehouse kafka start`) or set LAKEHOUSE_KAFKA_BOOTSTRAP")]  # fmt: skip
+        return [
+            Finding(
+                "Kafka",
+                FAIL,
+                f"cannot reach {settings.kafka_bootstrap}: {exc}",
+                "start the local broker (`lakehouse kafka start`) or set LAKEHOUSE_KAFKA_BOOTSTRAP",
+            )
+        ]
     findings = [Finding("Kafka", OK, f"{len(metadata.brokers)} broker(s) at {settings.kafka_bootstrap}")]
     topic = metadata.topics.get(settings.topic)
     if topic is None or topic.error is not None:
-        findings.append(Finding("topic", FAIL, f"topic {settings.topic!r} does not exist",
-                                "`lakehouse kafka start` creates it (or create it with the settings in README, 'Message size')"))  # fmt: skip
+        findings.append(
+            Finding(
+                "topic",
+                FAIL,
+                f"topic {settings.topic!r} does not exist",
+                "`lakehouse kafka start` creates it (or create it with the settings in README, 'Message size')",
+            )
+        )
         return findings
     findings.append(Finding("topic", OK, f"{settings.topic!r}, {len(topic.partitions)} partitions"))
 
@@ -102,46 +116,73 @@ def _kafka(settings: Settings) -> list[Finding]:
     socket_limit = int(broker_config["socket.request.max.bytes"].value)
     consumer_limit = int(kafka_options(settings)["kafka.max.partition.fetch.bytes"])
     limit_name = f"LAKEHOUSE_MAX_MESSAGE_BYTES={settings.max_message_bytes:,}"
-    chain = (f"message {_size(settings.max_message_bytes)} <= producer {_size(producer_limit)}, "
-             f"topic {_size(topic_limit)}, broker {_size(broker_limit)}, consumer fetch {_size(consumer_limit)}")  # fmt: skip
+    chain = (
+        f"message {_size(settings.max_message_bytes)} <= producer {_size(producer_limit)}, "
+        f"topic {_size(topic_limit)}, broker {_size(broker_limit)}, consumer fetch {_size(consumer_limit)}"
+    )
     findings.append(Finding("size limits", OK, chain))
     if producer_limit < need:
-        findings.append(Finding("producer limit", FAIL, f"producer message.max.bytes {producer_limit:,} < {need:,}",
-                                "the producer derives it from LAKEHOUSE_MAX_MESSAGE_BYTES; report this"))  # fmt: skip
+        findings.append(
+            Finding(
+                "producer limit",
+                FAIL,
+                f"producer message.max.bytes {producer_limit:,} < {need:,}",
+                "the producer derives it from LAKEHOUSE_MAX_MESSAGE_BYTES; report this",
+            )
+        )
     if topic_limit < need:
-        findings.append(Finding(
-            "topic limit", FAIL,
-            f"topic {settings.topic!r} max.message.bytes is {topic_limit:,}: a message at {limit_name} plus framing "
-            f"({need:,}) is refused",
-            "`lakehouse kafka start` raises it on the local broker; elsewhere: kafka-configs.sh --alter --entity-type "
-            f"topics --entity-name {settings.topic} --add-config max.message.bytes={settings.kafka_limit_bytes}",
-        ))  # fmt: skip
+        findings.append(
+            Finding(
+                "topic limit",
+                FAIL,
+                f"topic {settings.topic!r} max.message.bytes is {topic_limit:,}: a message at {limit_name} plus framing "
+                f"({need:,}) is refused",
+                "`lakehouse kafka start` raises it on the local broker; elsewhere: kafka-configs.sh --alter --entity-type "
+                f"topics --entity-name {settings.topic} --add-config max.message.bytes={settings.kafka_limit_bytes}",
+            )
+        )
     if broker_limit < need:
         status = WARN if topic_limit >= need else FAIL
-        findings.append(Finding(
-            "broker limit", status,
-            f"broker {broker_id} message.max.bytes is {broker_limit:,} < {need:,} (topics without their own "
-            "max.message.bytes refuse messages at the limit)",
-            f"set message.max.bytes={settings.kafka_limit_bytes} in the broker's server.properties; the local broker: "
-            "`lakehouse kafka stop && lakehouse kafka start` with the same settings",
-        ))  # fmt: skip
+        findings.append(
+            Finding(
+                "broker limit",
+                status,
+                f"broker {broker_id} message.max.bytes is {broker_limit:,} < {need:,} (topics without their own "
+                "max.message.bytes refuse messages at the limit)",
+                f"set message.max.bytes={settings.kafka_limit_bytes} in the broker's server.properties; the local broker: "
+                "`lakehouse kafka stop && lakehouse kafka start` with the same settings",
+            )
+        )
     if socket_limit < need:
-        findings.append(Finding("broker request size", FAIL,
-                                f"broker {broker_id} socket.request.max.bytes is {socket_limit:,} < {need:,}",
-                                f"set socket.request.max.bytes >= {2 * settings.kafka_limit_bytes} on the brokers"))  # fmt: skip
+        findings.append(
+            Finding(
+                "broker request size",
+                FAIL,
+                f"broker {broker_id} socket.request.max.bytes is {socket_limit:,} < {need:,}",
+                f"set socket.request.max.bytes >= {2 * settings.kafka_limit_bytes} on the brokers",
+            )
+        )
     if consumer_limit < topic_limit:
-        findings.append(Finding("consumer fetch size", WARN,
-                                f"max.partition.fetch.bytes {consumer_limit:,} < topic limit {topic_limit:,}",
-                                "raise LAKEHOUSE_MAX_MESSAGE_BYTES to the topic's limit, so Spark fetches whole batches"))  # fmt: skip
+        findings.append(
+            Finding(
+                "consumer fetch size",
+                WARN,
+                f"max.partition.fetch.bytes {consumer_limit:,} < topic limit {topic_limit:,}",
+                "raise LAKEHOUSE_MAX_MESSAGE_BYTES to the topic's limit, so Spark fetches whole batches",
+            )
+        )
     timestamps = topic_config["message.timestamp.type"].value
     if timestamps != "LogAppendTime":
-        findings.append(Finding(
-            "topic timestamps", WARN,
-            f"message.timestamp.type is {timestamps}: corrections in different partitions are ordered by producer "
-            "clocks, not by arrival",
-            f"kafka-configs.sh --alter --entity-type topics --entity-name {settings.topic} "
-            "--add-config message.timestamp.type=LogAppendTime",
-        ))  # fmt: skip
+        findings.append(
+            Finding(
+                "topic timestamps",
+                WARN,
+                f"message.timestamp.type is {timestamps}: corrections in different partitions are ordered by producer "
+                "clocks, not by arrival",
+                f"kafka-configs.sh --alter --entity-type topics --entity-name {settings.topic} "
+                "--add-config message.timestamp.type=LogAppendTime",
+            )
+        )
     findings.extend(_checkpoint(settings))
     return findings
 
@@ -155,8 +196,14 @@ def _checkpoint(settings: Settings) -> list[Finding]:
     where = checkpoint.ingest_checkpoint(paths)
     topics = sorted({topic for topic, _ in processed.next_offsets})
     if settings.topic not in topics:
-        return [Finding("checkpoint", FAIL, f"the checkpoint at {where} reads topic(s) {topics}, not {settings.topic!r}",
-                        "use the topic it was made for, or another LAKEHOUSE_CHECKPOINT_ROOT / LAKEHOUSE_LAKE_ROOT")]  # fmt: skip
+        return [
+            Finding(
+                "checkpoint",
+                FAIL,
+                f"the checkpoint at {where} reads topic(s) {topics}, not {settings.topic!r}",
+                "use the topic it was made for, or another LAKEHOUSE_CHECKPOINT_ROOT / LAKEHOUSE_LAKE_ROOT",
+            )
+        ]
     held = kafka.watermarks(settings, timeout_s=8, group="kpi-lakehouse-doctor")
     lost = [
         f"partition {partition}: offsets {next_offset}..{held[(topic, partition)].low - 1}"
@@ -164,8 +211,14 @@ def _checkpoint(settings: Settings) -> list[Finding]:
         if topic == settings.topic and (topic, partition) in held and next_offset < held[(topic, partition)].low
     ]
     if lost:
-        return [Finding("checkpoint", FAIL, "Kafka deleted records the pipeline has not read: " + "; ".join(lost),
-                        "run `lakehouse pipeline --no-fail-on-data-loss` once (gaps are recorded in quarantine)")]  # fmt: skip
+        return [
+            Finding(
+                "checkpoint",
+                FAIL,
+                "Kafka deleted records the pipeline has not read: " + "; ".join(lost),
+                "run `lakehouse pipeline --no-fail-on-data-loss` once (gaps are recorded in quarantine)",
+            )
+        ]
     return [Finding("checkpoint", OK, f"batch {processed.batch_id}, Kafka still holds every offset it reads next")]
 
 
@@ -178,22 +231,35 @@ def _lake(settings: Settings) -> list[Finding]:
     free = shutil.disk_usage(existing).free
     findings = []
     if not os.access(existing, os.W_OK):
-        findings.append(Finding("lake", FAIL, f"{existing} is not writable", "set LAKEHOUSE_LAKE_ROOT to a writable folder"))
+        findings.append(
+            Finding("lake", FAIL, f"{existing} is not writable", "set LAKEHOUSE_LAKE_ROOT to a writable folder")
+        )
     status = OK if free >= 5 * GIB else WARN
-    findings.append(Finding("disk", status, f"{free / GIB:.1f} GiB free at {existing}",
-                            "" if status == OK else "free space or move LAKEHOUSE_LAKE_ROOT; `lakehouse maintain` vacuums old files"))  # fmt: skip
+    findings.append(
+        Finding(
+            "disk",
+            status,
+            f"{free / GIB:.1f} GiB free at {existing}",
+            "" if status == OK else "free space or move LAKEHOUSE_LAKE_ROOT; `lakehouse maintain` vacuums old files",
+        )
+    )
     return findings
 
 
 def _memory(settings: Settings) -> Finding:
     per_trigger = settings.max_offsets_per_trigger * settings.max_message_bytes
     heap = parse_memory(settings.spark_driver_memory)
-    detail = (f"a micro-batch reads at most {settings.max_offsets_per_trigger:,} records x "
-              f"{_size(settings.max_message_bytes)} = {per_trigger / GIB:.1f} GiB; driver heap {settings.spark_driver_memory}")  # fmt: skip
+    detail = (
+        f"a micro-batch reads at most {settings.max_offsets_per_trigger:,} records x "
+        f"{_size(settings.max_message_bytes)} = {per_trigger / GIB:.1f} GiB; driver heap {settings.spark_driver_memory}"
+    )
     if heap and per_trigger > 8 * heap:
-        return Finding("micro-batch bound", WARN, detail + " (Spark spills to disk, but a batch of large messages "
-                       "takes long before its first commit)",
-                       "lower LAKEHOUSE_MAX_OFFSETS_PER_TRIGGER for backlogs of large messages")  # fmt: skip
+        return Finding(
+            "micro-batch bound",
+            WARN,
+            detail + " (Spark spills to disk, but a batch of large messages takes long before its first commit)",
+            "lower LAKEHOUSE_MAX_OFFSETS_PER_TRIGGER for backlogs of large messages",
+        )
     return Finding("micro-batch bound", OK, detail)
 
 

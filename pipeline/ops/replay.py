@@ -59,8 +59,8 @@ def replay(
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
-    from pipeline.stream.tables import create_tables
     from pipeline.stream.spark import build_session
+    from pipeline.stream.tables import create_tables
 
     if reason is not None and reason not in {r.value for r in Reason}:
         raise ValueError(f"unknown reason code {reason!r}; known: {', '.join(r.value for r in Reason)}")
@@ -120,15 +120,22 @@ def replay(
         F.col("b.kafka_timestamp").alias("kafka_timestamp"),
     )
     added = b.join(t, same_key, "left_anti").select(
-        *RECORD, "reading_index", F.col("reason_code").alias("new_reason_code"), F.col("reason").alias("new_reason"),
-        "raw", "kafka_timestamp",
-    )  # fmt: skip
+        *RECORD,
+        "reading_index",
+        F.col("reason_code").alias("new_reason_code"),
+        F.col("reason").alias("new_reason"),
+        "raw",
+        "kafka_timestamp",
+    )
     changes = kept_or_dropped.unionByName(added).localCheckpoint(eager=True)
     report.still_invalid = changes.where("new_reason_code IS NOT NULL").count()
     report.reasons_changed = (
         changes.alias("c")
-        .join(t, [F.col(f"c.{c}") == F.col(f"t.{c}") for c in RECORD]
-              + [F.col("c.reading_index").eqNullSafe(F.col("t.reading_index"))])  # fmt: skip
+        .join(
+            t,
+            [F.col(f"c.{c}") == F.col(f"t.{c}") for c in RECORD]
+            + [F.col("c.reading_index").eqNullSafe(F.col("t.reading_index"))],
+        )
         .where("c.new_reason_code IS NOT NULL AND (c.new_reason_code <> t.reason_code OR c.new_reason <> t.reason)")
         .count()
     )
@@ -158,6 +165,10 @@ def replay(
     retry_on_conflict(merge.execute, "MERGE into quarantine")
     log.info(
         "replay: %d quarantine rows from %d records; %d readings now valid, %d rows still invalid (%d new reasons)",
-        report.quarantined_rows, report.records, report.readings_accepted, report.still_invalid, report.reasons_changed,
-    )  # fmt: skip
+        report.quarantined_rows,
+        report.records,
+        report.readings_accepted,
+        report.still_invalid,
+        report.reasons_changed,
+    )
     return report

@@ -12,8 +12,16 @@ IDENTITY = ("device_id", "timestamp")
 # offset and the index inside the message. Within one partition this is offset order.
 ORDER = ("kafka_timestamp", "partition", "offset", "reading_index")
 SILVER_COLUMNS = (
-    "device_id", "timestamp", "value", "topic", "partition", "offset", "reading_index", "kafka_timestamp", "updated_at",
-)  # fmt: skip
+    "device_id",
+    "timestamp",
+    "value",
+    "topic",
+    "partition",
+    "offset",
+    "reading_index",
+    "kafka_timestamp",
+    "updated_at",
+)
 
 
 def _order_key(alias: str | None = None) -> str:

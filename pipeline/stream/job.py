@@ -81,7 +81,9 @@ class IngestJob:
         stage("bronze")
         crash_point("bronze", batch_id)
 
-        parsed = records.select(*PASSTHROUGH, "value").mapInArrow(arrow_parser(Rules.from_settings(self.settings)), OUTPUT_DDL)
+        parsed = records.select(*PASSTHROUGH, "value").mapInArrow(
+            arrow_parser(Rules.from_settings(self.settings)), OUTPUT_DDL
+        )
         parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             counts = parsed.agg(
@@ -92,15 +94,28 @@ class IngestJob:
                 F.min(F.unix_micros("timestamp")).alias("lo"),
                 F.max(F.unix_micros("timestamp")).alias("hi"),
             ).first()
-            report.records, report.readings, report.quarantined = counts["records"], counts["readings"], counts["quarantined"]
+            report.records, report.readings, report.quarantined = (
+                counts["records"],
+                counts["readings"],
+                counts["quarantined"],
+            )
             stage("parse")
             bad = parsed.where("reason_code IS NOT NULL").select(
-                "topic", "partition", "offset", "reading_index", "reason_code", "reason", "raw", "kafka_timestamp",
-            )  # fmt: skip
+                "topic",
+                "partition",
+                "offset",
+                "reading_index",
+                "reason_code",
+                "reason",
+                "raw",
+                "kafka_timestamp",
+            )
             gaps = self._lost_offsets(parsed)
             if gaps:
                 report.quarantined += len(gaps)
-                rows = [(g.topic, g.partition, g.first_lost, None, offsets.REASON_CODE, g.reason, None, None) for g in gaps]
+                rows = [
+                    (g.topic, g.partition, g.first_lost, None, offsets.REASON_CODE, g.reason, None, None) for g in gaps
+                ]
                 bad = bad.unionByName(self.spark.createDataFrame(rows, bad.schema))
             if report.quarantined:
                 self.writer.append(bad.withColumn("quarantined_at", F.current_timestamp()), Table.QUARANTINE, batch_id)
@@ -126,9 +141,13 @@ class IngestJob:
                 out.write(json.dumps(asdict(report)) + "\n")
         log.info(
             "batch %d: %d records, %d readings, %d quarantined, %.1f s (%s)",
-            batch_id, report.records, report.readings, report.quarantined, report.seconds,
+            batch_id,
+            report.records,
+            report.readings,
+            report.quarantined,
+            report.seconds,
             ", ".join(f"{name} {seconds:.1f}" for name, seconds in report.stages.items()),
-        )  # fmt: skip
+        )
 
     def _lost_offsets(self, parsed: DataFrame) -> list[offsets.Gap]:
         from pyspark.sql import functions as F
@@ -148,9 +167,9 @@ def run(
     """Run the ingest query until it is stopped (or, with `available_now`, until Kafka's backlog is processed)."""
     from pyspark.errors import StreamingQueryException
 
-    from pipeline.stream.tables import create_tables
     from pipeline.stream.source import read_kafka
     from pipeline.stream.spark import build_session
+    from pipeline.stream.tables import create_tables
 
     spark = spark or build_session(settings)
     paths = LakePaths.from_settings(settings)
@@ -162,7 +181,9 @@ def run(
         .option("checkpointLocation", checkpoint.ingest_checkpoint(paths))
         .foreachBatch(job.process_batch)
     )
-    writer = writer.trigger(availableNow=True) if available_now else writer.trigger(processingTime=settings.trigger_interval)
+    writer = (
+        writer.trigger(availableNow=True) if available_now else writer.trigger(processingTime=settings.trigger_interval)
+    )
     query = writer.start()
     try:
         query.awaitTermination()
@@ -177,5 +198,7 @@ def run(
                 "To go on past the gap, run with --no-fail-on-data-loss (LAKEHOUSE_FAIL_ON_DATA_LOSS=false); "
                 f"each gap is then recorded in quarantine with reason_code '{offsets.REASON_CODE}'."
             ) from exc
-        raise StreamStopped(f"the ingest query stopped: {summary}\nthe checkpoint is intact; fix the cause and run again") from exc
+        raise StreamStopped(
+            f"the ingest query stopped: {summary}\nthe checkpoint is intact; fix the cause and run again"
+        ) from exc
     return job.reports

@@ -47,7 +47,9 @@ class OffsetTracker:
             self._last = {}
             for (topic, partition), (first, _) in ranges.items():
                 row = (
-                    bronze.where((F.col("topic") == topic) & (F.col("partition") == partition) & (F.col("offset") < first))
+                    bronze.where(
+                        (F.col("topic") == topic) & (F.col("partition") == partition) & (F.col("offset") < first)
+                    )
                     .agg(F.max("offset"))
                     .first()
                 )

@@ -138,7 +138,7 @@ _decode_array = msgspec.json.Decoder(list[_Item]).decode
 class ParsedMessage:
     """Columns of what one or more messages yield: readings (reason None) and quarantine entries."""
 
-    __slots__ = ("source", "device_id", "timestamp_us", "value", "reading_index", "reason_code", "reason", "raw")
+    __slots__ = ("device_id", "raw", "reading_index", "reason", "reason_code", "source", "timestamp_us", "value")
 
     def __init__(self) -> None:
         self.source: list[int] = []  # row of the input (Kafka record) each entry comes from
@@ -223,8 +223,9 @@ def _slow_path(payload: bytes, source: int, out: ParsedMessage, rules: Rules) ->
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
-        out.quarantine(source, None, Reason.NOT_UTF8, f"message is not UTF-8: {exc}",
-                       payload.decode("utf-8", "backslashreplace"))  # fmt: skip
+        out.quarantine(
+            source, None, Reason.NOT_UTF8, f"message is not UTF-8: {exc}", payload.decode("utf-8", "backslashreplace")
+        )
         return
     try:
         document = json.loads(text, parse_constant=_reject_constant)
@@ -245,8 +246,13 @@ def _slow_path(payload: bytes, source: int, out: ParsedMessage, rules: Rules) ->
     elif isinstance(document, list):
         items, default_device = document, UNSET
     else:
-        out.quarantine(source, None, Reason.BAD_SHAPE,
-                       f"message must be a JSON object or array, got {type(document).__name__}", text)  # fmt: skip
+        out.quarantine(
+            source,
+            None,
+            Reason.BAD_SHAPE,
+            f"message must be a JSON object or array, got {type(document).__name__}",
+            text,
+        )
         return
     if not items:
         out.quarantine(source, None, Reason.NO_READINGS, "message holds no readings", text)
@@ -254,7 +260,9 @@ def _slow_path(payload: bytes, source: int, out: ParsedMessage, rules: Rules) ->
     for index, item in enumerate(items):
         try:
             if not isinstance(item, dict):
-                raise InvalidReading(Reason.BAD_READING_SHAPE, f"a reading must be a JSON object, got {type(item).__name__}")
+                raise InvalidReading(
+                    Reason.BAD_READING_SHAPE, f"a reading must be a JSON object, got {type(item).__name__}"
+                )
             own_device = item.get("device_id")
             device = check_device_id(own_device if own_device is not None else default_device)
             timestamp_us = check_timestamp(item.get("timestamp", UNSET), rules)
@@ -276,8 +284,13 @@ def parse_message(payload: bytes | None, source: int, out: ParsedMessage, rules:
             _slow_path(payload, source, out, rules)
     except Exception as exc:  # noqa: BLE001 - no message may stop the stream, not even one that finds a bug
         out.truncate(mark)
-        out.quarantine(source, None, Reason.PARSER_ERROR, f"the parser failed on this message: {exc!r:.500}",
-                       payload.decode("utf-8", "backslashreplace"))  # fmt: skip
+        out.quarantine(
+            source,
+            None,
+            Reason.PARSER_ERROR,
+            f"the parser failed on this message: {exc!r:.500}",
+            payload.decode("utf-8", "backslashreplace"),
+        )
 
 
 def parse_messages(payloads: list[bytes | None], rules: Rules = CONTRACT_RULES) -> ParsedMessage:

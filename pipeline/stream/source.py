@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lake.settings import Settings
 from lake.kafka import java_properties
+from lake.settings import Settings
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -31,6 +31,4 @@ def read_kafka(spark: SparkSession, settings: Settings) -> DataFrame:
     reader = spark.readStream.format("kafka")
     for key, value in kafka_options(settings).items():
         reader = reader.option(key, value)
-    return reader.load().selectExpr(
-        "topic", "`partition`", "`offset`", "timestamp AS kafka_timestamp", "key", "value"
-    )
+    return reader.load().selectExpr("topic", "`partition`", "`offset`", "timestamp AS kafka_timestamp", "key", "value")
