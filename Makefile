@@ -6,11 +6,12 @@ HOME_DIR := $(or $(LAKEHOUSE_HOME),.lakehouse)
 PORT   := $(or $(LAKEHOUSE_HTTP_PORT),8000)
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test stop clean help
+.PHONY: install demo test quick lint stop clean help
 
 help:
 	@echo "make demo   set up, start Kafka, send a synthetic fleet, run the pipeline, start the API on :$(PORT)"
-	@echo "make test   set up and run the test suite (starts its own Kafka broker)"
+	@echo "make test   set up, run the linters and the whole test suite (starts its own Kafka broker)"
+	@echo "make quick  the linters and the tests that need no Kafka (unit, parse, CLI, API): a few minutes"
 	@echo "make stop   stop the demo's API and Kafka broker"
 	@echo "make clean  stop, then delete the lake, the broker's data and the virtualenv"
 
@@ -41,8 +42,17 @@ demo: install
 	  echo "  curl -s 'localhost:$(PORT)/kpis/$$ts?grain=minute&device_id=pump-0000'"; curl -s "localhost:$(PORT)/kpis/$$ts?grain=minute&device_id=pump-0000"; echo; \
 	  echo "  $(BIN)/lakehouse sql \"SELECT reason_code, count(*) FROM quarantine GROUP BY ALL\""; echo "Stop with: make stop"
 
-test: install
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: install lint
 	$(BIN)/python -m pytest -p no:cacheprovider --timeout=1200 --durations=10 $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+quick: $(STAMP) lint
+	$(BIN)/python -m pytest -p no:cacheprovider --timeout=600 -m "not kafka" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 stop:

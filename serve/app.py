@@ -17,10 +17,10 @@ from litestar.openapi import OpenAPIConfig
 from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsPlugin
 
 from lake.settings import Settings
-from lake.snapshot import Refresher, SnapshotStore
 from lake.tables import LakePaths
 from serve import controllers, errors, observability
 from serve.kafka_watch import KafkaWatch
+from serve.snapshot import Refresher, SnapshotStore
 
 # Requests carry no body (every route is GET); anything bigger than this is refused before it is read.
 MAX_BODY_BYTES = 16 * 1024

@@ -20,7 +20,6 @@ from litestar.static_files import create_static_files_router
 from lake import checkpoint, deltalog, duck, kafka
 from lake.errors import LakeError
 from lake.settings import Settings, local_path
-from lake.snapshot import Snapshot, SnapshotStore
 from lake.tables import KPI_FIELDS, Table
 from lake.timestamps import MAX_US, Grain, TimestampError, format_utc, from_us, parse_timestamp_us
 from serve import queries
@@ -39,6 +38,7 @@ from serve.schemas import (
     PipelineLagResponse,
     Problem,
 )
+from serve.snapshot import Snapshot, SnapshotStore
 
 STATIC = Path(__file__).parent / "static"
 MAX_PAGE = 10_000

@@ -13,7 +13,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import Counter, Gauge, Histogram
 
-from lake.snapshot import RefreshReport, Snapshot
+from serve.snapshot import RefreshReport, Snapshot
 
 PREFIX = "kpi_lakehouse"
 # Requests and their latency per route template (group_path), so that timestamps in paths do not make new series.

@@ -1,4 +1,4 @@
-"""The API's queries over a serving snapshot (`lake.snapshot`): KPIs of one bucket or of a range, and devices."""
+"""The API's queries over a serving snapshot (`serve.snapshot`): KPIs of one bucket or of a range, and devices."""
 
 from __future__ import annotations
 

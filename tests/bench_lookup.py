@@ -25,10 +25,10 @@ import httpx
 
 from lake import duck
 from lake.settings import Settings
-from lake.snapshot import SnapshotStore
 from lake.tables import LakePaths, Table
 from lake.timestamps import Grain, parse_timestamp_us
 from serve import queries
+from serve.snapshot import SnapshotStore
 from tests.conftest import HOME
 from tests.serve_lake import START, api_settings, iso, serving, serving_app
 

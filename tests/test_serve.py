@@ -15,11 +15,11 @@ import pytest
 from litestar.testing import TestClient
 
 from lake.kafka import Watermarks, lag
-from lake.snapshot import SnapshotStore
 from lake.tables import LakePaths
 from lake.timestamps import parse_timestamp_us
 from serve import queries
 from serve.app import create_app
+from serve.snapshot import SnapshotStore
 from tests.reference import Reference, assert_kpis_equal
 from tests.serve_lake import DEVICES, START, LakeWriter, Reading, api_settings, iso, make_readings
 
