@@ -122,7 +122,7 @@ _overrides: dict[str, object] = {}
 
 
 def settings() -> Settings:
-    return Settings(**_overrides)  # flags win over LAKEHOUSE_* variables, which win over defaults
+    return Settings.model_validate(_overrides)  # flags win over LAKEHOUSE_* variables, which win over defaults
 
 
 def _fail(message: str) -> NoReturn:
@@ -546,13 +546,12 @@ def bench(
         _fail(f"unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
     current = settings().model_copy(update={"kafka_bootstrap": f"localhost:{port}"})
     with console.status("benchmark") as status:
-        figures = run(
-            current,
-            Plan.quick() if quick else Plan(),
-            chosen,
-            folder.resolve(),
-            lambda text: (status.update(text), console.log(text)),
-        )
+
+        def show(text: str) -> None:
+            status.update(text)
+            console.log(text)
+
+        figures = run(current, Plan.quick() if quick else Plan(), chosen, folder.resolve(), show)
     table = RichTable("figure", "ours", "reference", "ratio", "goal", "met", title="kpi-lakehouse bench")
     for f in figures:
         reference = f"{f.reference:,.2f} {f.unit}\n{f.reference_name}" if f.reference is not None else ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 from lake.errors import KafkaConfigError
 from lake.settings import Settings
@@ -88,7 +89,11 @@ def librdkafka_properties(settings: Settings) -> dict[str, str]:
     return translated | own
 
 
-def admin_config(settings: Settings) -> dict[str, object]:
+# A confluent-kafka client's configuration: librdkafka property names and their scalar values.
+ClientConfig: TypeAlias = dict[str, str | int | float | bool]
+
+
+def admin_config(settings: Settings) -> ClientConfig:
     """An admin client's settings: the client properties, then the bootstrap servers."""
     return {**librdkafka_properties(settings), "bootstrap.servers": settings.kafka_bootstrap, "log_level": 3}
 

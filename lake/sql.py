@@ -8,6 +8,8 @@ from typing import TextIO
 
 import duckdb
 
+from lake.rows import fetch_one
+
 _MAX_TABLE_ROWS = 1000
 
 
@@ -92,7 +94,7 @@ def export(connection: duckdb.DuckDBPyConnection, target: str) -> dict[str, int]
         views = [row[0] for row in listed]
         for view in views:
             connection.execute(f'CREATE TABLE export."{view}" AS SELECT * FROM "{view}"')
-            counts[view] = connection.execute(f'SELECT count(*) FROM export."{view}"').fetchone()[0]
+            counts[view] = fetch_one(connection.execute(f'SELECT count(*) FROM export."{view}"'), f"count of {view}")[0]
     finally:
         connection.execute("DETACH export")
     return counts

@@ -44,7 +44,7 @@ def as_problem(exc: HTTPException) -> ProblemDetailsException:
     return ProblemDetailsException(
         status_code=exc.status_code,
         title=HTTPStatus(exc.status_code).phrase,
-        detail="; ".join(filter(None, [detail, advice])) or None,
+        detail="; ".join(filter(None, [detail, advice])),  # empty: the status phrase, as for None
         headers=exc.headers,
         extra={"errors": exc.extra} if isinstance(exc.extra, list) and exc.extra else None,
     )
@@ -81,6 +81,6 @@ class RequestHeadLimit:
                 )
                 headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
                 await send({"type": "http.response.start", "status": 431, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
                 return
         await self.app(scope, receive, send)

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute
 
 from lake import deltalog, duck
+from lake.rows import fetch_one
 from lake.tables import LakePaths, Table
 
 # Each table's identity, the key a changed row replaces the old one by.
@@ -108,9 +109,12 @@ class SnapshotStore:
         try:
             for table, (_, rows, whole) in changes.items():
                 writer.register("changed_rows", rows)
-                exists = writer.execute(
-                    "SELECT count(*) FROM duckdb_tables() WHERE table_name = $name", {"name": table.value}
-                ).fetchone()[0]
+                exists = fetch_one(
+                    writer.execute(
+                        "SELECT count(*) FROM duckdb_tables() WHERE table_name = $name", {"name": table.value}
+                    ),
+                    f"the count of tables named {table.value}",
+                )[0]
                 if whole or not exists:
                     # Sorted by key, DuckDB's per-block min/max lets a lookup skip all but the block it needs.
                     order = ", ".join(_KEYS[table][::-1])
@@ -126,8 +130,9 @@ class SnapshotStore:
                 writer.unregister("changed_rows")
             versions = {t: v for t, (v, _, _) in changes.items()}
             newest_event = None
-            if writer.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'gold'").fetchone()[0]:
-                newest_event = writer.execute('SELECT max("timestamp") FROM gold').fetchone()[0]
+            gold_tables = writer.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'gold'")
+            if fetch_one(gold_tables, "the count of tables named gold")[0]:
+                newest_event = fetch_one(writer.execute('SELECT max("timestamp") FROM gold'), "gold's newest event")[0]
             snapshot = Snapshot(
                 gold_version=versions.get(Table.GOLD, self.current.gold_version),
                 silver_version=versions.get(Table.SILVER, self.current.silver_version),
@@ -174,9 +179,12 @@ class SnapshotStore:
         cursor = self._database.cursor()
         try:
             cursor.begin()
-            row = cursor.execute(
-                "SELECT gold_version, silver_version, gold_committed_at, newest_event, loaded_at FROM snapshot_meta"
-            ).fetchone()
+            row = fetch_one(
+                cursor.execute(
+                    "SELECT gold_version, silver_version, gold_committed_at, newest_event, loaded_at FROM snapshot_meta"
+                ),
+                "snapshot_meta",
+            )
             yield Snapshot(*row), cursor
         finally:
             cursor.rollback()  # the transaction only read

@@ -9,11 +9,15 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lake.kafka import admin_config
 from lake.settings import Settings
 from pipeline.errors import BrokerError
 from pipeline.jvm import jars
+
+if TYPE_CHECKING:
+    from confluent_kafka.admin import AdminClient
 
 
 def _alive(pid: int) -> bool:
@@ -363,19 +367,19 @@ def ensure_topic(settings: Settings, timeout_s: float = 30.0) -> bool:
     return True
 
 
-def raise_topic_limit(admin: object, settings: Settings, timeout_s: float = 30.0) -> bool:
+def raise_topic_limit(admin: AdminClient, settings: Settings, timeout_s: float = 30.0) -> bool:
     """Raise an existing topic's max.message.bytes to the project's limit (never lower it); True if changed."""
     from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
     resource = ConfigResource(ResourceType.TOPIC, settings.topic)
-    current = admin.describe_configs([resource])[resource].result(timeout=timeout_s)  # type: ignore[attr-defined]
+    current = admin.describe_configs([resource])[resource].result(timeout=timeout_s)
     if int(current["max.message.bytes"].value) >= settings.kafka_limit_bytes:
         return False
     entry = ConfigEntry(
         "max.message.bytes", str(settings.kafka_limit_bytes), incremental_operation=AlterConfigOpType.SET
     )
     change = ConfigResource(ResourceType.TOPIC, settings.topic, incremental_configs=[entry])
-    admin.incremental_alter_configs([change])[change].result(timeout=timeout_s)  # type: ignore[attr-defined]
+    admin.incremental_alter_configs([change])[change].result(timeout=timeout_s)
     return True
 
 

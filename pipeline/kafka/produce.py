@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from lake.kafka import librdkafka_properties
+from lake.kafka import ClientConfig, librdkafka_properties
 from lake.settings import Settings
 from pipeline.errors import MessageTooLarge, PipelineError
 
@@ -45,7 +45,7 @@ def message_key(payload: bytes) -> bytes | None:
     return device.encode() if isinstance(device, str) and device else None
 
 
-def producer_config(settings: Settings) -> dict[str, object]:
+def producer_config(settings: Settings) -> ClientConfig:
     return {
         **librdkafka_properties(settings),  # security and the like, from LAKEHOUSE_KAFKA_PROPERTIES; the keys below win
         "bootstrap.servers": settings.kafka_bootstrap,

@@ -15,6 +15,7 @@ import duckdb
 import pyarrow as pa
 
 from lake import duck, kafka
+from lake.rows import fetch_one
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
 from pipeline.stream.offsets import REASON_CODE as OFFSETS_LOST
@@ -226,7 +227,7 @@ def audit(settings: Settings, on_progress: Callable[[int, int], None] | None = N
             f"the lake at {paths.root} has no {', '.join(missing)} table yet; run `lakehouse pipeline`"
         )
     connection = duck.connect(paths)
-    total = connection.execute("SELECT count(*) FROM bronze").fetchone()[0]  # type: ignore[index]
+    total = fetch_one(connection.execute("SELECT count(*) FROM bronze"), "the count of bronze")[0]
     done = 0
 
     def advance(rows: int) -> None:
@@ -256,7 +257,7 @@ def audit(settings: Settings, on_progress: Callable[[int, int], None] | None = N
     report.partitions = [partitions[key] for key in sorted(partitions)]
     for name, query, meaning in _CHECKS:
         parameters = {"lost": OFFSETS_LOST} if "$lost" in query else {}
-        failures = connection.execute(query, parameters).fetchone()[0]  # type: ignore[index]
+        failures = fetch_one(connection.execute(query, parameters), f"the check {name!r}")[0]
         report.checks.append(Check(name, failures == 0, "ok" if failures == 0 else f"{failures:,} {meaning}"))
     connection.close()
     return report

@@ -13,10 +13,14 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lake import checkpoint, kafka
 from lake.settings import Settings, local_path
 from lake.tables import LakePaths
+
+if TYPE_CHECKING:
+    from confluent_kafka.admin import AdminClient, ConfigEntry, ConfigResource
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 # What a record batch holding one message adds to the message's own size (headers, key, batch framing).
@@ -69,9 +73,17 @@ def _duckdb() -> Finding:
     return Finding("DuckDB delta extension", OK, str(path.name))
 
 
-def _configs(admin: object, resource: object) -> dict[str, object]:
-    futures = admin.describe_configs([resource])  # type: ignore[attr-defined]
-    return next(iter(futures.values())).result(timeout=10)  # type: ignore[no-any-return]
+def _configs(admin: AdminClient, resource: ConfigResource) -> dict[str, ConfigEntry]:
+    futures = admin.describe_configs([resource])
+    entries: dict[str, ConfigEntry] = next(iter(futures.values())).result(timeout=10)
+    return entries
+
+
+def _int_config(entries: dict[str, ConfigEntry], name: str) -> int:
+    value = entries[name].value
+    if value is None:  # a sensitive setting; these limits never are
+        raise TypeError(f"Kafka reported no value for {name}")
+    return int(value)
 
 
 def _kafka(settings: Settings) -> list[Finding]:
@@ -110,10 +122,10 @@ def _kafka(settings: Settings) -> list[Finding]:
     topic_config = _configs(admin, ConfigResource(ResourceType.TOPIC, settings.topic))
     broker_id = min(metadata.brokers)
     broker_config = _configs(admin, ConfigResource(ResourceType.BROKER, str(broker_id)))
-    producer_limit = int(producer_config(settings)["message.max.bytes"])  # type: ignore[call-overload]
-    topic_limit = int(topic_config["max.message.bytes"].value)
-    broker_limit = int(broker_config["message.max.bytes"].value)
-    socket_limit = int(broker_config["socket.request.max.bytes"].value)
+    producer_limit = int(producer_config(settings)["message.max.bytes"])
+    topic_limit = _int_config(topic_config, "max.message.bytes")
+    broker_limit = _int_config(broker_config, "message.max.bytes")
+    socket_limit = _int_config(broker_config, "socket.request.max.bytes")
     consumer_limit = int(kafka_options(settings)["kafka.max.partition.fetch.bytes"])
     limit_name = f"LAKEHOUSE_MAX_MESSAGE_BYTES={settings.max_message_bytes:,}"
     chain = (

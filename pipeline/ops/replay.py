@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from lake.maintenance import retry_on_conflict
+from lake.rows import first_row
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
 from pipeline.stream.crash import crash_point
@@ -94,7 +95,10 @@ def replay(
 
     writer = LakeWriter(spark, paths)
     readings = fresh.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
-    bounds = readings.agg(F.count("*"), F.min(F.unix_micros("timestamp")), F.max(F.unix_micros("timestamp"))).first()
+    bounds = first_row(
+        readings.agg(F.count("*"), F.min(F.unix_micros("timestamp")), F.max(F.unix_micros("timestamp"))),
+        "the replayed readings' bounds",
+    )
     report.readings_accepted = bounds[0]
     if report.readings_accepted:
         lo, hi = f"timestamp_micros({bounds[1]})", f"timestamp_micros({bounds[2]})"

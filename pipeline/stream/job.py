@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lake import checkpoint
+from lake.rows import first_row
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
 from pipeline.errors import StreamStopped
@@ -86,14 +87,17 @@ class IngestJob:
         )
         parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            counts = parsed.agg(
-                # Each record yields exactly one row with index 0 or a message-level row (index null).
-                F.count_if(F.coalesce(F.col("reading_index"), F.lit(0)) == 0).alias("records"),
-                F.count("device_id").alias("readings"),
-                F.count("reason_code").alias("quarantined"),
-                F.min(F.unix_micros("timestamp")).alias("lo"),
-                F.max(F.unix_micros("timestamp")).alias("hi"),
-            ).first()
+            counts = first_row(
+                parsed.agg(
+                    # Each record yields exactly one row with index 0 or a message-level row (index null).
+                    F.count_if(F.coalesce(F.col("reading_index"), F.lit(0)) == 0).alias("records"),
+                    F.count("device_id").alias("readings"),
+                    F.count("reason_code").alias("quarantined"),
+                    F.min(F.unix_micros("timestamp")).alias("lo"),
+                    F.max(F.unix_micros("timestamp")).alias("hi"),
+                ),
+                "the batch's counts",
+            )
             report.records, report.readings, report.quarantined = (
                 counts["records"],
                 counts["readings"],

@@ -21,6 +21,8 @@ def create_tables(spark: SparkSession, paths: LakePaths) -> None:
 
     for table, ddl in SCHEMAS.items():
         schema = StructType.fromDDL(ddl)
+        if not isinstance(schema, StructType):  # fromDDL gives a struct for a list of columns
+            raise TypeError(f"the {table.value} schema is not a list of columns: {ddl}")
         builder = DeltaTable.createIfNotExists(spark).location(paths.table(table)).addColumns(schema)
         for key, value in _PROPERTIES.get(table, {}).items():
             builder = builder.property(key, value)

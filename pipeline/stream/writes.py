@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from lake import checkpoint
 from lake.maintenance import retry_on_conflict
+from lake.rows import first_row
 from lake.tables import LakePaths, Table
 from pipeline.stream import dedupe, kpi
 
@@ -36,7 +37,8 @@ class LakeWriter:
         # The checkpoint's `metadata` file holds the query id, which stays the same across restarts on the same
         # checkpoint and is new for a new checkpoint: exactly what Delta's idempotent writes need.
         if self.app_id is None:
-            line = self.spark.read.text(checkpoint.ingest_checkpoint(self.paths) + "/metadata").first()
+            metadata = checkpoint.ingest_checkpoint(self.paths) + "/metadata"
+            line = first_row(self.spark.read.text(metadata), f"the checkpoint's {metadata}")
             self.app_id = "kpi-lakehouse-" + json.loads(line[0])["id"]
         return self.app_id
 
