@@ -19,8 +19,8 @@ from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetail
 from lake.settings import Settings
 from lake.tables import LakePaths
 from serve import controllers, errors, observability
-from serve.kafka_watch import KafkaWatch
-from serve.snapshot import Refresher, SnapshotStore
+from serve.background import KafkaWatch, Refresher
+from serve.snapshot import SnapshotStore
 
 # Requests carry no body (every route is GET); anything bigger than this is refused before it is read.
 MAX_BODY_BYTES = 16 * 1024
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             yield
         finally:
-            watch.stop()
+            watch.stop(wait=False)  # a Kafka request in flight ends within its timeout; nothing waits for it
             refresher.stop()
             store.close()
 

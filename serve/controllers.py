@@ -23,8 +23,8 @@ from lake.settings import Settings, local_path
 from lake.tables import KPI_FIELDS, Table
 from lake.timestamps import MAX_US, Grain, TimestampError, format_utc, from_us, parse_timestamp_us
 from serve import queries
+from serve.background import KafkaWatch, records_behind
 from serve.errors import problem
-from serve.kafka_watch import KafkaWatch, records_behind
 from serve.schemas import (
     DeviceResponse,
     DevicesResponse,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -194,35 +194,3 @@ class SnapshotStore:
         self._reader.close()
         self._writer.close()
         self._database.close()
-
-
-class Refresher:
-    """Calls `refresh` every `interval_s` seconds on a daemon thread until stopped; reports each result."""
-
-    def __init__(
-        self,
-        store: SnapshotStore,
-        interval_s: float,
-        on_refresh: Callable[[RefreshReport], None],
-        on_error: Callable[[Exception], None],
-    ) -> None:
-        self._store = store
-        self._interval_s = interval_s
-        self._on_refresh = on_refresh
-        self._on_error = on_error
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="snapshot-refresh", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                self._on_refresh(self._store.refresh())
-            except Exception as exc:  # noqa: BLE001 (a torn read or a vacuumed file: keep the old snapshot, try again next time)
-                self._on_error(exc)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
