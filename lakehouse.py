@@ -471,7 +471,7 @@ def maintain(
         list[str] | None, typer.Option(help="only this table (repeatable): bronze|silver|gold|quarantine")
     ] = None,
     retain_hours: Annotated[
-        float, typer.Option(help="VACUUM keeps files younger than this; under 168 needs care")
+        float, typer.Option(help="VACUUM keeps files younger than this (whole hours); under 168 needs care")
     ] = 168,
     vacuum: Annotated[
         bool, typer.Option(help="delete files no longer in the table and older than --retain-hours")
@@ -480,13 +480,14 @@ def maintain(
         bool, typer.Option(help="allow --retain-hours under 1; only when no pipeline or other writer is running")
     ] = False,
 ) -> None:
-    """Compact small files (OPTIMIZE), write Delta checkpoints and VACUUM; safe while the pipeline runs."""
+    """Compact small files, write Delta checkpoints and VACUUM; safe while the pipeline runs.
+
+    Runs on delta-rs, without Spark: seconds for a small lake."""
     from rich.table import Table as RichTable
 
     from lake.maintenance import UnsafeRetention, check_retention
     from lake.maintenance import maintain as run_maintenance
     from lake.tables import LakePaths, Table
-    from pipeline.stream.spark import build_session
 
     current = settings()
     try:
@@ -494,7 +495,7 @@ def maintain(
     except ValueError as exc:
         _fail(str(exc))
     try:
-        check_retention(retain_hours, unsafe_retention)  # before Spark starts, for a quick answer
+        check_retention(retain_hours, unsafe_retention)
     except UnsafeRetention as exc:
         _fail(str(exc))
     if retain_hours < 168:
@@ -502,8 +503,7 @@ def maintain(
             f"[yellow]warning:[/] --retain-hours {retain_hours:g} is under 168: a reader on an older "
             "table version, or time travel to one, may fail"
         )
-    spark = build_session(current, app_name="kpi-lakehouse-maintain")
-    reports = run_maintenance(spark, LakePaths.from_settings(current), chosen, retain_hours, vacuum, unsafe_retention)
+    reports = run_maintenance(LakePaths.from_settings(current), chosen, retain_hours, vacuum, unsafe_retention)
     summary = RichTable(
         "table", "live files before", "compacted", "live files after", "deleted from storage", "version"
     )

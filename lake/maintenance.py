@@ -1,28 +1,34 @@
-"""Table upkeep: compaction of small files (OPTIMIZE), Delta checkpoints, and VACUUM with a safe retention.
+"""Table upkeep: compaction of small files, a Delta checkpoint of each table, VACUUM with a safe retention, and removal
+of expired log files.
 
-Runs with its own Spark session (handed in by the caller) and may run while the stream writes: Delta retries
-or rejects a conflicting commit, and both sides here retry on a conflict, so nothing is lost.
+Runs on delta-rs (the `deltalake` package), not Spark: a Spark session takes longer to start than the upkeep of a
+small lake. It may run while the stream writes: delta-rs commits only if no concurrent commit removed a file it
+removes, the stream's writes retry on a conflict (lake.conflicts), and so does every commit here.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
-from lake.settings import local_path
+from lake.conflicts import retry_on_conflict
+from lake.errors import LakeError
+from lake.settings import MIB, local_path
 from lake.tables import LakePaths, Table
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from deltalake import DeltaTable
 
 log = logging.getLogger("lakehouse.maintenance")
-T = TypeVar("T")
 
 SAFE_RETENTION_HOURS = 168  # Delta's own default: a week of history for readers and time travel
+# Compacted files of about the size Spark reads in one task (spark.sql.files.maxPartitionBytes): a table of a few
+# MiB becomes one file, a large one files that readers still split across cores. A table's own
+# `delta.targetFileSize` wins.
+TARGET_FILE_BYTES = 128 * MIB
 
 
 class UnsafeRetention(ValueError):
@@ -37,35 +43,14 @@ def check_retention(retain_hours: float, allow_unsafe: bool = False) -> None:
         )
 
 
-def concurrent_conflicts() -> tuple[type[BaseException], ...]:
-    from delta import exceptions
-
-    return tuple(getattr(exceptions, name) for name in exceptions.__all__)
-
-
-def retry_on_conflict(action: Callable[[], T], what: str, attempts: int = 8) -> T:
-    """Run a Delta commit again when a concurrent commit conflicted with it (each try reads the newest version)."""
-    conflicts = concurrent_conflicts()
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except conflicts as exc:
-            if attempt == attempts:
-                raise
-            wait = min(30.0, 0.5 * 2**attempt)
-            log.warning("%s conflicted with a concurrent commit (%s); retrying in %.1f s", what, type(exc).__name__, wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
 @dataclass
 class TableReport:
     table: str
     live_files_before: int  # data files of the current table version
     live_files_after: int
-    files_compacted: int  # live files that OPTIMIZE replaced
+    files_compacted: int  # live files that compaction replaced
     files_vacuumed: int  # files deleted from storage
-    version: int
+    version: int  # the version checkpointed
 
 
 def data_files(path: str) -> int:
@@ -76,76 +61,88 @@ def data_files(path: str) -> int:
     return sum(1 for f in root.rglob("*.parquet") if "_delta_log" not in f.parts)
 
 
-@contextmanager
-def _upkeep_conf(spark: SparkSession, retain_hours: float) -> Iterator[None]:
-    """Delta settings for upkeep of the session's tables, restored afterwards (the caller's session may go on)."""
-    parallelism = str(spark.conf.get("spark.sql.shuffle.partitions"))
-    conf: dict[str, str] = {
-        # VACUUM lists a table in this many tasks: Spark's default, 10,000, made a vacuum of a few hundred files
-        # take 40 to 100 s of empty tasks on two cores. The tables are not partitioned: one folder each.
-        "spark.sql.sources.parallelPartitionDiscovery.parallelism": parallelism,
-        # VACUUM deletes with Spark tasks (as many as shuffle partitions) instead of one file after another.
-        "spark.databricks.delta.vacuum.parallelDelete.enabled": "true",
-        # Delta 4 ignores a VACUUM retention other than 0 (it keeps the table's deletedFileRetentionDuration,
-        # 7 days) unless told otherwise; --retain-hours means what it says.
-        "spark.databricks.delta.vacuum.retentionWindowIgnore.enabled": "false",
-    }
-    if retain_hours < SAFE_RETENTION_HOURS:
-        # Delta refuses a short retention unless told; a reader on an older version may then miss files.
-        conf["spark.databricks.delta.retentionDurationCheck.enabled"] = "false"
-    previous = {key: spark.conf.get(key, None) for key in conf}  # None: not set in this session
-    for key, value in conf.items():
-        spark.conf.set(key, value)
-    try:
-        yield
-    finally:
-        for key, old in previous.items():
-            if old is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, old)
-
-
 def maintain(
-    spark: SparkSession, paths: LakePaths, tables: list[Table] | None = None,
-    retain_hours: float = SAFE_RETENTION_HOURS, vacuum: bool = True, allow_unsafe_retention: bool = False,
+    paths: LakePaths, tables: list[Table] | None = None, retain_hours: float = SAFE_RETENTION_HOURS,
+    vacuum: bool = True, allow_unsafe_retention: bool = False,
 ) -> list[TableReport]:  # fmt: skip
     check_retention(retain_hours, allow_unsafe_retention)
-    with _upkeep_conf(spark, retain_hours):
-        return [
-            _maintain_table(spark, paths.table(table), table, retain_hours, vacuum) for table in tables or list(Table)
-        ]
+    return [_maintain_table(paths.table(table), table, retain_hours, vacuum) for table in tables or list(Table)]
 
 
-def _maintain_table(spark: SparkSession, location: str, table: Table, retain_hours: float, vacuum: bool) -> TableReport:
-    from delta.tables import DeltaTable
+def _open(location: str) -> DeltaTable:
+    """The table at its newest version."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaError
 
+    try:
+        return DeltaTable(location)
+    except (DeltaError, OSError) as exc:
+        where = "" if local_path(location) is not None else (
+            "; on an object store delta-rs takes credentials and settings from its own environment variables "
+            "(AWS_*, AZURE_*, GOOGLE_*), not from spark.hadoop.* (DEPLOY.md, section 4)"
+        )  # fmt: skip
+        raise LakeError(f"cannot open the Delta table at {location}: {exc}{where}") from exc
+
+
+def _conflicts() -> tuple[type[BaseException], ...]:
+    from deltalake.exceptions import CommitFailedError
+
+    return (CommitFailedError,)
+
+
+def _compact(location: str) -> int:
+    """Compact the newest version's small files (a commit of dataChange=false, which append-only tables allow); the
+    number of files replaced, 0 (and no commit) when there is nothing to compact."""
+    delta = _open(location)
+    own_target = "delta.targetFileSize" in delta.metadata().configuration
+    metrics = delta.optimize.compact(target_size=None if own_target else TARGET_FILE_BYTES)
+    return int(metrics["numFilesRemoved"])
+
+
+def _vacuum(location: str, retain_hours: float) -> int:
+    """Delete files older than the retention that the newest version does not use; how many were deleted."""
+    deleted = _open(location).vacuum(
+        retention_hours=math.ceil(retain_hours),  # whole hours; rounding up keeps more, never less
+        # delta-rs refuses a retention under the table's deletedFileRetentionDuration (a week) unless told;
+        # check_retention has already refused an unsafe one.
+        enforce_retention_duration=retain_hours >= SAFE_RETENTION_HOURS,
+        dry_run=False,
+        # Spark's VACUUM too lists the folder: files of writes that never committed go as well once old enough,
+        # while untracked files younger than the retention (a running writer's) stay.
+        full=True,
+    )
+    return len(deleted)
+
+
+def _maintain_table(location: str, table: Table, retain_hours: float, vacuum: bool) -> TableReport:
     started = time.monotonic()
-    delta = DeltaTable.forPath(spark, location)
-    before = delta.detail().first()["numFiles"]
-    # OPTIMIZE plans from the table's newest version and commits nothing when no bin has two files to compact.
-    metrics = retry_on_conflict(lambda: delta.optimize().executeCompaction().first(), f"OPTIMIZE {table.value}")
-    compacted = int(metrics["metrics"]["numFilesRemoved"]) if metrics is not None else 0
+    before = len(_open(location).file_uris())
+    conflicts = _conflicts()
+    # Each try opens the newest version: the stream may have committed since the last one.
+    compacted = retry_on_conflict(lambda: _compact(location), f"compaction of {table.value}", conflicts)
     vacuumed = 0
     if vacuum:
-        on_disk = data_files(location)
-        delta.vacuum(retain_hours)
-        vacuumed = max(0, on_disk - data_files(location))
-    version, after = _checkpoint(spark, location)
-    report = TableReport(table.value, before, after, compacted, vacuumed, version)
+        vacuumed = retry_on_conflict(lambda: _vacuum(location, retain_hours), f"VACUUM of {table.value}", conflicts)
+    # A checkpoint of the newest version, so that readers replay a short log; it carries the stream's txn actions
+    # (app id and batch) that keep a re-run micro-batch from writing twice. Log files older than the table's
+    # logRetentionDuration (30 days) and covered by a checkpoint go, as Spark removes them when it checkpoints.
+    newest = _open(location)
+    newest.create_checkpoint()
+    newest.cleanup_metadata()
+    _drop_stale_checksum(location)
+    report = TableReport(table.value, before, len(newest.file_uris()), compacted, vacuumed, newest.version())
     log.info("%s: %d files compacted, %d vacuumed, version %d checkpointed (%.1f s)",
-             table.value, compacted, vacuumed, version, time.monotonic() - started)  # fmt: skip
+             table.value, compacted, vacuumed, report.version, time.monotonic() - started)  # fmt: skip
     return report
 
 
-def _checkpoint(spark: SparkSession, location: str) -> tuple[int, int]:
-    """Write a Delta checkpoint of the newest version, so that readers replay a short log; its version and files."""
-    # delta-spark has no Python API for this. `update()` brings the JVM's cached DeltaLog to the newest version
-    # (reading only the commits since the version it holds; the stream may have committed meanwhile), and the
-    # checkpoint is written from that snapshot.
-    jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]
-    none = jvm.scala.Option.empty()  # type: ignore[union-attr]
-    delta_log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, location)  # type: ignore[attr-defined]
-    snapshot = delta_log.update(False, none, none)
-    delta_log.checkpoint(snapshot, none)
-    return snapshot.version(), snapshot.numOfFiles()
+def _drop_stale_checksum(location: str) -> None:
+    """Remove Spark's checksum of `_last_checkpoint` in a local table's log, which delta-rs has just rewritten.
+
+    Hadoop's local file system writes `.<name>.crc` beside each file and refuses to read a file that no longer
+    matches it; a stale one made every new Spark reader log a ChecksumException and list the whole log instead.
+    Spark reads a file without a checksum as it is. Only this file: other checksums may belong to a commit that
+    Spark is renaming into place right now, and a rename that misses its checksum fails the commit."""
+    folder = local_path(location)
+    if folder is not None:  # object stores keep no such files
+        (folder / "_delta_log" / "._last_checkpoint.crc").unlink(missing_ok=True)

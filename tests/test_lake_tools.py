@@ -174,8 +174,8 @@ def test_maintain_while_the_stream_writes(lake_settings: Settings, topic: str, t
                 DeltaTable.forPath(spark, paths.table(table)).history().where("operation = 'OPTIMIZE'").collect()
             )
             assert optimized, f"no OPTIMIZE in {table.value}'s history"
-            metrics = optimized[0]["operationMetrics"]
-            assert int(metrics["numRemovedFiles"]) > int(metrics["numAddedFiles"]), (table, metrics)
+            metrics = optimized[0]["operationMetrics"]  # delta-rs's names, not Spark's numRemovedFiles
+            assert int(metrics["numFilesRemoved"]) > int(metrics["numFilesAdded"]), (table, metrics)
         print(f"data files on disk before maintenance {files_before}")
 
         # The stream goes on with what arrives after maintenance.

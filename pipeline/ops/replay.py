@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from lake.maintenance import retry_on_conflict
+from lake.conflicts import retry_on_conflict
 from lake.rows import first_row
 from lake.settings import Settings
 from lake.tables import LakePaths, Table

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lake import checkpoint
-from lake.maintenance import retry_on_conflict
+from lake.conflicts import retry_on_conflict
 from lake.rows import first_row
 from lake.tables import LakePaths, Table
 from pipeline.stream import dedupe, kpi
