@@ -26,6 +26,7 @@ from pathlib import Path
 
 import msgspec
 
+from bench.memory import PeakSampler
 from lake.settings import MIB, Settings
 
 LAKEHOUSE = [sys.executable, "-m", "lakehouse"]
@@ -95,42 +96,6 @@ def env_for(settings: Settings) -> dict[str, str]:
     return dict(os.environ) | settings.as_env()
 
 
-def tree_rss(root: int) -> int:
-    """Resident memory of a process and all its descendants (Spark's JVM, Python workers), in bytes."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            pages = int(Path(f"/proc/{entry}/statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-        rss[int(entry)] = pages * os.sysconf("SC_PAGE_SIZE")
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
-    return total
-
-
-def children_named(root: int, name: str) -> list[int]:
-    """Direct children of `root` whose command is `name` (Spark's JVM under the pipeline's Python)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if f"({name})" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == root:
-                found.append(int(entry))
-    return found
-
-
 def _free_port() -> int:
     import socket
 
@@ -197,14 +162,12 @@ def bench_ingest(ctx: Context) -> None:
     with log.open("wb") as output:
         pipeline = subprocess.Popen([*LAKEHOUSE, "pipeline", "--available-now"], env=env_for(settings), stdout=output,
                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    peak = peak_jvm = 0
-    while pipeline.poll() is None:
-        peak = max(peak, tree_rss(pipeline.pid))
-        peak_jvm = max([peak_jvm, *(tree_rss(pid) for pid in children_named(pipeline.pid, "java"))])
-        time.sleep(0.2)
+        with PeakSampler(pipeline.pid) as memory:
+            pipeline.wait()
     wall = time.monotonic() - started
     if pipeline.returncode != 0:
         raise RuntimeError(f"the pipeline failed; see {log}")
+    ctx.say(f"ingest: {memory.describe()}")
     # From the first micro-batch's start to the last one's end: Spark's start is left out, the work between
     # micro-batches (offsets, checkpoint commits) is counted.
     batch_seconds, readings, ends = [], 0, []
@@ -235,11 +198,11 @@ def bench_ingest(ctx: Context) -> None:
     # size (32 MiB of messages each) and what those messages parse into.
     jvm_bound = (parse_memory(heap) or 0) + 1536 * MIB
     ctx.figures.append(Figure(
-        "pipeline peak RSS, JVM", peak_jvm / MIB, "MiB", goal=f"≤ heap + 1.5 GiB = {jvm_bound / MIB:,.0f} MiB",
-        met=peak_jvm <= jvm_bound,
+        "pipeline peak RSS, JVM", memory.jvm_rss / MIB, "MiB", goal=f"≤ heap + 1.5 GiB = {jvm_bound / MIB:,.0f} MiB",
+        met=memory.jvm_rss <= jvm_bound,
         note=f"{total / MIB:.0f} MiB backlog of 5 MiB messages; driver heap {heap}, "
         f"{settings.max_offsets_per_trigger} records per trigger; whole tree (JVM, Python driver and workers) "
-        f"{peak / MIB:,.0f} MiB",
+        f"{memory.tree_pss / MIB:,.0f} MiB PSS at its peak",
     ))  # fmt: skip
 
 

@@ -4,6 +4,7 @@ micro-batch is bounded by LAKEHOUSE_MAX_OFFSETS_PER_TRIGGER, and the pipeline's 
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import time
 from collections import defaultdict
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.memory import PeakSampler
 from lake import duck
 from lake.settings import MIB, Settings
 from lake.tables import LakePaths
-from bench.run import children_named, tree_rss
 from tests.helpers import LAKEHOUSE, env_for, lakehouse
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
@@ -82,30 +83,28 @@ def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str
     assert f"sent {MESSAGES} messages" in sent.stderr
 
     started = time.monotonic()
-    pipeline = subprocess.Popen([*LAKEHOUSE, "pipeline", "--available-now"], env=env_for(settings),
+    # Native Memory Tracking (a few % of CPU) lets the test say where the JVM's memory beyond its heap went.
+    nmt = {"JDK_JAVA_OPTIONS": f"{os.environ.get('JDK_JAVA_OPTIONS', '')} -XX:NativeMemoryTracking=summary"}
+    pipeline = subprocess.Popen([*LAKEHOUSE, "pipeline", "--available-now"], env=env_for(settings) | nmt,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    peak_total = peak_jvm = 0
-    while pipeline.poll() is None:
-        peak_total = max(peak_total, tree_rss(pipeline.pid))
-        peak_jvm = max([peak_jvm, *(tree_rss(pid) for pid in children_named(pipeline.pid, "java"))])
-        time.sleep(0.25)
-    stdout, stderr = pipeline.communicate()
+    with PeakSampler(pipeline.pid, native_every_s=5) as memory:
+        _, stderr = pipeline.communicate()
     seconds = time.monotonic() - started
     assert pipeline.returncode == 0, stderr[-5000:]
     batches = int(stderr.rsplit(" micro-batches:", 1)[0].rsplit("\n", 1)[-1].split()[-1])
     readings = sum(len(values) for values, _ in per_second.values())
     print(f"\n{MESSAGES} messages ({ndjson.stat().st_size / MIB:.0f} MiB, {readings:,} readings) in {batches} "
-          f"micro-batches, {seconds:.0f} s ({ndjson.stat().st_size / MIB / seconds:.1f} MiB/s end to end); "
-          f"peak RSS: pipeline tree {peak_total / MIB:.0f} MiB, JVM {peak_jvm / MIB:.0f} MiB "
-          f"(driver heap {DRIVER_HEAP})")  # fmt: skip
+          f"micro-batches, {seconds:.0f} s ({ndjson.stat().st_size / MIB / seconds:.1f} MiB/s end to end), "
+          f"driver heap {DRIVER_HEAP}; {memory.describe()}")  # fmt: skip
 
     # Each micro-batch took at most PER_TRIGGER records.
     assert batches >= math.ceil(MESSAGES / PER_TRIGGER)
     # Bounded by the settings: the JVM stays near its heap plus Spark's and Java's own overhead (< 1.5 GiB
     # here), and the tree (JVM, the Python driver, two Python workers with Arrow batches of at most 32 MiB)
     # under 4 GiB, while 210 MiB of messages expand to ~8x as many bytes of parsed rows.
-    assert peak_jvm < 1024 * MIB + 1536 * MIB
-    assert peak_total < 4096 * MIB
+    assert memory.samples > 0
+    assert memory.jvm_rss < 1024 * MIB + 1536 * MIB
+    assert memory.tree_pss < 4096 * MIB
 
     lake = duck.connect(LakePaths.from_settings(settings))
     assert lake.sql("SELECT count(*), sum(octet_length(value)) FROM bronze").fetchone() == (
