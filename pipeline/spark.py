@@ -23,37 +23,23 @@ def _submitted_conf() -> set[str]:
     return {key for key, _ in SparkConf(loadDefaults=True).getAll()}
 
 
-ARROW_BATCH_BYTES = 32 * MIB  # spark.sql.execution.arrow.maxBytesPerBatch: messages handed to the parser at once
-
-
-def task_slots(master: str) -> int:
-    """Tasks that run at once in a local master (local, local[N], local[*], local[N,F]); the machine's cores else."""
-    if master == "local":
-        return 1
-    if master.startswith("local[") and (count := master[6:].split(",")[0].rstrip("]")).isdigit():
-        return int(count)
-    return os.cpu_count() or 1
-
-
 def jvm_memory_bounds(settings: Settings) -> tuple[list[str], dict[str, str]]:
     """JVM options and environment that bound the driver JVM's memory beyond its heap, from the settings.
 
     Measured (tests/test_backlog.py, Native Memory Tracking at the peak): beyond its heap the JVM holds ~280 MiB of
     class metadata (Metaspace, Class, Symbol), ~8 % of the heap for G1, ~75 MiB of compiled code, ~35 MiB of thread
-    stacks, and direct memory. Direct memory is what grows with the data:
-    - each task's Arrow batches to and from the parser (at most ARROW_BATCH_BYTES of messages, or one message),
-      through Arrow's Netty allocator, and the JDK's temporary buffer for a Kafka fetch (one message, at most);
-    - the JDK caches that temporary buffer per thread at the size of the largest read (a fetch: up to
-      `max_message_bytes` per thread, for ever); jdk.nio.maxCachedBufferSize frees buffers above 1 MiB instead;
-    - MaxDirectMemorySize (default: the heap size) bounds both, at 4 batches per task plus 64 MiB for Spark's own.
+    stacks, and direct memory ("Other"), which grows with the data:
+    - Arrow batches to and from the parser (Arrow's Netty allocator): the parsed rows coming back are several times
+      the messages going out. Direct memory is left at Java's default bound (the heap size): 320 MiB (64 MiB + 4
+      Arrow batches per task) ran a 1 GiB backlog at 2000 records per trigger out of direct memory (a 55 MiB Arrow
+      buffer), so a tighter bound would have to follow LAKEHOUSE_MAX_OFFSETS_PER_TRIGGER, which is not measured yet;
+    - the JDK's temporary buffer for a Kafka fetch, which it caches per thread at the size of the largest read (up
+      to `max_message_bytes` per thread, for ever); jdk.nio.maxCachedBufferSize frees buffers above 1 MiB instead.
     glibc gives each thread that mallocs an arena of its own (up to 8 per core) and keeps freed memory in them:
     MALLOC_ARENA_MAX=2 keeps the JVM's malloc'ed memory near what it uses. It only applies to a JVM started from
     here (pyspark starting its own, or executors through spark.executorEnv); under spark-submit, export it first.
     """
-    per_task = 4 * max(ARROW_BATCH_BYTES, settings.kafka_limit_bytes)
-    direct = 64 * MIB + task_slots(settings.spark_master) * per_task
-    options = [f"-XX:MaxDirectMemorySize={direct // MIB}m", f"-Djdk.nio.maxCachedBufferSize={1 * MIB}"]
-    return options, {"MALLOC_ARENA_MAX": "2"}
+    return [f"-Djdk.nio.maxCachedBufferSize={1 * MIB}"], {"MALLOC_ARENA_MAX": "2"}
 
 
 def build_session(settings: Settings, app_name: str = "kpi-lakehouse", extra: dict[str, str] | None = None) -> SparkSession:
