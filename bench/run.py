@@ -24,6 +24,7 @@ from pathlib import Path
 
 import msgspec
 
+from bench.memory import PeakSampler
 from bench.processes import LAKEHOUSE, env_for, free_port, running_api, start_lakehouse, stop_group
 from lake.settings import MIB, Settings
 
@@ -60,8 +61,15 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(ingest_mib=5, freshness_readings=6, freshness_rate=2.0, lookup_seconds=20_000, lookup_rate=100,
-                   lookup_duration_s=3, tutorial_requests=5)  # fmt: skip
+        return cls(
+            ingest_mib=5,
+            freshness_readings=6,
+            freshness_rate=2.0,
+            lookup_seconds=20_000,
+            lookup_rate=100,
+            lookup_duration_s=3,
+            tutorial_requests=5,
+        )
 
 
 @dataclass
@@ -74,11 +82,13 @@ class Context:
     _spark: object | None = None
 
     def part(self, name: str) -> Settings:
-        return self.settings.model_copy(update={
-            "topic": f"bench-{name}-{uuid.uuid4().hex[:6]}",
-            "lake_root": str(self.folder / name / "lake"),
-            "checkpoint_root": None,
-        })  # fmt: skip
+        return self.settings.model_copy(
+            update={
+                "topic": f"bench-{name}-{uuid.uuid4().hex[:6]}",
+                "lake_root": str(self.folder / name / "lake"),
+                "checkpoint_root": None,
+            }
+        )
 
     def spark(self):  # type: ignore[no-untyped-def]
         if self._spark is None:
@@ -86,42 +96,6 @@ class Context:
 
             self._spark = build_session(self.settings, app_name="kpi-lakehouse-bench")
         return self._spark
-
-
-def tree_rss(root: int) -> int:
-    """Resident memory of a process and all its descendants (Spark's JVM, Python workers), in bytes."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            pages = int(Path(f"/proc/{entry}/statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-        rss[int(entry)] = pages * os.sysconf("SC_PAGE_SIZE")
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
-    return total
-
-
-def children_named(root: int, name: str) -> list[int]:
-    """Direct children of `root` whose command is `name` (Spark's JVM under the pipeline's Python)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if f"({name})" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == root:
-                found.append(int(entry))
-    return found
 
 
 def _produce(settings: Settings, payloads: list[bytes]) -> None:
@@ -142,8 +116,14 @@ def bench_ingest(ctx: Context) -> None:
     settings = ctx.part("ingest")
     count = max(1, round(ctx.plan.ingest_mib * MIB / settings.max_message_bytes))
     ctx.say(f"ingest: generating {count} messages of 5 MiB")
-    fleet = Fleet(devices=200, messages=count, full_batches=count, max_message_bytes=settings.max_message_bytes,
-                  span_seconds=3600, seed=3)  # fmt: skip
+    fleet = Fleet(
+        devices=200,
+        messages=count,
+        full_batches=count,
+        max_message_bytes=settings.max_message_bytes,
+        span_seconds=3600,
+        seed=3,
+    )
     payloads = list(generate(fleet))
     total = sum(len(p) for p in payloads)
     _produce(settings, payloads)
@@ -154,16 +134,19 @@ def bench_ingest(ctx: Context) -> None:
     started = time.monotonic()
     log = ctx.folder / "ingest-pipeline.log"
     with log.open("wb") as output:
-        pipeline = subprocess.Popen([*LAKEHOUSE, *arguments], env=env_for(settings), stdout=output,
-                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    peak = peak_jvm = 0
-    while pipeline.poll() is None:
-        peak = max(peak, tree_rss(pipeline.pid))
-        peak_jvm = max([peak_jvm, *(tree_rss(pid) for pid in children_named(pipeline.pid, "java"))])
-        time.sleep(0.2)
+        pipeline = subprocess.Popen(
+            [*LAKEHOUSE, *arguments],
+            env=env_for(settings),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        with PeakSampler(pipeline.pid) as memory:
+            pipeline.wait()
     wall = time.monotonic() - started
     if pipeline.returncode != 0:
         raise RuntimeError(f"the pipeline failed; see {log}")
+    ctx.say(f"ingest: {memory.describe()}")
     # From the first micro-batch's start to the last one's end: Spark's start is left out, the work between
     # micro-batches (offsets, checkpoint commits) is counted.
     batches = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
@@ -179,27 +162,49 @@ def bench_ingest(ctx: Context) -> None:
 
     references = _ingest_references(ctx, settings, payloads)
     ours_mb = total / 1e6 / processing
-    ctx.figures.append(Figure("ingest, Kafka to gold (micro-batches)", ours_mb, "MB/s", references["spark"],
-                              "Spark from_json + explode + groupBy", "≥ 100 MB/s", ours_mb >= 100,
-                              f"{readings:,} readings, {readings / processing:,.0f} readings/s; "
-                              f"{len(batches)} micro-batches ({spent}); {wall:.0f} s wall with Spark's start"))  # fmt: skip
-    ctx.figures.append(Figure("ingest vs msgspec typed parse, 1 core", ours_mb, "MB/s", references["msgspec"],
-                              "msgspec decode only"))  # fmt: skip
-    ctx.figures.append(Figure("ingest vs DuckDB read_json + unnest", ours_mb, "MB/s", references["duckdb"],
-                              "DuckDB read_json + unnest + group by"))  # fmt: skip
+    ctx.figures.append(
+        Figure(
+            "ingest, Kafka to gold (micro-batches)",
+            ours_mb,
+            "MB/s",
+            references["spark"],
+            "Spark from_json + explode + groupBy",
+            "≥ 100 MB/s",
+            ours_mb >= 100,
+            f"{readings:,} readings, {readings / processing:,.0f} readings/s; "
+            f"{len(batches)} micro-batches ({spent}); {wall:.0f} s wall with Spark's start",
+        )
+    )
+    ctx.figures.append(
+        Figure("ingest vs msgspec typed parse, 1 core", ours_mb, "MB/s", references["msgspec"], "msgspec decode only")
+    )
+    ctx.figures.append(
+        Figure(
+            "ingest vs DuckDB read_json + unnest",
+            ours_mb,
+            "MB/s",
+            references["duckdb"],
+            "DuckDB read_json + unnest + group by",
+        )
+    )
     heap = settings.spark_driver_memory
     from pipeline.ops.doctor import parse_memory
 
     # The JVM is bounded by its heap plus Spark's and Java's own overhead; the Python workers by the Arrow batch
     # size (32 MiB of messages each) and what those messages parse into.
     jvm_bound = (parse_memory(heap) or 0) + 1536 * MIB
-    ctx.figures.append(Figure(
-        "pipeline peak RSS, JVM", peak_jvm / MIB, "MiB", goal=f"≤ heap + 1.5 GiB = {jvm_bound / MIB:,.0f} MiB",
-        met=peak_jvm <= jvm_bound,
-        note=f"{total / MIB:.0f} MiB backlog of 5 MiB messages; driver heap {heap}, "
-        f"{settings.max_offsets_per_trigger} records per trigger; whole tree (JVM, Python driver and workers) "
-        f"{peak / MIB:,.0f} MiB",
-    ))  # fmt: skip
+    ctx.figures.append(
+        Figure(
+            "pipeline peak RSS, JVM",
+            memory.jvm_rss / MIB,
+            "MiB",
+            goal=f"≤ heap + 1.5 GiB = {jvm_bound / MIB:,.0f} MiB",
+            met=memory.jvm_rss <= jvm_bound,
+            note=f"{total / MIB:.0f} MiB backlog of 5 MiB messages; driver heap {heap}, "
+            f"{settings.max_offsets_per_trigger} records per trigger; whole tree (JVM, Python driver and workers) "
+            f"{memory.tree_pss / MIB:,.0f} MiB PSS at its peak",
+        )
+    )
 
 
 class _Item(msgspec.Struct):
@@ -261,8 +266,15 @@ def _ingest_references(ctx: Context, settings: Settings, payloads: list[bytes]) 
         .select(F.from_json(F.col("value").cast("string"), schema).alias("m"))
         .select("m.device_id", F.explode("m.readings").alias("r"))
         .groupBy(F.date_trunc("second", F.to_timestamp("r.timestamp")).alias("second"))
-        .agg(F.count("*"), F.count_distinct("device_id"), F.avg("r.value"), F.min("r.value"), F.max("r.value"),
-             F.sum("r.value"), F.stddev_samp("r.value"))  # fmt: skip
+        .agg(
+            F.count("*"),
+            F.count_distinct("device_id"),
+            F.avg("r.value"),
+            F.min("r.value"),
+            F.max("r.value"),
+            F.sum("r.value"),
+            F.stddev_samp("r.value"),
+        )
     )
     runs = []
     for _ in range(2):
@@ -367,9 +379,11 @@ def bench_lookups(ctx: Context) -> None:
 
     csv_folder = ctx.folder / "lookups" / "tutorial-csv"
     lake = duck.connect(paths)
-    gold = lake.sql("SELECT strftime(\"timestamp\", '%Y-%m-%dT%H:%M:%SZ') AS \"timestamp\", reading_count, "
-                    "device_count, average_value, min_value, max_value, sum_value, stddev_value FROM gold "
-                    "ORDER BY \"timestamp\"")  # fmt: skip
+    gold = lake.sql(
+        'SELECT strftime("timestamp", \'%Y-%m-%dT%H:%M:%SZ\') AS "timestamp", reading_count, '
+        "device_count, average_value, min_value, max_value, sum_value, stddev_value FROM gold "
+        'ORDER BY "timestamp"'
+    )
     files = write_csv_batches(gold, csv_folder, seconds_per_batch=1000)
     stamps = [row[0] for row in lake.sql("SELECT strftime(\"timestamp\", '%Y-%m-%dT%H:%M:%SZ') FROM gold").fetchall()]
     lake.close()
@@ -386,28 +400,57 @@ def bench_lookups(ctx: Context) -> None:
 
     port = free_port()
     with (ctx.folder / "tutorial-api.log").open("ab") as output:
-        tutorial = subprocess.Popen([sys.executable, "-m", "bench.tutorial", "--folder", str(csv_folder), "--port",
-                                     str(port)], stdout=output, stderr=subprocess.STDOUT)  # fmt: skip
+        tutorial = subprocess.Popen(
+            [sys.executable, "-m", "bench.tutorial", "--folder", str(csv_folder), "--port", str(port)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
         _wait_for_port(port)
-        replaced = loadgen.sequential("127.0.0.1", port, loadgen.random_paths("/kpis/", stamps, seed=2),
-                                      ctx.plan.tutorial_requests)  # fmt: skip
+        replaced = loadgen.sequential(
+            "127.0.0.1", port, loadgen.random_paths("/kpis/", stamps, seed=2), ctx.plan.tutorial_requests
+        )
     finally:
         tutorial.terminate()
         tutorial.wait(timeout=30)
 
     ok = loaded.statuses.get(200, 0)
-    ctx.figures.append(Figure(f"lookup p99 at {ctx.plan.lookup_rate:.0f} requests/s", loaded.percentile(0.99) * 1000,
-                              "ms", goal="≤ 5 ms", met=loaded.percentile(0.99) <= 0.005,
-                              note=f"gold of {seconds:,} seconds; {ok:,} of {loaded.requests:,} answered 200, "
-                              f"{loaded.server_errors} errors; p50 {loaded.median * 1000:.2f} ms"))  # fmt: skip
-    ctx.figures.append(Figure("lookup throughput vs trivial route", kpi_peak.throughput, "requests/s",
-                              trivial_peak.throughput, "GET /livez on the same server", "≥ 50 %",
-                              kpi_peak.throughput >= 0.5 * trivial_peak.throughput, "16 connections, 5 s"))  # fmt: skip
+    ctx.figures.append(
+        Figure(
+            f"lookup p99 at {ctx.plan.lookup_rate:.0f} requests/s",
+            loaded.percentile(0.99) * 1000,
+            "ms",
+            goal="≤ 5 ms",
+            met=loaded.percentile(0.99) <= 0.005,
+            note=f"gold of {seconds:,} seconds; {ok:,} of {loaded.requests:,} answered 200, "
+            f"{loaded.server_errors} errors; p50 {loaded.median * 1000:.2f} ms",
+        )
+    )
+    ctx.figures.append(
+        Figure(
+            "lookup throughput vs trivial route",
+            kpi_peak.throughput,
+            "requests/s",
+            trivial_peak.throughput,
+            "GET /livez on the same server",
+            "≥ 50 %",
+            kpi_peak.throughput >= 0.5 * trivial_peak.throughput,
+            "16 connections, 5 s",
+        )
+    )
     speedup = replaced.median / lone.median
-    ctx.figures.append(Figure("lookup p50, one client", lone.median * 1000, "ms", replaced.median * 1000,
-                              f"Flask + pandas over {files:,} kpi_*.csv files", "≥ 100x faster", speedup >= 100,
-                              f"{speedup:,.0f}x faster"))  # fmt: skip
+    ctx.figures.append(
+        Figure(
+            "lookup p50, one client",
+            lone.median * 1000,
+            "ms",
+            replaced.median * 1000,
+            f"Flask + pandas over {files:,} kpi_*.csv files",
+            "≥ 100x faster",
+            speedup >= 100,
+            f"{speedup:,.0f}x faster",
+        )
+    )
 
 
 def _wait_for_port(port: int, timeout_s: float = 60) -> None:
@@ -457,8 +500,14 @@ def run(settings: Settings, plan: Plan, parts: list[str], folder: Path, say: Cal
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 

@@ -62,9 +62,12 @@ def data_files(path: str) -> int:
 
 
 def maintain(
-    paths: LakePaths, tables: list[Table] | None = None, retain_hours: float = SAFE_RETENTION_HOURS,
-    vacuum: bool = True, allow_unsafe_retention: bool = False,
-) -> list[TableReport]:  # fmt: skip
+    paths: LakePaths,
+    tables: list[Table] | None = None,
+    retain_hours: float = SAFE_RETENTION_HOURS,
+    vacuum: bool = True,
+    allow_unsafe_retention: bool = False,
+) -> list[TableReport]:
     check_retention(retain_hours, allow_unsafe_retention)
     return [_maintain_table(paths.table(table), table, retain_hours, vacuum) for table in tables or list(Table)]
 
@@ -77,10 +80,14 @@ def _open(location: str) -> DeltaTable:
     try:
         return DeltaTable(location)
     except (DeltaError, OSError) as exc:
-        where = "" if local_path(location) is not None else (
-            "; on an object store delta-rs takes credentials and settings from its own environment variables "
-            "(AWS_*, AZURE_*, GOOGLE_*), not from spark.hadoop.* (DEPLOY.md, section 4)"
-        )  # fmt: skip
+        where = (
+            ""
+            if local_path(location) is not None
+            else (
+                "; on an object store delta-rs takes credentials and settings from its own environment variables "
+                "(AWS_*, AZURE_*, GOOGLE_*), not from spark.hadoop.* (DEPLOY.md, section 4)"
+            )
+        )
         raise LakeError(f"cannot open the Delta table at {location}: {exc}{where}") from exc
 
 
@@ -131,8 +138,14 @@ def _maintain_table(location: str, table: Table, retain_hours: float, vacuum: bo
     newest.cleanup_metadata()
     _drop_stale_checksum(location)
     report = TableReport(table.value, before, len(newest.file_uris()), compacted, vacuumed, newest.version())
-    log.info("%s: %d files compacted, %d vacuumed, version %d checkpointed (%.1f s)",
-             table.value, compacted, vacuumed, report.version, time.monotonic() - started)  # fmt: skip
+    log.info(
+        "%s: %d files compacted, %d vacuumed, version %d checkpointed (%.1f s)",
+        table.value,
+        compacted,
+        vacuumed,
+        report.version,
+        time.monotonic() - started,
+    )
     return report
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import time
 from collections import defaultdict
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.memory import PeakSampler
+from bench.processes import LAKEHOUSE, env_for, lakehouse
 from lake import duck
 from lake.settings import MIB, Settings
 from lake.tables import LakePaths
-from bench.run import children_named, tree_rss
-from bench.processes import LAKEHOUSE, env_for, lakehouse
 from tests.reference import assert_kpis_equal, gold_kpis, kpis
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
@@ -61,7 +62,9 @@ def backlog(path: Path, limit: int) -> dict[datetime, tuple[list[float], set[int
 
 
 def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str, tmp_path: Path) -> None:
-    settings = lake_settings.model_copy(update={"max_offsets_per_trigger": PER_TRIGGER, "spark_driver_memory": DRIVER_HEAP})
+    settings = lake_settings.model_copy(
+        update={"max_offsets_per_trigger": PER_TRIGGER, "spark_driver_memory": DRIVER_HEAP}
+    )
     ndjson = tmp_path / "backlog.ndjson"
     per_second = backlog(ndjson, settings.max_message_bytes)
     assert ndjson.stat().st_size >= 200 * MIB
@@ -72,23 +75,28 @@ def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str
     report = tmp_path / "batches.jsonl"
     command = [*LAKEHOUSE, "pipeline", "--available-now", "--report", str(report)]
     started = time.monotonic()
-    pipeline = subprocess.Popen(command, env=env_for(settings),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    peak_total = peak_jvm = 0
-    while pipeline.poll() is None:
-        peak_total = max(peak_total, tree_rss(pipeline.pid))
-        peak_jvm = max([peak_jvm, *(tree_rss(pid) for pid in children_named(pipeline.pid, "java"))])
-        time.sleep(0.25)
-    stdout, stderr = pipeline.communicate()
+    # Native Memory Tracking (a few % of CPU) lets the test say where the JVM's memory beyond its heap went.
+    nmt = {"JDK_JAVA_OPTIONS": f"{os.environ.get('JDK_JAVA_OPTIONS', '')} -XX:NativeMemoryTracking=summary"}
+    pipeline = subprocess.Popen(
+        command,
+        env=env_for(settings) | nmt,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    with PeakSampler(pipeline.pid, native_every_s=5) as memory:
+        _, stderr = pipeline.communicate()
     seconds = time.monotonic() - started
     assert pipeline.returncode == 0, stderr[-5000:]
     reports = [json.loads(line) for line in report.read_text().splitlines()]
     batches = len(reports)
     readings = sum(len(values) for values, _ in per_second.values())
-    print(f"\n{MESSAGES} messages ({ndjson.stat().st_size / MIB:.0f} MiB, {readings:,} readings) in {batches} "
-          f"micro-batches, {seconds:.0f} s ({ndjson.stat().st_size / MIB / seconds:.1f} MiB/s end to end); "
-          f"peak RSS: pipeline tree {peak_total / MIB:.0f} MiB, JVM {peak_jvm / MIB:.0f} MiB "
-          f"(driver heap {DRIVER_HEAP})")  # fmt: skip
+    print(
+        f"\n{MESSAGES} messages ({ndjson.stat().st_size / MIB:.0f} MiB, {readings:,} readings) in {batches} "
+        f"micro-batches, {seconds:.0f} s ({ndjson.stat().st_size / MIB / seconds:.1f} MiB/s end to end), "
+        f"driver heap {DRIVER_HEAP}; {memory.describe()}"
+    )
 
     # Each micro-batch took at most PER_TRIGGER records.
     assert max(r["records"] for r in reports) <= PER_TRIGGER, reports
@@ -97,13 +105,15 @@ def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str
     # Bounded by the settings: the JVM stays near its heap plus Spark's and Java's own overhead (< 1.5 GiB
     # here), and the tree (JVM, the Python driver, two Python workers with Arrow batches of at most 32 MiB)
     # under 4 GiB, while 210 MiB of messages expand to ~8x as many bytes of parsed rows.
-    assert peak_jvm < 1024 * MIB + 1536 * MIB
-    assert peak_total < 4096 * MIB
+    assert memory.samples > 0
+    assert memory.jvm_rss < 1024 * MIB + 1536 * MIB
+    assert memory.tree_pss < 4096 * MIB
 
     lake = duck.connect(LakePaths.from_settings(settings))
     assert lake.sql("SELECT count(*), sum(octet_length(value)) FROM bronze").fetchone() == (
-        MESSAGES, ndjson.stat().st_size - MESSAGES,
-    )  # fmt: skip
+        MESSAGES,
+        ndjson.stat().st_size - MESSAGES,
+    )
     assert lake.sql("SELECT count(*) FROM silver").fetchone() == (readings,)
     assert lake.sql("SELECT count(*) FROM quarantine").fetchone() == (0,)
     gold = gold_kpis(lake)

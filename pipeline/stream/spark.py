@@ -6,7 +6,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from lake.settings import Settings
+from lake.settings import MIB, Settings
 from pipeline.jvm import jars
 
 if TYPE_CHECKING:
@@ -23,12 +23,36 @@ def _submitted_conf() -> set[str]:
     return {key for key, _ in SparkConf(loadDefaults=True).getAll()}
 
 
-def build_session(settings: Settings, app_name: str = "kpi-lakehouse", extra: dict[str, str] | None = None) -> SparkSession:
+def jvm_memory_bounds(settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """JVM options and environment that bound the driver JVM's memory beyond its heap, from the settings.
+
+    Measured (tests/test_backlog.py, Native Memory Tracking at the peak): beyond its heap the JVM holds ~280 MiB of
+    class metadata (Metaspace, Class, Symbol), ~8 % of the heap for G1, ~75 MiB of compiled code, ~35 MiB of thread
+    stacks, and direct memory ("Other"), which grows with the data:
+    - Arrow batches to and from the parser (Arrow's Netty allocator): the parsed rows coming back are several times
+      the messages going out. Direct memory is left at Java's default bound (the heap size): 320 MiB (64 MiB + 4
+      Arrow batches per task) ran a 1 GiB backlog at 2000 records per trigger out of direct memory (a 55 MiB Arrow
+      buffer), so a tighter bound would have to follow LAKEHOUSE_MAX_OFFSETS_PER_TRIGGER, which is not measured yet;
+    - the JDK's temporary buffer for a Kafka fetch, which it caches per thread at the size of the largest read (up
+      to `max_message_bytes` per thread, for ever); jdk.nio.maxCachedBufferSize frees buffers above 1 MiB instead.
+    glibc gives each thread that mallocs an arena of its own (up to 8 per core) and keeps freed memory in them:
+    MALLOC_ARENA_MAX=2 keeps the JVM's malloc'ed memory near what it uses. It only applies to a JVM started from
+    here (pyspark starting its own, or executors through spark.executorEnv); under spark-submit, export it first.
+    """
+    return [f"-Djdk.nio.maxCachedBufferSize={1 * MIB}"], {"MALLOC_ARENA_MAX": "2"}
+
+
+def build_session(
+    settings: Settings, app_name: str = "kpi-lakehouse", extra: dict[str, str] | None = None
+) -> SparkSession:
     from pyspark.sql import SparkSession
 
     # Python workers (the parser runs in mapInArrow) must use this interpreter and its packages.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    java_options, jvm_env = jvm_memory_bounds(settings)
+    for name, value in jvm_env.items():  # read by the JVM pyspark is about to start (and its Python workers)
+        os.environ.setdefault(name, value)
     jar_files = ",".join(str(j) for j in jars.spark_jars(settings.home))
     conf = {
         "spark.master": settings.spark_master,
@@ -53,7 +77,8 @@ def build_session(settings: Settings, app_name: str = "kpi-lakehouse", extra: di
         "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",
         # Delta rebuilds table state with this many partitions (default 50): far too many for a few log files.
         "spark.databricks.delta.snapshotPartitions": str(max(1, settings.shuffle_partitions)),
-        "spark.driver.extraJavaOptions": "-Dio.netty.tryReflectionSetAccessible=true",
+        "spark.driver.extraJavaOptions": " ".join(["-Dio.netty.tryReflectionSetAccessible=true", *java_options]),
+        **{f"spark.executorEnv.{name}": value for name, value in jvm_env.items()},
     }
     if settings.spark_executor_memory:
         conf["spark.executor.memory"] = settings.spark_executor_memory
