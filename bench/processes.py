@@ -1,8 +1,8 @@
 """`lakehouse` run as subprocesses, for `lakehouse bench` and the tests: the command, its environment for a
 Settings, a free port, the API started until /health answers, and a process group stopped.
 
-The standard library's subprocess and os.killpg do all of it; a process library (psutil) would be one more
-dependency for a few calls."""
+The standard library's subprocess and os.killpg do all of it; psutil serves `bench.memory`, where reading a
+process tree's memory at one moment needs it."""
 
 from __future__ import annotations
 

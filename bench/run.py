@@ -25,7 +25,7 @@ from pathlib import Path
 import msgspec
 
 from bench.memory import PeakSampler
-from bench.processes import LAKEHOUSE, env_for, free_port, running_api, start_lakehouse, stop_group
+from bench.processes import free_port, running_api, start_lakehouse, stop_group
 from lake.settings import MIB, Settings
 
 
@@ -130,19 +130,11 @@ def bench_ingest(ctx: Context) -> None:
 
     ctx.say(f"ingest: the pipeline on {total / MIB:.0f} MiB already in Kafka")
     report = ctx.folder / "ingest-batches.jsonl"
-    arguments = ["pipeline", "--available-now", "--report", str(report)]
     started = time.monotonic()
     log = ctx.folder / "ingest-pipeline.log"
-    with log.open("wb") as output:
-        pipeline = subprocess.Popen(
-            [*LAKEHOUSE, *arguments],
-            env=env_for(settings),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        with PeakSampler(pipeline.pid) as memory:
-            pipeline.wait()
+    pipeline = start_lakehouse(settings, "pipeline", "--available-now", "--report", str(report), log=log)
+    with PeakSampler(pipeline.pid) as memory:
+        pipeline.wait()
     wall = time.monotonic() - started
     if pipeline.returncode != 0:
         raise RuntimeError(f"the pipeline failed; see {log}")

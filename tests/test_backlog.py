@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.memory import PeakSampler
-from bench.processes import LAKEHOUSE, env_for, lakehouse
+from bench.processes import lakehouse, start_lakehouse
 from lake import duck
 from lake.settings import MIB, Settings
 from lake.tables import LakePaths
@@ -72,23 +71,15 @@ def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str
     assert sent.returncode == 0, sent.stderr
     assert f"sent {MESSAGES} messages" in sent.stderr
 
-    report = tmp_path / "batches.jsonl"
-    command = [*LAKEHOUSE, "pipeline", "--available-now", "--report", str(report)]
+    report, log = tmp_path / "batches.jsonl", tmp_path / "pipeline.log"
     started = time.monotonic()
     # Native Memory Tracking (a few % of CPU) lets the test say where the JVM's memory beyond its heap went.
     nmt = {"JDK_JAVA_OPTIONS": f"{os.environ.get('JDK_JAVA_OPTIONS', '')} -XX:NativeMemoryTracking=summary"}
-    pipeline = subprocess.Popen(
-        command,
-        env=env_for(settings) | nmt,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    pipeline = start_lakehouse(settings, "pipeline", "--available-now", "--report", str(report), log=log, env_extra=nmt)
     with PeakSampler(pipeline.pid, native_every_s=5) as memory:
-        _, stderr = pipeline.communicate()
+        pipeline.wait()
     seconds = time.monotonic() - started
-    assert pipeline.returncode == 0, stderr[-5000:]
+    assert pipeline.returncode == 0, log.read_text(errors="replace")[-5000:]
     reports = [json.loads(line) for line in report.read_text().splitlines()]
     batches = len(reports)
     readings = sum(len(values) for values, _ in per_second.values())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,13 +61,13 @@ class IngestJob:
     settings: Settings
     paths: LakePaths
     report_file: Path | None = None
-    app_id: str | None = None  # read from the checkpoint when None
+    app_id: InitVar[str | None] = None  # the writes' txnAppId; read from the checkpoint when None
     reports: list[BatchReport] = field(default_factory=list)
     offset_tracker: offsets.OffsetTracker = field(default_factory=offsets.OffsetTracker)
     writer: LakeWriter = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.writer = LakeWriter(self.spark, self.paths, self.app_id)
+    def __post_init__(self, app_id: str | None) -> None:
+        self.writer = LakeWriter(self.spark, self.paths, app_id)
 
     def process_batch(self, records: DataFrame, batch_id: int) -> None:
         from pyspark import StorageLevel
