@@ -15,6 +15,7 @@ class Table(str, Enum):
     SILVER = "silver"
     GOLD = "gold"
     QUARANTINE = "quarantine"
+    ROLLUPS = "rollups"
 
 
 class KpiValues(msgspec.Struct, kw_only=True):
@@ -49,6 +50,12 @@ SCHEMAS: dict[Table, str] = {
         "kafka_timestamp TIMESTAMP, updated_at TIMESTAMP NOT NULL"
     ),
     Table.GOLD: f"`timestamp` TIMESTAMP NOT NULL, {_KPI_COLUMNS}, updated_at TIMESTAMP NOT NULL",
+    # KPIs per device and of the whole fleet (device_id null) per minute, hour and day; `m2_value` (the sum of
+    # squared deviations from the bucket's mean) is what lets buckets combine exactly into coarser ones.
+    Table.ROLLUPS: (
+        f"grain STRING NOT NULL, device_id STRING, `timestamp` TIMESTAMP NOT NULL, {_KPI_COLUMNS}, "
+        "m2_value DOUBLE NOT NULL, updated_at TIMESTAMP NOT NULL"
+    ),
     Table.QUARANTINE: (
         "topic STRING NOT NULL, `partition` INT NOT NULL, `offset` BIGINT NOT NULL, reading_index INT, "
         "reason_code STRING NOT NULL, reason STRING NOT NULL, raw STRING, kafka_timestamp TIMESTAMP, "

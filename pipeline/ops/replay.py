@@ -1,8 +1,8 @@
-"""Re-evaluates quarantined messages and readings with the current rules: what is now valid moves into silver and
-gold, what is still invalid stays with its reason brought up to date.
+"""Re-evaluates quarantined messages and readings with the current rules: what is now valid moves into silver,
+gold and the rollups, what is still invalid stays with its reason brought up to date.
 
 The original bytes come from bronze (quarantine's `raw` of an unreadable message is not always the bytes Kafka
-held). Writes go silver, gold, then quarantine, each an idempotent MERGE: a replay stopped at any point and run
+held). Writes go silver, gold, rollups, then quarantine, each an idempotent MERGE: a replay stopped at any point and run
 again, or run twice, ends in the same tables as one complete run.
 """
 
@@ -106,6 +106,8 @@ def replay(
         crash_point("replay_silver", 0)
         writer.gold(readings, None, lo, hi)
         crash_point("replay_gold", 0)
+        writer.rollups(readings, None, lo, hi)
+        crash_point("replay_rollups", 0)
 
     # Each target row keeps its new reason or, now valid, is deleted; a message-level row whose message now reads
     # gives way to its invalid readings' own rows.

@@ -1,4 +1,4 @@
-"""The streaming job: Kafka -> bronze, quarantine, silver, gold, each micro-batch written exactly once.
+"""The streaming job: Kafka -> bronze, quarantine, silver, gold, rollups, each micro-batch written exactly once.
 
 One streaming query with `foreachBatch`; `pipeline.stream.writes` makes each of its Delta writes exactly once.
 """
@@ -135,6 +135,9 @@ class IngestJob:
                 self.writer.gold(readings, batch_id, lo, hi)
                 stage("gold")
                 crash_point("gold", batch_id)
+                self.writer.rollups(readings, batch_id, lo, hi)
+                stage("rollups")
+                crash_point("rollups", batch_id)
         finally:
             parsed.unpersist()
         report.seconds = time.monotonic() - started

@@ -14,6 +14,9 @@ _PROPERTIES: dict[Table, dict[str, str]] = {
     Table.BRONZE: {"delta.appendOnly": "true"},
 }
 
+# Readers ask for one grain at a time; three partitions keep them apart.
+_PARTITIONS: dict[Table, tuple[str, ...]] = {Table.ROLLUPS: ("grain",)}
+
 
 def create_tables(spark: SparkSession, paths: LakePaths) -> None:
     from delta.tables import DeltaTable
@@ -24,6 +27,8 @@ def create_tables(spark: SparkSession, paths: LakePaths) -> None:
         if not isinstance(schema, StructType):  # fromDDL gives a struct for a list of columns
             raise TypeError(f"the {table.value} schema is not a list of columns: {ddl}")
         builder = DeltaTable.createIfNotExists(spark).location(paths.table(table)).addColumns(schema)
+        if table in _PARTITIONS:
+            builder = builder.partitionedBy(*_PARTITIONS[table])
         for key, value in _PROPERTIES.get(table, {}).items():
             builder = builder.property(key, value)
         builder.execute()

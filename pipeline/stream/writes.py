@@ -16,7 +16,7 @@ from lake import checkpoint
 from lake.conflicts import retry_on_conflict
 from lake.rows import first_row
 from lake.tables import LakePaths, Table
-from pipeline.stream import dedupe, kpi
+from pipeline.stream import dedupe, kpi, rollups
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -93,3 +93,20 @@ class LakeWriter:
             .whenNotMatchedInsertAll()
         )
         self._merge(batch_id, Table.GOLD, merge.execute)
+
+    def rollups(self, readings: DataFrame, batch_id: int | None, lo: str, hi: str) -> None:
+        """Recompute the rollup buckets these readings fall into (silver holds them already), and MERGE them."""
+        from delta.tables import DeltaTable
+
+        location = self.paths.table(Table.ROLLUPS)
+        silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
+        target = DeltaTable.forPath(self.spark, location)
+        # Computed once from the table as it stands, before the MERGE reads its source.
+        fresh = rollups.for_batch(silver, target.toDF(), readings, lo, hi).localCheckpoint(eager=True)
+        merge = (
+            target.alias("t")
+            .merge(fresh.alias("s"), rollups.merge_condition(lo, hi))
+            .whenMatchedUpdateAll(condition=rollups.CHANGED)
+            .whenNotMatchedInsertAll()
+        )
+        self._merge(batch_id, Table.ROLLUPS, merge.execute)
