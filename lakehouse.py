@@ -441,7 +441,7 @@ def replay(
     reason: Annotated[str | None, typer.Option(help="only quarantine rows with this reason code")] = None,
     since: Annotated[str | None, typer.Option(help="only rows quarantined at or after this instant (ISO 8601)")] = None,
 ) -> None:
-    """Re-evaluate quarantined rows with the current rules; now-valid readings move into silver and gold.
+    """Re-evaluate quarantined rows with the current rules; now-valid readings move into silver, gold and the rollups.
 
     For example after adding --extra-timestamp-format. Each now-valid reading moves exactly once; the rest keep an
     updated reason. Safe to run again, or while the pipeline runs."""
@@ -460,7 +460,7 @@ def replay(
         _fail(str(exc))
     console.print(
         f"replayed {report.quarantined_rows:,} quarantine rows from {report.records:,} Kafka records: "
-        f"{report.readings_accepted:,} readings now valid (merged into silver and gold), "
+        f"{report.readings_accepted:,} readings now valid (merged into silver, gold and the rollups), "
         f"{report.still_invalid:,} rows still quarantined ({report.reasons_changed:,} with a new reason)"
     )
 

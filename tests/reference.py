@@ -86,3 +86,29 @@ def gold_kpis(lake: object) -> dict[datetime, dict[str, object]]:
     """Gold as DuckDB reads it, by second, with the fields of contract section 4."""
     rows = lake.sql(f'SELECT "timestamp", {", ".join(KPI_FIELDS)} FROM gold').fetchall()  # type: ignore[attr-defined]
     return {row[0].astimezone(UTC): dict(zip(KPI_FIELDS, row[1:], strict=True)) for row in rows}
+
+
+RollupKey = tuple[str, str | None, datetime]  # grain, device (None: the fleet), bucket start
+
+
+def expected_rollups(reference: Reference) -> dict[RollupKey, dict[str, object]]:
+    """Every bucket the rollups table should hold: per device and of the fleet, per minute, hour and day."""
+    devices = sorted({device for device, _ in reference.readings})
+    found: dict[RollupKey, dict[str, object]] = {}
+    for grain in ("minute", "hour", "day"):
+        for device in [None, *devices]:
+            for start, values in reference.buckets(grain, device).items():
+                found[(grain, device, start)] = values
+    return found
+
+
+def rollup_kpis(lake: object) -> dict[RollupKey, dict[str, object]]:
+    """The rollups table as DuckDB reads it, by grain, device and bucket start."""
+    rows = lake.sql(f'SELECT grain, device_id, "timestamp", {", ".join(KPI_FIELDS)} FROM rollups').fetchall()  # type: ignore[attr-defined]
+    return {(row[0], row[1], row[2].astimezone(UTC)): dict(zip(KPI_FIELDS, row[3:], strict=True)) for row in rows}
+
+
+def assert_rollups_equal(got: dict[RollupKey, dict[str, object]], want: dict[RollupKey, dict[str, object]]) -> None:
+    assert sorted(got, key=str) == sorted(want, key=str), "the rollups hold other buckets than the readings make"
+    for key, values in want.items():
+        assert_kpis_equal(got[key], values, f"rollup {key}")

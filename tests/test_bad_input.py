@@ -13,7 +13,14 @@ from bench.processes import lakehouse
 from lake import duck
 from lake.settings import Settings
 from lake.tables import LakePaths
-from tests.reference import Reference, assert_kpis_equal, gold_kpis
+from tests.reference import (
+    Reference,
+    assert_kpis_equal,
+    assert_rollups_equal,
+    expected_rollups,
+    gold_kpis,
+    rollup_kpis,
+)
 from tests.stream import dumps, stamp
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
@@ -176,8 +183,11 @@ def quarantine_by_record(settings: Settings) -> dict[tuple[int, int], list[tuple
     return {key: sorted(value, key=lambda entry: (entry[0] is not None, entry[0] or 0)) for key, value in found.items()}
 
 
-def assert_gold(settings: Settings, reference: Reference) -> None:
-    gold = gold_kpis(duck.connect(LakePaths.from_settings(settings)))
+def assert_kpi_tables(settings: Settings, reference: Reference) -> None:
+    """Gold and the rollups equal the reference's buckets."""
+    lake = duck.connect(LakePaths.from_settings(settings))
+    assert_rollups_equal(rollup_kpis(lake), expected_rollups(reference))
+    gold = gold_kpis(lake)
     expected = reference.buckets()
     assert set(gold) == set(expected)
     for second, want in expected.items():
@@ -206,7 +216,7 @@ def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_
         assert got == case.quarantined, case.name
     print("\n".join(table))
     reference = Reference.of(reading for case in found for reading in case.readings)
-    assert_gold(lake_settings, reference)
+    assert_kpi_tables(lake_settings, reference)
 
     # The accounting adds up, per partition and in total.
     report = audit(lake_settings)
@@ -249,7 +259,7 @@ def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_
     done = lakehouse(new_rules, "replay", "--reason", "bad_timestamp")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 readings now valid" in done.stderr
-    assert_gold(lake_settings, reference)
+    assert_kpi_tables(lake_settings, reference)
     quarantined = quarantine_by_record(lake_settings)
     for case, record in zip(found, where, strict=True):
         expected = case.quarantined if case.after_replay is None else case.after_replay
@@ -264,7 +274,7 @@ def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_
     again = lakehouse(new_rules, "replay")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 readings now valid" in again.stderr and "(0 with a new reason)" in again.stderr
-    assert_gold(lake_settings, reference)
+    assert_kpi_tables(lake_settings, reference)
     after = audit(new_rules)
     assert after["ok"], after["checks"]
     assert after["totals"]["readings_accepted"] == report["totals"]["readings_accepted"] + 2

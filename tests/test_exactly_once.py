@@ -32,7 +32,7 @@ def snapshot(spark, paths: LakePaths) -> dict[str, list[tuple[object, ...]]]:  #
         (Table.QUARANTINE, "quarantined_at"),
     ]:
         frame = spark.read.format("delta").load(paths.table(table)).drop(drop)
-        result[table.value] = sorted(tuple(row) for row in frame.collect())
+        result[table.value] = sorted((tuple(row) for row in frame.collect()), key=repr)
     return result
 
 

@@ -20,7 +20,7 @@ import pytest
 from bench.processes import lakehouse, running_api, start_lakehouse, stop_group
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
-from tests.reference import assert_kpis_equal, gold_kpis
+from tests.reference import assert_kpis_equal, assert_rollups_equal, expected_rollups, gold_kpis, rollup_kpis
 from tests.stream import Message, Stream, dumps, stamp
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.faults]
@@ -124,7 +124,7 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
     kills, rode_through = 0, False
     try:
         # Crashes inside micro-batches: right after a Delta commit, before Spark's checkpoint commit.
-        for crash_after in ["bronze:0", "quarantine:1", "silver:2", "gold:3"]:
+        for crash_after in ["bronze:0", "quarantine:1", "silver:2", "gold:3", "rollups:4"]:
             crash = {"LAKEHOUSE_TEST_CRASH_AFTER": crash_after}
             running.append(start_lakehouse(settings, "pipeline", log=log, env_extra=crash))
             assert running[-1].wait(timeout=600) == -signal.SIGKILL, log.read_text()[-3000:]
@@ -185,6 +185,7 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
     assert set(gold) == set(expected)
     for second, want in expected.items():
         assert_kpis_equal(gold[second], want, f"gold {second}")
+    assert_rollups_equal(rollup_kpis(lake), expected_rollups(reference))
     quarantine = lake.sql('SELECT reason_code, reading_index, "partition", "offset" FROM quarantine').fetchall()
     assert Counter((code, index) for code, index, _, _ in quarantine) == expected_quarantine
     assert len({(p, o, i) for _, i, p, o in quarantine}) == len(quarantine)
@@ -195,7 +196,7 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
         assert counts == sorted(counts), f"{target}: reading_count went down: {counts}"
     print(
         f"kills survived: {kills}; broker restart: {'rode through' if rode_through else 'pipeline exited, restarted'}; "
-        f"records: {total}; readings: {len(silver)}; gold seconds: {len(gold)}, all equal to the reference; "
+        f"records: {total}; readings: {len(silver)}; gold seconds: {len(gold)} and the rollups, all equal to the reference; "
         f"API answers: {dict(reader.statuses)}"
     )
 

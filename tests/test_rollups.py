@@ -12,7 +12,7 @@ import pytest
 
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
-from tests.reference import KPI_FIELDS, Reference, assert_kpis_equal
+from tests.reference import KPI_FIELDS, Reference, RollupKey, assert_rollups_equal, expected_rollups
 from tests.test_exactly_once import records
 
 pytestmark = pytest.mark.spark
@@ -44,25 +44,9 @@ def batches(seed: int = 5) -> list[list[tuple[str, datetime, float]]]:
     return [first, second, third, fourth]
 
 
-def stored(spark, paths: LakePaths) -> dict[tuple[str, str | None, datetime], dict[str, object]]:  # type: ignore[no-untyped-def]
+def stored(spark, paths: LakePaths) -> dict[RollupKey, dict[str, object]]:  # type: ignore[no-untyped-def]
     rows = spark.read.format("delta").load(paths.table(Table.ROLLUPS)).collect()
     return {(r.grain, r.device_id, r.timestamp.astimezone(UTC)): {f: r[f] for f in KPI_FIELDS} for r in rows}
-
-
-def expected(reference: Reference) -> dict[tuple[str, str | None, datetime], dict[str, object]]:
-    devices = {device for device, _ in reference.readings}
-    found = {}
-    for grain in ("minute", "hour", "day"):
-        for device in [None, *sorted(devices)]:
-            for start, kpis in reference.buckets(grain, device).items():
-                found[(grain, device, start)] = kpis
-    return found
-
-
-def assert_rollups(got: dict, want: dict) -> None:  # type: ignore[type-arg]
-    assert sorted(got, key=str) == sorted(want, key=str)
-    for key, kpis in want.items():
-        assert_kpis_equal(got[key], kpis, f"rollup {key}")
 
 
 def test_rollups_match_the_readings_batch_after_batch(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -82,7 +66,7 @@ def test_rollups_match_the_readings_batch_after_batch(spark, tmp_path: Path) -> 
         offset += len(payloads)
         for reading in readings:
             reference.add(*reading)
-        assert_rollups(stored(spark, paths), expected(reference))
+        assert_rollups_equal(stored(spark, paths), expected_rollups(reference))
     assert ("day", "d", (START + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)) in stored(
         spark, paths
     )
@@ -93,10 +77,10 @@ def test_rollups_match_the_readings_batch_after_batch(spark, tmp_path: Path) -> 
         (r.grain, r.device_id, r.timestamp.astimezone(UTC)): {f: r[f] for f in KPI_FIELDS}
         for r in rollups.from_readings(silver).collect()
     }
-    assert_rollups(rebuilt, expected(reference))
+    assert_rollups_equal(rebuilt, expected_rollups(reference))
 
     # A micro-batch run again after a crash changes nothing.
     versions = spark.sql(f"DESCRIBE HISTORY delta.`{paths.table(Table.ROLLUPS)}`").count()
     job.process_batch(records(spark, [message(*r) for r in batches()[3]], offset - len(batches()[3])), 3)
     assert spark.sql(f"DESCRIBE HISTORY delta.`{paths.table(Table.ROLLUPS)}`").count() == versions
-    assert_rollups(stored(spark, paths), expected(reference))
+    assert_rollups_equal(stored(spark, paths), expected_rollups(reference))
