@@ -12,8 +12,10 @@ from datetime import UTC, datetime
 from lake.settings import local_path
 from lake.tables import LakePaths
 
-# The streaming query's name, which is also the folder of its checkpoint under the checkpoint root.
+# The streaming queries' names, which are also the folders of their checkpoints under the checkpoint root: the
+# ingest query (Kafka -> bronze, quarantine, silver, gold) and the rollups query (silver's new commits -> rollups).
 INGEST_QUERY = "ingest"
+ROLLUPS_QUERY = "rollups"
 _BATCH_FILE = re.compile(r"\d+")
 
 

@@ -93,6 +93,14 @@ class Settings(BaseSettings):
         description="micro-batch trigger interval in continuous mode",
         json_schema_extra=cli("Streaming job"),
     )
+    rollups_interval: str = Field(
+        "10 seconds",
+        description=(
+            "how often the rollups query brings the minute, hour and day buckets up to date with silver in "
+            "continuous mode (seconds are gold's, written by every micro-batch)"
+        ),
+        json_schema_extra=cli("Streaming job"),
+    )
     max_offsets_per_trigger: int = Field(
         2000,
         ge=1,

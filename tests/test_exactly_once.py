@@ -28,7 +28,6 @@ def snapshot(spark, paths: LakePaths) -> dict[str, list[tuple[object, ...]]]:  #
         (Table.BRONZE, "ingested_at"),
         (Table.SILVER, "updated_at"),
         (Table.GOLD, "updated_at"),
-        (Table.ROLLUPS, "updated_at"),
         (Table.QUARANTINE, "quarantined_at"),
     ]:
         frame = spark.read.format("delta").load(paths.table(table)).drop(drop)

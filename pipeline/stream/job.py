@@ -1,6 +1,10 @@
-"""The streaming job: Kafka -> bronze, quarantine, silver, gold, rollups, each micro-batch written exactly once.
+"""The streaming job: Kafka -> bronze, quarantine, silver, gold, each micro-batch written exactly once; and beside
+it silver's new commits -> rollups.
 
-One streaming query with `foreachBatch`; `pipeline.stream.writes` makes each of its Delta writes exactly once.
+Two streaming queries with `foreachBatch`; `pipeline.stream.writes` makes each of their Delta writes exactly once.
+The rollups query follows silver's Delta log, not Kafka, so that the ingest query's micro-batches (whose gold is
+what freshness is measured on) never wait for the rollups: one rollups batch covers every ingest batch committed
+since the previous one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pipeline.stream.writes import LakeWriter
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.streaming import StreamingQuery
 
 log = logging.getLogger("lakehouse.pipeline")
 
@@ -135,9 +140,6 @@ class IngestJob:
                 self.writer.gold(readings, batch_id, lo, hi)
                 stage("gold")
                 crash_point("gold", batch_id)
-                self.writer.rollups(readings, batch_id, lo, hi)
-                stage("rollups")
-                crash_point("rollups", batch_id)
         finally:
             parsed.unpersist()
         report.seconds = time.monotonic() - started
@@ -168,10 +170,77 @@ class IngestJob:
         return gaps
 
 
+@dataclass
+class RollupsJob:
+    """The rollups query's state: each micro-batch holds the (device_id, timestamp) of silver rows that silver's new
+    commits added or rewrote, and recomputes the rollup buckets they fall into."""
+
+    spark: SparkSession
+    paths: LakePaths
+    app_id: InitVar[str | None] = None
+    writer: LakeWriter = field(init=False)
+    batches: int = 0
+
+    def __post_init__(self, app_id: str | None) -> None:
+        self.writer = LakeWriter(self.spark, self.paths, app_id, query=checkpoint.ROLLUPS_QUERY)
+
+    def process_batch(self, changes: DataFrame, batch_id: int) -> None:
+        from pyspark.sql import functions as F
+
+        started = time.monotonic()
+        keys = changes.select("device_id", "timestamp")
+        bounds = first_row(
+            keys.agg(F.count("*"), F.min(F.unix_micros("timestamp")), F.max(F.unix_micros("timestamp"))),
+            "the rollups batch's bounds",
+        )
+        if bounds[0]:
+            lo, hi = f"timestamp_micros({bounds[1]})", f"timestamp_micros({bounds[2]})"
+            self.writer.rollups(keys, batch_id, lo, hi)
+            crash_point("rollups", batch_id)
+        self.batches += 1
+        log.info("rollups batch %d: %d silver rows, %.1f s", batch_id, bounds[0], time.monotonic() - started)
+
+
+def start_rollups(spark: SparkSession, settings: Settings, paths: LakePaths, available_now: bool) -> StreamingQuery:
+    """Start the rollups query on silver's Delta log."""
+    job = RollupsJob(spark, paths)
+    # A MERGE that updates rows rewrites their files; `ignoreChanges` streams the rewritten files' rows again (a
+    # superset of the changed rows, which only recomputes a few more buckets) instead of stopping the query.
+    changes = spark.readStream.format("delta").option("ignoreChanges", "true").load(paths.table(Table.SILVER))
+    writer = (
+        changes.writeStream.queryName(checkpoint.ROLLUPS_QUERY)
+        .option("checkpointLocation", paths.checkpoint(checkpoint.ROLLUPS_QUERY))
+        .foreachBatch(job.process_batch)
+    )
+    trigger = {"availableNow": True} if available_now else {"processingTime": settings.rollups_interval}
+    return writer.trigger(**trigger).start()  # type: ignore[arg-type]
+
+
+def _await(query: StreamingQuery) -> None:
+    """Wait for the query to end; Spark's failure becomes a StreamStopped that says what to do."""
+    from pyspark.errors import StreamingQueryException
+
+    try:
+        query.awaitTermination()
+    except StreamingQueryException as exc:
+        # Spark's message carries the whole plan; the first lines say what failed.
+        summary = "\n".join(str(exc).splitlines()[:12])
+        if "data may have been lost" in str(exc).lower() or "data loss" in str(exc).lower():
+            raise StreamStopped(
+                f"Kafka no longer holds offsets the pipeline had not read (retention deleted them):\n{summary}\n"
+                "To go on past the gap, run with --no-fail-on-data-loss (LAKEHOUSE_FAIL_ON_DATA_LOSS=false); "
+                f"each gap is then recorded in quarantine with reason_code '{offsets.REASON_CODE}'."
+            ) from exc
+        raise StreamStopped(
+            f"the {query.name} query stopped: {summary}\nthe checkpoint is intact; fix the cause and run again"
+        ) from exc
+
+
 def run(
     settings: Settings, available_now: bool = False, spark: SparkSession | None = None, report_file: Path | None = None
 ) -> list[BatchReport]:
-    """Run the ingest query until it is stopped (or, with `available_now`, until Kafka's backlog is processed)."""
+    """Run the ingest and rollups queries until stopped (or, with `available_now`, until Kafka's backlog is processed
+    and then silver's new commits are rolled up)."""
     from pyspark.errors import StreamingQueryException
 
     from pipeline.stream.source import read_kafka
@@ -188,24 +257,26 @@ def run(
         .option("checkpointLocation", checkpoint.ingest_checkpoint(paths))
         .foreachBatch(job.process_batch)
     )
-    writer = (
-        writer.trigger(availableNow=True) if available_now else writer.trigger(processingTime=settings.trigger_interval)
-    )
-    query = writer.start()
+    if available_now:
+        _await(writer.trigger(availableNow=True).start())
+        _await(start_rollups(spark, settings, paths, available_now=True))
+        return job.reports
+    queries = [writer.trigger(processingTime=settings.trigger_interval).start()]
     try:
-        query.awaitTermination()
+        queries.append(start_rollups(spark, settings, paths, available_now=False))
+        # Whichever stops first (a failure) stops the other.
+        spark.streams.resetTerminated()
+        try:
+            spark.streams.awaitAnyTermination()
+        except StreamingQueryException:
+            pass  # raised again, explained, by _await below
+        for query in queries:
+            if not query.isActive:
+                _await(query)
     except KeyboardInterrupt:
-        query.stop()
-    except StreamingQueryException as exc:
-        # Spark's message carries the whole plan; the first lines say what failed.
-        summary = "\n".join(str(exc).splitlines()[:12])
-        if "data may have been lost" in str(exc).lower() or "data loss" in str(exc).lower():
-            raise StreamStopped(
-                f"Kafka no longer holds offsets the pipeline had not read (retention deleted them):\n{summary}\n"
-                "To go on past the gap, run with --no-fail-on-data-loss (LAKEHOUSE_FAIL_ON_DATA_LOSS=false); "
-                f"each gap is then recorded in quarantine with reason_code '{offsets.REASON_CODE}'."
-            ) from exc
-        raise StreamStopped(
-            f"the ingest query stopped: {summary}\nthe checkpoint is intact; fix the cause and run again"
-        ) from exc
+        pass
+    finally:
+        for query in queries:
+            if query.isActive:
+                query.stop()
     return job.reports

@@ -1,4 +1,4 @@
-"""The lake's Delta writes: bronze and quarantine appends, silver and gold MERGEs, each exactly once.
+"""The lake's Delta writes: bronze and quarantine appends, silver, gold and rollups MERGEs, each exactly once.
 
 A write made for a micro-batch carries the query's stable app id and the batch id (`txnAppId`/`txnVersion`), so a
 batch that Spark re-runs after a crash skips the writes that already committed. A write made outside a micro-batch
@@ -27,17 +27,18 @@ _TXN_VERSION = "spark.databricks.delta.write.txnVersion"
 
 @dataclass
 class LakeWriter:
-    """Writes to one lake; the app id comes from the ingest query's checkpoint on first use."""
+    """Writes to one lake for one streaming query; the app id comes from that query's checkpoint on first use."""
 
     spark: SparkSession
     paths: LakePaths
     app_id: str | None = None
+    query: str = checkpoint.INGEST_QUERY
 
     def _app_id(self) -> str:
         # The checkpoint's `metadata` file holds the query id, which stays the same across restarts on the same
         # checkpoint and is new for a new checkpoint: exactly what Delta's idempotent writes need.
         if self.app_id is None:
-            metadata = checkpoint.ingest_checkpoint(self.paths) + "/metadata"
+            metadata = self.paths.checkpoint(self.query) + "/metadata"
             line = first_row(self.spark.read.text(metadata), f"the checkpoint's {metadata}")
             self.app_id = "kpi-lakehouse-" + json.loads(line[0])["id"]
         return self.app_id
