@@ -566,7 +566,6 @@ class SnapshotStore:
             finally:
                 cursor.rollback()  # the transaction only read
 
-
     def close(self) -> None:
         builder = self._builder
         if builder is not None and builder.is_alive():
