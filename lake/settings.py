@@ -94,7 +94,7 @@ class Settings(BaseSettings):
         json_schema_extra=cli("Streaming job"),
     )
     rollups_interval: str = Field(
-        "10 seconds",
+        "30 seconds",
         description=(
             "how often the rollups query brings the minute, hour and day buckets up to date with silver in "
             "continuous mode (seconds are gold's, written by every micro-batch)"
