@@ -28,6 +28,7 @@ from lake.tables import LakePaths, Table
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+    from rich.progress import Progress, TaskID
 
 START = datetime(2030, 1, 1, tzinfo=UTC)  # a UTC midnight: day chunks are whole days
 DAY = 86_400
@@ -106,12 +107,7 @@ def readings(
     """The readings (device_id, timestamp, value) with a timestamp in [start, end), of one device or all."""
     first = max(0, math.floor((start - START).total_seconds()))
     last = min(shape.seconds, math.ceil((end - START).total_seconds()))
-    devices = range(shape.devices)
-    if device_id is not None:
-        devices = range(0)
-        for device in range(shape.devices):
-            if shape.device_id(device) == device_id:
-                devices = range(device, device + 1)
+    devices = _device_numbers(shape, device_id)
     for second in range(first, last):
         base = START + timedelta(seconds=second)
         for device in devices:
@@ -121,16 +117,30 @@ def readings(
                     yield shape.device_id(device), moment, value(device, second)
 
 
+def _device_numbers(shape: LakeShape, device_id: str | None) -> range:
+    if device_id is None:
+        return range(shape.devices)
+    for device in range(shape.devices):
+        if shape.device_id(device) == device_id:
+            return range(device, device + 1)
+    return range(0)
+
+
 def expected_kpis(
     shape: LakeShape, start: datetime, end: datetime, device_id: str | None = None
 ) -> dict[str, object] | None:
-    """Contract section 4's KPIs over the readings in [start, end) (None when there are none), from the formula
-    alone: exact sums (math.fsum) and the deviation from the mean in a second pass."""
+    """Contract section 4's KPIs over the readings of whole seconds [start, end) (None when there are none), from
+    the formula alone: exact sums (math.fsum) and the deviation from the mean in a second pass."""
+    first = max(0, math.floor((start - START).total_seconds()))
+    last = min(shape.seconds, math.ceil((end - START).total_seconds()))
+    devices = _device_numbers(shape, device_id)
     values: list[float] = []
-    devices: set[str] = set()
-    for device, _, reading in readings(shape, start, end, device_id):
-        values.append(reading)
-        devices.add(device)
+    seen: set[int] = set()
+    for second in range(first, last):
+        for device in devices:
+            if present(device, second):
+                values.append(value(device, second))
+                seen.add(device)
     if not values:
         return None
     count, total = len(values), math.fsum(values)
@@ -138,7 +148,7 @@ def expected_kpis(
     spread = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (count - 1)) if count > 1 else None
     return {
         "reading_count": count,
-        "device_count": len(devices),
+        "device_count": len(seen),
         "average_value": mean,
         "min_value": min(values),
         "max_value": max(values),
@@ -302,8 +312,8 @@ class _progress:
 
     def __init__(self, shape: LakeShape, on_day: Callable[[int, int], None] | None) -> None:
         self.shape, self.on_day = shape, on_day
-        self._bar = None
-        self._task = None
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
 
     def __enter__(self) -> Callable[[int], None]:
         if self.on_day is None:
