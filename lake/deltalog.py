@@ -56,3 +56,15 @@ def _commit_time(commit_file: Path) -> datetime | None:
         return datetime.fromtimestamp(commit_file.stat().st_mtime, UTC)
     except OSError:
         return None
+
+
+def created_at(table_location: str) -> datetime | None:
+    """When the table's first version was committed, or None when its log no longer holds version 0.
+
+    A table made anew under the same path has another creation time even if it has already reached a higher
+    version than a reader last saw, so readers that keep state across versions compare it."""
+    folder = local_path(table_location)
+    if folder is None:
+        return None
+    first = folder / "_delta_log" / f"{0:020d}.json"
+    return _commit_time(first) if first.is_file() else None

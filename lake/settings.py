@@ -151,6 +151,17 @@ class Settings(BaseSettings):
         json_schema_extra=cli("API", serve_flag="--kafka-timeout-seconds"),
     )
 
+    api_store_dir: Path | None = Field(
+        None,
+        description="folder of the API's serving store: one DuckDB file per worker, rebuildable from the lake",
+        json_schema_extra=cli("API", serve_flag="--store-dir", default="<home>/api-store"),
+    )
+    api_memory_limit: str = Field(
+        "512MB",
+        description="DuckDB memory_limit of each API worker's store (past it, DuckDB spills to the store folder)",
+        json_schema_extra=cli("API", serve_flag="--memory-limit"),
+    )
+
     @field_validator("starting_offsets")
     @classmethod
     def _known_starting_offsets(cls, value: str) -> str:
@@ -178,6 +189,10 @@ class Settings(BaseSettings):
     @property
     def checkpoints(self) -> str:
         return self.checkpoint_root or join_path(self.lake_root, "_checkpoints")
+
+    @property
+    def store_dir(self) -> Path:
+        return self.api_store_dir or self.home / "api-store"
 
     @property
     def kafka_limit_bytes(self) -> int:

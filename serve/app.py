@@ -45,17 +45,21 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def open_lake(app: Litestar) -> AsyncIterator[None]:
-        store = SnapshotStore(paths)
-        try:
-            observability.record_refresh(store.refresh(), store.current)
-        except Exception as exc:  # noqa: BLE001 (served as 503 until a refresh succeeds)
-            observability.record_refresh_error(exc)
+        store = SnapshotStore(paths, settings.store_dir, settings.api_memory_limit)
+        if not store.current.from_store:
+            # A never-seen lake (or one made anew): pin its versions and answer from it while the file is built.
+            # A store file that exists serves at once; the refresher catches it up in the background.
+            try:
+                observability.record_refresh(store.refresh(), store.current)
+            except Exception as exc:  # noqa: BLE001 (served as 503 until a refresh succeeds)
+                observability.record_refresh_error(exc)
         observability.track_snapshot(lambda: store.current)
         refresher = Refresher(
             store,
             settings.api_refresh_seconds,
             on_refresh=lambda report: observability.record_refresh(report, store.current),
             on_error=observability.record_refresh_error,
+            at_start=store.current.from_store,
         )
         watch = KafkaWatch(settings, paths)
         app.state.store, app.state.kafka_watch, app.state.settings = store, watch, settings

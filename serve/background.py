@@ -47,8 +47,9 @@ class Refresher(Periodic):
         interval_s: float,
         on_refresh: Callable[[RefreshReport], None],
         on_error: Callable[[Exception], None],
+        at_start: bool = False,
     ) -> None:
-        super().__init__("snapshot-refresh", interval_s, self._refresh)
+        super().__init__("snapshot-refresh", interval_s, self._refresh, at_start=at_start)
         self._store = store
         self._on_refresh = on_refresh
         self._on_error = on_error

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlencode
 
-import duckdb
 from litestar import Controller, MediaType, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
@@ -53,7 +52,7 @@ _READ_RESPONSES = {
     304: ResponseSpec(None, description="Not modified: the If-None-Match ETag is the current snapshot's"),
     400: _problem_spec("A parameter that cannot be read or is out of range"),
     429: _problem_spec("Too many requests from this address (when LAKEHOUSE_API_RATE_LIMIT is set)"),
-    503: _problem_spec("The lake has no gold and silver tables yet"),
+    503: _problem_spec("The lake has no gold and silver tables yet (or no rollups, for a minute, hour or day)"),
 }
 _KPI_RESPONSES = {**_READ_RESPONSES, 404: _problem_spec("The bucket has no readings")}
 _DEVICE_ID = Parameter(description="KPIs of this device only", min_length=1, max_length=512)
@@ -71,8 +70,10 @@ def _freshness(snapshot: Snapshot) -> Freshness:
         gold_version=snapshot.gold_version or 0,
         silver_version=snapshot.silver_version or 0,
         newest_event=_utc(snapshot.newest_event),
+        rollups_version=snapshot.rollups_version,
         last_gold_commit=_utc(snapshot.gold_committed_at),
         snapshot_loaded_at=_utc(snapshot.loaded_at),
+        served_from="store" if snapshot.from_store else "lake",
     )
 
 
@@ -100,7 +101,7 @@ def _instant(name: str, text: str) -> int:
 
 
 @contextmanager
-def _reading(store: SnapshotStore) -> Iterator[tuple[Snapshot, Freshness, duckdb.DuckDBPyConnection]]:
+def _reading(store: SnapshotStore) -> Iterator[tuple[Snapshot, Freshness, queries.Source]]:
     """One snapshot's cursor and freshness for a request; a lake without tables is a 503."""
     if local_path(store.paths.root) is None:
         raise problem(
@@ -114,7 +115,7 @@ def _reading(store: SnapshotStore) -> Iterator[tuple[Snapshot, Freshness, duckdb
     with store.read() as (snapshot, cursor):
         freshness = _freshness(snapshot)
         try:
-            yield snapshot, freshness, cursor
+            yield snapshot, freshness, queries.Source(cursor, snapshot, store.locations)
         except LakeError as exc:
             raise problem(503, "Lake not ready", str(exc)) from None
 

@@ -1,4 +1,13 @@
-"""The API's queries over a serving snapshot (`serve.snapshot`): KPIs of one bucket or of a range, and devices."""
+"""The API's queries over a serving snapshot (`serve.snapshot`): KPIs of one bucket or of a range, and devices.
+
+What answers which question:
+- a second of the fleet: gold's row;
+- a minute, hour or day of the fleet or of one device: the one `rollups` row of (grain, device, bucket start);
+- a second of one device: silver's readings of that device in that second, read from the lake at the snapshot's
+  silver version with the time range as constants, so that DuckDB skips the files outside it.
+From the store file, gold and rollups are point or range reads of an ART index; while the file is built, the same
+rows come from `delta_scan` of the lake at the snapshot's pinned versions.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +17,15 @@ from datetime import datetime, timedelta
 import duckdb
 
 from lake.errors import LakeError
-from lake.tables import KPI_FIELDS, KpiValues
+from lake.tables import KPI_FIELDS, KpiValues, Table
 from lake.timestamps import EPOCH, MAX_US, Grain, from_us
+from serve.snapshot import Snapshot, rollup_key, timestamp_literal
 
 # The KPIs of KPI_FIELDS, in that order, over the readings of one bucket.
 KPI_AGGREGATES = (
     "count(*), count(DISTINCT device_id), avg(value), min(value), max(value), sum(value), stddev_samp(value)"
 )
-# A bucket's start per grain; constants chosen by the Grain enum, never text from a request.
-_BUCKET_START = {grain: f"date_trunc('{grain.value}', \"timestamp\")" for grain in Grain}
+_FIELDS = ", ".join(KPI_FIELDS)
 
 
 class Kpis(KpiValues, kw_only=True):
@@ -34,55 +43,110 @@ class DeviceSummary:
     reading_count: int
 
 
-def kpis(
-    connection: duckdb.DuckDBPyConnection, instant_us: int, grain: Grain = Grain.SECOND, device_id: str | None = None
-) -> Kpis | None:
+@dataclass(frozen=True)
+class Source:
+    """Where a request's answers come from: a cursor (inside the snapshot's transaction when the store file
+    answers), the snapshot, and the lake's table folders as that cursor may read them."""
+
+    cursor: duckdb.DuckDBPyConnection
+    snapshot: Snapshot
+    locations: dict[Table, str]
+
+    def scan(self, table: Table) -> str:
+        """`delta_scan` of the table at the snapshot's version; `$<table>` names its folder."""
+        version = self.snapshot.version(table)
+        if version is None:
+            raise LakeError(f"the lake has no {table.value} table yet; run `lakehouse pipeline` first")
+        return f"delta_scan(${table.value}, version := {int(version)})"
+
+
+def kpis(source: Source, instant_us: int, grain: Grain = Grain.SECOND, device_id: str | None = None) -> Kpis | None:
     """KPIs of the bucket that holds the instant; None when it has no readings."""
     start_us = grain.bucket_start_us(instant_us)
     end_us = min(start_us + grain.micros, MAX_US)  # the last day of year 9999 ends at the last instant
-    found = kpi_series(connection, start_us, end_us, grain, device_id, limit=1)
+    found = kpi_series(source, start_us, end_us, grain, device_id, limit=1)
     return found[0] if found else None
 
 
 def kpi_series(
-    connection: duckdb.DuckDBPyConnection,
-    start_us: int,
-    end_us: int,
-    grain: Grain,
-    device_id: str | None,
-    limit: int,
+    source: Source, start_us: int, end_us: int, grain: Grain, device_id: str | None, limit: int
 ) -> list[Kpis]:
-    """Buckets with readings whose start lies in [start, end), oldest first, at most `limit` of them.
-
-    Fleet-wide seconds are gold's rows; a device's KPIs and coarser buckets are computed over silver's deduplicated
-    readings, because distinct devices and standard deviations do not add up from per-second rows.
-    """
-    parameters: dict[str, object] = {"start": from_us(start_us), "end": from_us(end_us), "limit": limit}
-    in_range = '"timestamp" >= $start AND "timestamp" < $end'
+    """Buckets with readings whose start lies in [start, end), oldest first, at most `limit` of them; both ends are
+    bucket starts (the API makes them so)."""
+    parameters: dict[str, object] = {"limit": limit}
     if grain is Grain.SECOND and device_id is None:
-        query = f'SELECT "timestamp", {", ".join(KPI_FIELDS)} FROM gold WHERE {in_range} ORDER BY "timestamp"'
-    else:
-        # Readings are filtered on the range of their buckets: [start, end) holds whole buckets once both ends are
-        # bucket starts, which the API makes them.
-        if device_id is not None:
-            in_range += " AND device_id = $device"
-            parameters["device"] = device_id
+        if source.snapshot.from_store:
+            table, in_range = "gold", '"timestamp" >= $start AND "timestamp" < $end'
+            parameters |= {"start": from_us(start_us), "end": from_us(end_us)}
+        else:
+            table, in_range = _lake(source, Table.GOLD, parameters, start_us, end_us)
+        query = f'SELECT "timestamp", {_FIELDS} FROM {table} WHERE {in_range} ORDER BY "timestamp"'
+    elif grain is Grain.SECOND:
+        # A device's seconds: its readings in silver, the range as constants so that Delta files are skipped.
+        table, in_range = _lake(source, Table.SILVER, parameters, start_us, end_us)
+        parameters["device"] = device_id
         query = (
-            f"SELECT {_BUCKET_START[grain]} AS bucket, {KPI_AGGREGATES} FROM silver WHERE {in_range} "
-            "GROUP BY bucket ORDER BY bucket"
+            f"SELECT date_trunc('second', \"timestamp\") AS bucket, {KPI_AGGREGATES} FROM {table} "
+            f"WHERE {in_range} AND device_id = $device GROUP BY bucket ORDER BY bucket"
         )
-    rows = _fetch(connection, query + " LIMIT $limit", parameters)
+    elif source.snapshot.from_store:
+        if source.snapshot.rollups_version is None:
+            raise LakeError("the lake has no rollups table yet; run `lakehouse pipeline` first")
+        # One index range of bucket keys; the columns are checked too, since a device id may hold the separator.
+        parameters |= {
+            "low": rollup_key(grain.value, device_id, start_us),
+            "high": rollup_key(grain.value, device_id, end_us),
+            "grain": grain.value,
+            "device": device_id,
+            "start": from_us(start_us),
+            "end": from_us(end_us),
+        }
+        query = (
+            f'SELECT "timestamp", {_FIELDS} FROM rollups WHERE bucket_key >= $low AND bucket_key < $high '
+            'AND grain = $grain AND device_id IS NOT DISTINCT FROM $device AND "timestamp" >= $start '
+            'AND "timestamp" < $end ORDER BY bucket_key'
+        )
+    else:
+        table, in_range = _lake(source, Table.ROLLUPS, parameters, start_us, end_us)
+        parameters |= {"grain": grain.value, "device": device_id}
+        query = (
+            f'SELECT "timestamp", {_FIELDS} FROM {table} WHERE grain = $grain '
+            f'AND device_id IS NOT DISTINCT FROM $device AND {in_range} ORDER BY "timestamp"'
+        )
+    rows = _fetch(source.cursor, query + " LIMIT $limit", parameters)
     return [Kpis(bucket_start_us=_us(row[0]), grain=grain, **dict(zip(KPI_FIELDS, row[1:]))) for row in rows]
 
 
-def devices(connection: duckdb.DuckDBPyConnection, after: str | None, limit: int) -> list[DeviceSummary]:
-    """Known devices ordered by id, from the `devices` table of a snapshot, starting after the id `after`."""
-    query = "SELECT device_id, first_reading, last_reading, reading_count FROM devices"
+def _lake(source: Source, table: Table, parameters: dict[str, object], start_us: int, end_us: int) -> tuple[str, str]:
+    """A table of the lake at the snapshot's version, and a filter on [start, end) as constants (made from the
+    integers the API computed, never from request text) so that DuckDB skips files by their statistics."""
+    scan = source.scan(table)
+    parameters[table.value] = source.locations[table]
+    in_range = (
+        f'"timestamp" >= {timestamp_literal(from_us(start_us))} AND "timestamp" < {timestamp_literal(from_us(end_us))}'
+    )
+    return scan, in_range
+
+
+def devices(source: Source, after: str | None, limit: int) -> list[DeviceSummary]:
+    """Known devices ordered by id, starting after the id `after`: the store's `devices` summary, or while the store
+    file is built, the same summary computed over silver."""
     parameters: dict[str, object] = {"limit": limit}
+    if source.snapshot.from_store:
+        query = "SELECT device_id, first_reading, last_reading, reading_count FROM devices"
+    else:
+        parameters["silver"] = source.locations[Table.SILVER]
+        query = (
+            'SELECT device_id, min("timestamp"), max("timestamp"), count(*) '
+            f"FROM {source.scan(Table.SILVER)} GROUP BY device_id"
+        )
+        query = f"SELECT * FROM ({query})"
     if after is not None:
         query += " WHERE device_id > $after"
         parameters["after"] = after
-    return [DeviceSummary(*row) for row in _fetch(connection, query + " ORDER BY device_id LIMIT $limit", parameters)]
+    return [
+        DeviceSummary(*row) for row in _fetch(source.cursor, query + " ORDER BY device_id LIMIT $limit", parameters)
+    ]
 
 
 def _fetch(connection: duckdb.DuckDBPyConnection, query: str, parameters: dict[str, object]) -> list[tuple]:

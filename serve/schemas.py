@@ -10,9 +10,11 @@ from lake.tables import KpiValues
 class Freshness(msgspec.Struct, kw_only=True):
     gold_version: int
     silver_version: int
+    rollups_version: int | None  # null until the pipeline created the rollups table
     newest_event: str | None  # the newest second in gold
     last_gold_commit: str | None  # when the pipeline last committed to gold
     snapshot_loaded_at: str | None
+    served_from: str  # "store": the service's store file; "lake": the Delta tables, while the store file is built
 
 
 class KpiResponse(KpiValues, kw_only=True, omit_defaults=True):

@@ -1,42 +1,79 @@
-"""An in-memory DuckDB copy of gold and silver that readers query without touching the Delta log.
+"""The API's serving store: a DuckDB database file on local disk holding gold, the rollups and a per-device summary
+as of given Delta versions, synced per version; memory is bounded by DuckDB's `memory_limit`, not by history.
 
-`refresh()` looks at each table's newest version (a directory listing), reads only the rows updated since the last
-load from that pinned version, and applies them in one DuckDB transaction together with the versions they came
-from. A reader queries inside its own transaction, so it sees one version of everything and the version it
-reports is the version of the rows it read. The pipeline never deletes gold or silver rows (a correction updates a
-row and its `updated_at`), so "rows updated since" is the whole change.
+- A worker claims a slot (`slot-N.duckdb` under the store folder, held with an `fcntl` lock), since DuckDB lets one
+  process write a file; with `--workers 2` the two workers hold slots 0 and 1.
+- A store file written by another format or for another lake root, or one that saw a table at a higher version or
+  with another creation time than the lake now has (the lake was made anew), is dropped and built again.
+- Until its file holds a complete copy (a never-seen lake, or a rebuild), the store answers straight from the lake:
+  `delta_scan` of gold, rollups and silver at versions pinned per snapshot, while a background thread builds the file
+  in one transaction; then it switches.
+- `refresh()` lists each table's `_delta_log`; when a version moved on, it reads from that pinned version only the
+  rows updated since the last load (the pipeline never deletes rows: a change updates a row and its `updated_at`)
+  and applies them, with the new versions, in one transaction. A reader queries inside its own transaction, so the
+  versions it reports are those of the rows it read.
+- A device's seconds are the only answers still read from readings: from silver in the lake at the snapshot's
+  version, with a time filter so that DuckDB skips the other files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
 
 import duckdb
-import pyarrow as pa
-import pyarrow.compute
 
 from lake import deltalog, duck
+from lake.errors import LakeError
 from lake.rows import fetch_one
+from lake.settings import Settings, local_path
 from lake.tables import LakePaths, Table
 
-# Each table's identity, the key a changed row replaces the old one by.
-_KEYS = {Table.GOLD: ('"timestamp"',), Table.SILVER: ("device_id", '"timestamp"')}
+# Bumped whenever the store's tables change shape: a file of another format is built again.
+STORE_FORMAT = 1
+TABLES = (Table.GOLD, Table.SILVER, Table.ROLLUPS)
+# Microseconds from 0001-01-01 to the Unix epoch: bucket keys count from year 1 so that they are never negative.
+_YEAR_ONE_US = 62_135_596_800_000_000
+# One VARCHAR per rollup row, `grain|device|microseconds since year 1` (20 digits; the fleet's device is empty, which
+# no device id is): DuckDB's ART index serves single-column lookups only, and this key orders a series.
+ROLLUP_KEY_SQL = (
+    "grain || '|' || coalesce(device_id, '') || '|' || "
+    "lpad(CAST(epoch_us(\"timestamp\") + 62135596800000000 AS VARCHAR), 20, '0')"
+)
+log = logging.getLogger("kpi_lakehouse.store")
+
+
+def rollup_key(grain: str, device_id: str | None, start_us: int) -> str:
+    return f"{grain}|{device_id or ''}|{start_us + _YEAR_ONE_US:020d}"
+
+
+def timestamp_literal(moment: datetime) -> str:
+    """A timestamp as SQL text, for filters DuckDB must see as constants to skip Delta files by their statistics;
+    only ever made from datetimes this code computed, never from request text."""
+    return f"TIMESTAMPTZ '{moment.astimezone(UTC).isoformat(sep=' ')}'"
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Which versions of gold and silver a reader sees, and how fresh they are."""
+    """Which table versions a reader sees, how fresh they are, and whether the store file or the lake answers."""
 
     gold_version: int | None
     silver_version: int | None
     gold_committed_at: datetime | None  # when the pipeline last committed to gold
     newest_event: datetime | None  # the newest second in gold
     loaded_at: datetime | None  # when the service loaded this snapshot
+    rollups_version: int | None = None
+    from_store: bool = True  # False: answered from the lake at these versions while the store file is built
 
     @property
     def ready(self) -> bool:
@@ -44,7 +81,11 @@ class Snapshot:
 
     @property
     def etag(self) -> str:
-        return f'"gold-{self.gold_version}.silver-{self.silver_version}"'
+        rollups = "" if self.rollups_version is None else f".rollups-{self.rollups_version}"
+        return f'"gold-{self.gold_version}.silver-{self.silver_version}{rollups}"'
+
+    def version(self, table: Table) -> int | None:
+        return {Table.GOLD: self.gold_version, Table.SILVER: self.silver_version}.get(table, self.rollups_version)
 
 
 @dataclass(frozen=True)
@@ -54,143 +95,465 @@ class RefreshReport:
     rows: dict[str, int]
 
 
-class SnapshotStore:
-    """The serving copy. Its DuckDB has no file access at all; Delta is read by a second, lake-only connection."""
+_META_COLUMNS = (
+    "format INTEGER, lake_root VARCHAR, gold_version BIGINT, silver_version BIGINT, rollups_version BIGINT, "
+    "gold_committed_at TIMESTAMPTZ, newest_event TIMESTAMPTZ, loaded_at TIMESTAMPTZ, "
+    "gold_since TIMESTAMPTZ, silver_since TIMESTAMPTZ, rollups_since TIMESTAMPTZ, "
+    "gold_created TIMESTAMPTZ, silver_created TIMESTAMPTZ, rollups_created TIMESTAMPTZ"
+)
+_SNAPSHOT_SQL = (
+    "SELECT gold_version, silver_version, gold_committed_at, newest_event, loaded_at, rollups_version FROM store_meta"
+)
 
-    def __init__(self, paths: LakePaths) -> None:
+
+def claim_slot(store_dir: Path) -> tuple[int, IO[str]]:
+    """The lowest slot no other store holds (in this process or another), locked until the handle is closed."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    for slot in itertools.count():
+        handle = (store_dir / f"slot-{slot}.lock").open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return slot, handle
+    raise AssertionError("unreachable")
+
+
+class SnapshotStore:
+    """The serving store of one worker; `read()` gives a request its snapshot and cursor."""
+
+    def __init__(self, paths: LakePaths, store_dir: Path, memory_limit: str = "512MB", threads: int = 2) -> None:
         self.paths = paths
-        self._database = duckdb.connect(
-            ":memory:", config={"autoinstall_known_extensions": "false", "autoload_known_extensions": "false"}
-        )
-        self._database.execute("SET TimeZone = 'UTC'")
-        self._database.execute(
-            "CREATE TABLE snapshot_meta (gold_version BIGINT, silver_version BIGINT, "
-            "gold_committed_at TIMESTAMPTZ, newest_event TIMESTAMPTZ, loaded_at TIMESTAMPTZ)"
-        )
-        self._database.execute("INSERT INTO snapshot_meta VALUES (NULL, NULL, NULL, NULL, NULL)")
-        self._database.execute("SET enable_external_access = false")
-        self._database.execute("SET lock_configuration = true")
-        self._writer = self._database.cursor()
-        self._reader = duck.connect_reader(paths)
+        self.store_dir = store_dir.absolute()
+        self.slot, self._slot_lock = claim_slot(self.store_dir)
+        self.file = self.store_dir / f"slot-{self.slot}.duckdb"
+        self._memory_limit = memory_limit
+        self._threads = threads
         self._refresh_lock = threading.Lock()
-        self._updated_since: dict[Table, datetime | None] = {Table.GOLD: None, Table.SILVER: None}
-        self.current = Snapshot(None, None, None, None, None)
+        self._local = threading.local()
+        self._builder: threading.Thread | None = None
+        self.build_error: BaseException | None = None
+        self._database = self._open()
+        self.current = self._stored_snapshot() or Snapshot(None, None, None, None, None, from_store=False)
+        self._writer = self._database.cursor()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SnapshotStore:
+        return cls(LakePaths.from_settings(settings), settings.store_dir, settings.api_memory_limit)
+
+    # Opening -------------------------------------------------------------------------------------------------
+
+    def _open(self) -> duckdb.DuckDBPyConnection:
+        """The store file's connection, after dropping a file that cannot be caught up; it reads only the lake and
+        the store folder, and its configuration is locked."""
+        if self.file.exists() and self._stale_reason() is not None:
+            log.info("rebuilding the serving store %s: %s", self.file, self._stale_reason())
+            for leftover in (self.file, self.file.with_name(self.file.name + ".wal")):
+                leftover.unlink(missing_ok=True)
+        database = duckdb.connect(
+            str(self.file),
+            config={
+                "autoinstall_known_extensions": "false",
+                "autoload_known_extensions": "false",
+                "memory_limit": self._memory_limit,
+                "threads": str(self._threads),
+                "temp_directory": str(self.store_dir / f"slot-{self.slot}.tmp"),
+            },
+        )
+        database.load_extension(str(duck.delta_extension()))
+        database.execute("SET TimeZone = 'UTC'")
+        allowed = [str(self.store_dir).rstrip("/") + "/"]
+        lake = local_path(self.paths.root)
+        if lake is not None:
+            allowed.append(str(lake).rstrip("/") + "/")
+        database.execute("SET allowed_directories = $allowed", {"allowed": allowed})
+        database.execute("SET enable_external_access = false")
+        database.execute("SET lock_configuration = true")
+        return database
+
+    def _stale_reason(self) -> str | None:
+        """Why the store file cannot be caught up from the lake as it is now, or None when it can."""
+        try:
+            with duckdb.connect(str(self.file), read_only=True) as probe:
+                row = probe.execute(
+                    "SELECT format, lake_root, gold_version, silver_version, rollups_version, "
+                    "gold_created, silver_created, rollups_created FROM store_meta"
+                ).fetchone()
+        except duckdb.Error as exc:
+            return f"unreadable ({exc})"
+        if row is None:
+            return "no versions recorded"
+        if row[0] != STORE_FORMAT:
+            return f"store format {row[0]}, this service writes {STORE_FORMAT}"
+        if row[1] != self.paths.root:
+            return f"written for the lake {row[1]}, this service serves {self.paths.root}"
+        for table, version, created in zip(TABLES, row[2:5], row[5:8], strict=True):
+            found = deltalog.latest_version(self.paths.table(table))
+            if version is not None and (found is None or found.version < version):
+                return f"{table.value} is at version {found and found.version}, lower than the store's {version}"
+            now_created = deltalog.created_at(self.paths.table(table))
+            if created is not None and now_created is not None and created != now_created:
+                return f"{table.value} was made anew"
+        return None
+
+    def _stored_snapshot(self) -> Snapshot | None:
+        try:
+            row = self._database.execute(_SNAPSHOT_SQL).fetchone()
+        except duckdb.CatalogException:
+            return None
+        return None if row is None else Snapshot(*row, from_store=True)
+
+    # Refreshing ----------------------------------------------------------------------------------------------
 
     def refresh(self) -> RefreshReport:
-        """Load the newest committed versions, if any table moved on; safe to call from any thread."""
+        """Catch up with the newest committed versions, if any table moved on; safe to call from any thread."""
         with self._refresh_lock:
             started = time.perf_counter()
-            found = {t: deltalog.latest_version(self.paths.table(t)) for t in (Table.GOLD, Table.SILVER)}
-            loaded = {Table.GOLD: self.current.gold_version, Table.SILVER: self.current.silver_version}
-            changes: dict[Table, tuple[int, pa.Table, bool]] = {}
-            for table, newest in found.items():
-                if newest is None or newest.version == loaded[table]:
-                    continue
-                # A lower version means the table was made anew (the lake reprocessed from scratch): load it whole.
-                whole = loaded[table] is None or newest.version < (loaded[table] or 0)
-                since = None if whole else self._updated_since[table]
-                rows = duck.scan_table(self._reader, self.paths.table(table), newest.version, since)
-                changes[table] = (newest.version, rows, whole)
-            if not changes:
+            found = {t: deltalog.latest_version(self.paths.table(t)) for t in TABLES}
+            if not self.current.from_store:
+                return self._pin(found, started)
+            loaded = {t: self.current.version(t) for t in TABLES}
+            if (
+                any(loaded[t] is not None and (v is None or v.version < (loaded[t] or 0)) for t, v in found.items())
+                or self._made_anew()
+            ):
+                # A table made anew: answer from the lake while the file is built again.
+                log.info("a lake table was made anew; rebuilding the serving store %s", self.file)
+                self.current = replace(self.current, from_store=False)
+                return self._pin(found, started)
+            changed = {t: v.version for t, v in found.items() if v is not None and v.version != loaded[t]}
+            if not changed:
                 return RefreshReport(False, time.perf_counter() - started, {})
             gold = found[Table.GOLD]
-            snapshot = self._apply(changes, gold.committed_at if gold else self.current.gold_committed_at)
-            for table, (_, rows, whole) in changes.items():
-                newest_update = pyarrow.compute.max(rows.column("updated_at")).as_py()
-                previous = None if whole else self._updated_since[table]
-                self._updated_since[table] = max(filter(None, [previous, newest_update]), default=None)
-            self.current = snapshot
-            counts = {t.value: rows.num_rows for t, (_, rows, _) in changes.items()}
-            return RefreshReport(True, time.perf_counter() - started, counts)
+            rows = self._apply(changed, gold.committed_at if gold else self.current.gold_committed_at)
+            return RefreshReport(True, time.perf_counter() - started, rows)
 
-    def _apply(self, changes: dict[Table, tuple[int, pa.Table, bool]], gold_committed_at: datetime | None) -> Snapshot:
-        writer = self._writer
-        writer.begin()
-        try:
-            for table, (_, rows, whole) in changes.items():
-                writer.register("changed_rows", rows)
-                exists = fetch_one(
-                    writer.execute(
-                        "SELECT count(*) FROM duckdb_tables() WHERE table_name = $name", {"name": table.value}
+    def _made_anew(self) -> bool:
+        created = self._writer.execute("SELECT gold_created, silver_created, rollups_created FROM store_meta")
+        row = fetch_one(created, "the store's table creation times")
+        for table, stored in zip(TABLES, row, strict=True):
+            now = deltalog.created_at(self.paths.table(table))
+            if stored is not None and now is not None and stored != now:
+                return True
+        return False
+
+    def _pin(self, found: dict[Table, deltalog.TableVersion | None], started: float) -> RefreshReport:
+        """Answer from the lake at its newest versions (nothing is copied), and build the store file if no build
+        runs yet."""
+        versions = {t: v.version if v else None for t, v in found.items()}
+        previous = self.current
+        unchanged = all(versions[t] == previous.version(t) for t in TABLES) and previous.loaded_at is not None
+        if not unchanged:
+            gold = found[Table.GOLD]
+            newest_event = previous.newest_event
+            if gold is not None and versions[Table.GOLD] != previous.gold_version:
+                newest_event = fetch_one(
+                    self._writer.execute(
+                        f'SELECT max("timestamp") FROM delta_scan($location, version := {gold.version})',
+                        {"location": self._location(Table.GOLD)},
                     ),
-                    f"the count of tables named {table.value}",
+                    "gold's newest event",
                 )[0]
-                if whole or not exists:
-                    # Sorted by key, DuckDB's per-block min/max lets a lookup skip all but the block it needs.
-                    order = ", ".join(_KEYS[table][::-1])
-                    writer.execute(
-                        f"CREATE OR REPLACE TABLE {table.value} AS SELECT * FROM changed_rows ORDER BY {order}"
-                    )
-                else:
-                    match = " AND ".join(f"{table.value}.{key} = changed_rows.{key}" for key in _KEYS[table])
-                    writer.execute(f"DELETE FROM {table.value} USING changed_rows WHERE {match}")
-                    writer.execute(f"INSERT INTO {table.value} SELECT * FROM changed_rows")
-                if table is Table.SILVER:
-                    self._update_devices(writer, whole or not exists)
-                writer.unregister("changed_rows")
-            versions = {t: v for t, (v, _, _) in changes.items()}
-            newest_event = None
-            gold_tables = writer.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'gold'")
-            if fetch_one(gold_tables, "the count of tables named gold")[0]:
-                newest_event = fetch_one(writer.execute('SELECT max("timestamp") FROM gold'), "gold's newest event")[0]
-            snapshot = Snapshot(
-                gold_version=versions.get(Table.GOLD, self.current.gold_version),
-                silver_version=versions.get(Table.SILVER, self.current.silver_version),
-                gold_committed_at=gold_committed_at,
+            self.current = Snapshot(
+                gold_version=versions[Table.GOLD],
+                silver_version=versions[Table.SILVER],
+                gold_committed_at=gold.committed_at if gold else None,
                 newest_event=newest_event,
                 loaded_at=datetime.now(UTC),
+                rollups_version=versions[Table.ROLLUPS],
+                from_store=False,
             )
-            writer.execute(
-                "UPDATE snapshot_meta SET gold_version = $gold, silver_version = $silver, "
-                "gold_committed_at = $committed, newest_event = $newest, loaded_at = $loaded",
+        if self.current.ready and (self._builder is None or not self._builder.is_alive()):
+            self._builder = threading.Thread(target=self._build, name="store-build", daemon=True)
+            self._builder.start()
+        return RefreshReport(not unchanged, time.perf_counter() - started, {})
+
+    def _location(self, table: Table) -> str:
+        location = self.paths.table(table)
+        folder = local_path(location)  # a `file:` URI as the folder it names, the spelling allowed_directories compares
+        return str(folder) if folder else location
+
+    def _scan(self, table: Table, version: int, since: datetime | None = None, columns: str = "*") -> str:
+        """SQL of a pinned table version's rows (those updated at or after `since`); $<table> names its location."""
+        query = f"SELECT {columns} FROM delta_scan(${table.value}, version := {int(version)})"
+        return query if since is None else f"{query} WHERE updated_at >= {timestamp_literal(since)}"
+
+    def _build(self) -> None:
+        """Copy gold, the rollups and silver's per-device summary at pinned versions into the file, in one
+        transaction; then serve from it."""
+        found = {t: deltalog.latest_version(self.paths.table(t)) for t in TABLES}
+        gold, silver, rollups = (found[t] for t in TABLES)
+        if gold is None or silver is None:
+            return
+        started = time.perf_counter()
+        cursor = self._database.cursor()
+        params = {t.value: self._location(t) for t in TABLES if found[t] is not None}
+        try:
+            cursor.begin()
+            for name in ("store_meta", "gold", "rollups", "devices"):
+                cursor.execute(f"DROP TABLE IF EXISTS {name}")
+            cursor.execute(
+                f'CREATE TABLE gold AS {self._scan(Table.GOLD, gold.version)} ORDER BY "timestamp"',
+                _only(params, "gold"),
+            )
+            cursor.execute('CREATE INDEX gold_timestamp ON gold ("timestamp")')
+            if rollups is not None:
+                self._create_rollups(cursor, rollups.version, params)
+            summary = (
+                'SELECT device_id, min("timestamp") AS first_reading, max("timestamp") AS last_reading, '
+                "count(*) AS reading_count, max(updated_at) AS newest_update "
+                f"FROM ({self._scan(Table.SILVER, silver.version)}) GROUP BY device_id ORDER BY device_id"
+            )
+            cursor.execute(f"CREATE TEMP TABLE built_devices AS {summary}", _only(params, "silver"))
+            cursor.execute(
+                "CREATE TABLE devices AS SELECT device_id, first_reading, last_reading, reading_count "
+                "FROM built_devices ORDER BY device_id"
+            )
+            silver_since = fetch_one(cursor.execute("SELECT max(newest_update) FROM built_devices"), "silver")[0]
+            cursor.execute("DROP TABLE built_devices")
+            gold_since, newest_event = fetch_one(
+                cursor.execute('SELECT max(updated_at), max("timestamp") FROM gold'), "gold's newest rows"
+            )
+            rollups_since = None
+            if rollups is not None:
+                rollups_since = fetch_one(cursor.execute("SELECT max(updated_at) FROM rollups"), "rollups")[0]
+            loaded_at = datetime.now(UTC)
+            cursor.execute(f"CREATE TABLE store_meta ({_META_COLUMNS})")
+            cursor.execute(
+                "INSERT INTO store_meta VALUES ($format, $root, $gold, $silver, $rollups, $committed, $newest, "
+                "$loaded, $gold_since, $silver_since, $rollups_since, $gold_created, $silver_created, $rollups_created)",
                 {
-                    "gold": snapshot.gold_version,
-                    "silver": snapshot.silver_version,
+                    "format": STORE_FORMAT,
+                    "root": self.paths.root,
+                    "gold": gold.version,
+                    "silver": silver.version,
+                    "rollups": rollups.version if rollups else None,
+                    "committed": gold.committed_at,
+                    "newest": newest_event,
+                    "loaded": loaded_at,
+                    "gold_since": gold_since,
+                    "silver_since": silver_since,
+                    "rollups_since": rollups_since,
+                    **{f"{t.value}_created": deltalog.created_at(self.paths.table(t)) for t in TABLES},
+                },
+            )
+            cursor.commit()
+        except BaseException as exc:
+            with contextlib.suppress(duckdb.Error):  # a commit that failed has ended the transaction
+                cursor.rollback()
+            self.build_error = exc
+            log.exception("building the serving store %s failed; answering from the lake", self.file)
+            return
+        finally:
+            cursor.close()
+        with self._refresh_lock:
+            self.current = Snapshot(
+                gold.version,
+                silver.version,
+                gold.committed_at,
+                newest_event,
+                loaded_at,
+                rollups.version if rollups else None,
+                from_store=True,
+            )
+            self.build_error = None
+        log.info(
+            "serving store %s built at gold %s, silver %s, rollups %s in %.2f s",
+            self.file,
+            gold.version,
+            silver.version,
+            rollups and rollups.version,
+            time.perf_counter() - started,
+        )
+
+    def _create_rollups(self, cursor: duckdb.DuckDBPyConnection, version: int, params: dict[str, str]) -> None:
+        cursor.execute(
+            f"CREATE TABLE rollups AS SELECT {ROLLUP_KEY_SQL} AS bucket_key, * "
+            f"FROM ({self._scan(Table.ROLLUPS, version)}) ORDER BY bucket_key",
+            _only(params, "rollups"),
+        )
+        cursor.execute("CREATE INDEX rollups_bucket ON rollups (bucket_key)")
+
+    def wait_built(self, timeout_s: float = 60) -> bool:
+        """Whether the store file serves (waiting up to `timeout_s` for a build that runs); for tests and tools."""
+        deadline = time.monotonic() + timeout_s
+        while not self.current.from_store and time.monotonic() < deadline:
+            builder = self._builder
+            if builder is not None:
+                builder.join(timeout=max(0.0, deadline - time.monotonic()))
+            if not self.current.from_store:
+                time.sleep(0.05)
+        return self.current.from_store
+
+    def _apply(self, changed: dict[Table, int], gold_committed_at: datetime | None) -> dict[str, int]:
+        """Apply each moved table's rows updated since the last load, and the new versions, in one transaction."""
+        writer = self._writer
+        params = {t.value: self._location(t) for t in changed}
+        meta = fetch_one(
+            writer.execute(
+                "SELECT gold_since, silver_since, rollups_since, newest_event, silver_version FROM store_meta"
+            ),
+            "store_meta",
+        )
+        since = dict(zip(TABLES, meta[:3], strict=True))
+        newest_event, old_silver = meta[3], meta[4]
+        counts: dict[str, int] = {}
+        writer.begin()
+        try:
+            for table, version in changed.items():
+                one = _only(params, table.value)
+                if table is Table.ROLLUPS and self.current.rollups_version is None:
+                    self._create_rollups(writer, version, one)  # the table appeared after the store was built
+                    counts[table.value] = fetch_one(writer.execute("SELECT count(*) FROM rollups"), "rollups")[0]
+                    since[table] = fetch_one(writer.execute("SELECT max(updated_at) FROM rollups"), "rollups")[0]
+                    continue
+                columns = 'device_id, "timestamp", updated_at' if table is Table.SILVER else "*"
+                if table is Table.ROLLUPS:
+                    columns = f"{ROLLUP_KEY_SQL} AS bucket_key, *"
+                writer.execute(
+                    f"CREATE OR REPLACE TEMP TABLE changed_rows AS {self._scan(table, version, since[table], columns)}",
+                    one,
+                )
+                count, newest_update, newest_second = fetch_one(
+                    writer.execute('SELECT count(*), max(updated_at), max("timestamp") FROM changed_rows'),
+                    "changed rows",
+                )
+                counts[table.value] = count
+                since[table] = max(filter(None, [since[table], newest_update]), default=None)
+                if count == 0:
+                    continue
+                if table is Table.GOLD:
+                    writer.execute('DELETE FROM gold WHERE "timestamp" IN (SELECT "timestamp" FROM changed_rows)')
+                    writer.execute('INSERT INTO gold SELECT * FROM changed_rows ORDER BY "timestamp"')
+                    newest_event = max(filter(None, [newest_event, newest_second]), default=None)
+                elif table is Table.ROLLUPS:
+                    writer.execute("DELETE FROM rollups WHERE bucket_key IN (SELECT bucket_key FROM changed_rows)")
+                    writer.execute("INSERT INTO rollups SELECT * FROM changed_rows ORDER BY bucket_key")
+                else:
+                    self._update_devices(
+                        writer, old_silver, _only({**params, "silver": self._location(table)}, "silver")
+                    )
+            writer.execute("DROP TABLE IF EXISTS changed_rows")
+            loaded_at = datetime.now(UTC)
+            versions = {t: changed.get(t, self.current.version(t)) for t in TABLES}
+            writer.execute(
+                "UPDATE store_meta SET gold_version = $gold, silver_version = $silver, rollups_version = $rollups, "
+                "gold_committed_at = $committed, newest_event = $newest, loaded_at = $loaded, "
+                "gold_since = $gold_since, silver_since = $silver_since, rollups_since = $rollups_since, "
+                "rollups_created = coalesce(rollups_created, $rollups_created)",
+                {
+                    "gold": versions[Table.GOLD],
+                    "silver": versions[Table.SILVER],
+                    "rollups": versions[Table.ROLLUPS],
                     "committed": gold_committed_at,
                     "newest": newest_event,
-                    "loaded": snapshot.loaded_at,
+                    "loaded": loaded_at,
+                    "gold_since": since[Table.GOLD],
+                    "silver_since": since[Table.SILVER],
+                    "rollups_since": since[Table.ROLLUPS],
+                    "rollups_created": deltalog.created_at(self.paths.table(Table.ROLLUPS)),
                 },
             )
             writer.commit()
         except BaseException:
             writer.rollback()
             raise
-        return snapshot
+        self.current = Snapshot(
+            versions[Table.GOLD],
+            versions[Table.SILVER],
+            gold_committed_at,
+            newest_event,
+            loaded_at,
+            versions[Table.ROLLUPS],
+            from_store=True,
+        )
+        return counts
 
-    @staticmethod
-    def _update_devices(writer: duckdb.DuckDBPyConnection, whole: bool) -> None:
-        summary = (
-            'SELECT device_id, min("timestamp") AS first_reading, max("timestamp") AS last_reading, '
-            "count(*) AS reading_count FROM silver"
+    def _update_devices(self, writer: duckdb.DuckDBPyConnection, old_version: int, params: dict[str, str]) -> None:
+        """Fold silver's changed rows into the per-device summary. A changed row is a new reading unless its
+        identity was in silver at the version the store had (then it is a correction, which moves no count and no
+        time); that version is read only over the changed rows' time range, so DuckDB skips the other files."""
+        span = fetch_one(writer.execute('SELECT min("timestamp"), max("timestamp") FROM changed_rows'), "changed rows")
+        earlier = (
+            f'SELECT device_id, "timestamp" FROM delta_scan($silver, version := {int(old_version)}) '
+            f'WHERE "timestamp" >= {timestamp_literal(span[0])} AND "timestamp" <= {timestamp_literal(span[1])}'
         )
-        if whole:
-            writer.execute(f"CREATE OR REPLACE TABLE devices AS {summary} GROUP BY device_id")
-            return
-        # Only the devices with changed readings need their summary recomputed.
-        writer.execute("DELETE FROM devices WHERE device_id IN (SELECT device_id FROM changed_rows)")
         writer.execute(
-            f"INSERT INTO devices {summary} WHERE device_id IN (SELECT DISTINCT device_id FROM changed_rows) "
-            "GROUP BY device_id"
+            "CREATE OR REPLACE TEMP TABLE device_changes AS "
+            'SELECT c.device_id, min(c."timestamp") AS first_reading, max(c."timestamp") AS last_reading, '
+            "count(*) FILTER (WHERE e.device_id IS NULL) AS added "
+            f'FROM changed_rows c LEFT JOIN ({earlier}) e ON e.device_id = c.device_id AND e."timestamp" = c."timestamp" '
+            "GROUP BY c.device_id",
+            params,
         )
+        writer.execute(
+            "CREATE OR REPLACE TEMP TABLE merged_devices AS "
+            "SELECT c.device_id, least(d.first_reading, c.first_reading) AS first_reading, "
+            "greatest(d.last_reading, c.last_reading) AS last_reading, "
+            "coalesce(d.reading_count, 0) + c.added AS reading_count "
+            "FROM device_changes c LEFT JOIN devices d USING (device_id)"
+        )
+        writer.execute("DELETE FROM devices WHERE device_id IN (SELECT device_id FROM merged_devices)")
+        writer.execute("INSERT INTO devices SELECT * FROM merged_devices ORDER BY device_id")
+        writer.execute("DROP TABLE device_changes")
+        writer.execute("DROP TABLE merged_devices")
+
+    # Reading -------------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """This thread's cursor, made once and reused by every request the thread serves (a read nested in another
+        on the same thread gets a cursor of its own)."""
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None:
+            cursor = self._local.cursor = self._database.cursor()
+        if getattr(self._local, "busy", False):
+            nested = self._database.cursor()
+            try:
+                yield nested
+            finally:
+                nested.close()
+            return
+        self._local.busy = True
+        try:
+            yield cursor
+        finally:
+            self._local.busy = False
 
     @contextmanager
     def read(self) -> Iterator[tuple[Snapshot, duckdb.DuckDBPyConnection]]:
-        """A cursor inside one transaction, and the snapshot its rows belong to."""
-        cursor = self._database.cursor()
-        try:
+        """A cursor and the snapshot its answers belong to: inside one transaction of the store file, or, while the
+        file is built, on the lake at the versions pinned by the current snapshot."""
+        snapshot = self.current
+        with self._cursor() as cursor:
+            if not snapshot.from_store:
+                yield snapshot, cursor
+                return
             cursor.begin()
-            row = fetch_one(
-                cursor.execute(
-                    "SELECT gold_version, silver_version, gold_committed_at, newest_event, loaded_at FROM snapshot_meta"
-                ),
-                "snapshot_meta",
-            )
-            yield Snapshot(*row), cursor
-        finally:
-            cursor.rollback()  # the transaction only read
-            cursor.close()
+            try:
+                stored = fetch_one(cursor.execute(_SNAPSHOT_SQL), "store_meta")
+                yield Snapshot(*stored, from_store=True), cursor
+            finally:
+                cursor.rollback()  # the transaction only read
+
+    @property
+    def locations(self) -> dict[Table, str]:
+        """Each table's folder as the store's connection may read it."""
+        return {t: self._location(t) for t in TABLES}
 
     def close(self) -> None:
-        self._reader.close()
+        builder = self._builder
+        if builder is not None and builder.is_alive():
+            self._database.interrupt()
+            builder.join(timeout=30)
         self._writer.close()
         self._database.close()
+        self._slot_lock.close()
+
+
+def _only(params: dict[str, str], name: str) -> dict[str, str]:
+    """The one location parameter a statement names (DuckDB refuses unused named parameters)."""
+    if name not in params:
+        raise LakeError(f"the lake has no {name} table yet; run `lakehouse pipeline` first")
+    return {name: params[name]}

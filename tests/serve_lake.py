@@ -1,5 +1,6 @@
-"""A small lake for the API tests: silver readings made up here, gold computed from them by tests.reference, both
-written as the pipeline's Delta tables with the project's Spark session."""
+"""A small lake for the API tests: silver readings made up here, gold computed from them by tests.reference and the
+rollups by the pipeline's rollup functions, all written as the pipeline's Delta tables with the project's Spark
+session."""
 
 from __future__ import annotations
 
@@ -76,7 +77,19 @@ class LakeWriter:
                 (r.device_id, r.timestamp, r.value, "device-data", 0, self.offset + index, 0, r.timestamp, now)
             )
         self.offset += len(readings)
-        self._frame(Table.SILVER, silver_rows).write.format("delta").mode("append").save(self.paths.table(Table.SILVER))
+        # Merged on the reading's identity, as the pipeline does: sending a reading again with another value corrects
+        # it in place.
+        silver = DeltaTable.forPath(self.spark, self.paths.table(Table.SILVER))
+        (
+            silver.alias("s")
+            .merge(
+                self._frame(Table.SILVER, silver_rows).alias("u"),
+                "s.device_id = u.device_id AND s.`timestamp` = u.`timestamp`",
+            )
+            .whenMatchedUpdateAll()
+            .whenNotMatchedInsertAll()
+            .execute()
+        )
         touched = {r.timestamp.replace(microsecond=0) for r in readings}
         per_second = Reference.of(all_readings).buckets()
         gold_rows = [(second, *per_second[second].values(), now) for second in sorted(touched)]
@@ -85,6 +98,27 @@ class LakeWriter:
         (
             gold.alias("g")
             .merge(updates.alias("u"), "g.`timestamp` = u.`timestamp`")
+            .whenMatchedUpdateAll()
+            .whenNotMatchedInsertAll()
+            .execute()
+        )
+        self.write_rollups()
+
+    def write_rollups(self) -> None:
+        """Upsert every rollup row of silver as it now is, computed by the pipeline's own rollup functions."""
+        from delta.tables import DeltaTable
+
+        from pipeline.stream.rollups import from_readings
+
+        silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
+        rows = from_readings(silver.select("device_id", "timestamp", "value"))
+        rollups = DeltaTable.forPath(self.spark, self.paths.table(Table.ROLLUPS))
+        (
+            rollups.alias("r")
+            .merge(
+                rows.alias("u"),
+                "r.grain = u.grain AND r.device_id <=> u.device_id AND r.`timestamp` = u.`timestamp`",
+            )
             .whenMatchedUpdateAll()
             .whenNotMatchedInsertAll()
             .execute()
@@ -109,6 +143,8 @@ def api_settings(lake_root: Path | str, **overrides: object) -> Settings:
         "kafka_bootstrap": f"127.0.0.1:{free_port()}",
         "api_refresh_seconds": 0.2,
         "api_kafka_timeout_seconds": 0.5,
+        # The store beside the lake, so that each test lake has store files of its own.
+        "api_store_dir": Path(str(lake_root).removeprefix("file://")).parent / "api-store",
     }
     values.update(overrides)
     return Settings(**values)

@@ -16,7 +16,7 @@ from litestar.testing import TestClient
 
 from lake.kafka import Watermarks, lag
 from lake.tables import LakePaths
-from lake.timestamps import parse_timestamp_us
+from lake.timestamps import Grain, parse_timestamp_us
 from serve import queries
 from serve.app import create_app
 from serve.snapshot import SnapshotStore
@@ -229,37 +229,95 @@ def test_metrics_expose_requests_latency_and_snapshot(client: TestClient, lake, 
     assert "kpi_lakehouse_request_duration_seconds_bucket" in text
 
 
-def test_new_commits_are_served_without_restart(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+GRAINS = (Grain.SECOND, Grain.MINUTE, Grain.HOUR, Grain.DAY)
+
+
+def _store(root: Path | str, **overrides: object) -> SnapshotStore:
+    return SnapshotStore.from_settings(api_settings(root, **overrides))
+
+
+def _assert_every_grain(store: SnapshotStore, readings: list[Reading], where: str) -> None:
+    """Every bucket of every grain, of the fleet and of each device, as the store answers it now, against the
+    reference; also the devices' summary."""
+    reference = Reference.of(readings)
+    first, stop = parse_timestamp_us("2024-07-30T00:00:00Z"), parse_timestamp_us("2024-08-01T00:00:00Z")
+    with store.read() as (snapshot, cursor):
+        source = queries.Source(cursor, snapshot, store.locations)
+        for grain in GRAINS:
+            for device_id in (None, *DEVICES, "pump-9"):
+                expected = reference.buckets(grain.value, device_id)
+                found = queries.kpi_series(source, first, stop, grain, device_id, limit=10_000)
+                label = f"{where}, {grain.value} of {device_id or 'the fleet'}"
+                assert [row.bucket_start_us for row in found] == [
+                    parse_timestamp_us(iso(start)) for start in expected
+                ], label
+                for row, kpis in zip(found, expected.values(), strict=True):
+                    assert_kpis_equal({name: getattr(row, name) for name in kpis}, kpis, label)
+                one = next(iter(expected), None)
+                if one is not None:  # a point lookup at an instant inside the first bucket
+                    point = queries.kpis(source, parse_timestamp_us(iso(one)) + 1, grain, device_id)
+                    assert point is not None and point.reading_count == expected[one]["reading_count"], label
+        summary = {d.device_id: d for d in queries.devices(source, None, 100)}
+    by_device: dict[str, list[datetime]] = {}
+    for device_id, moment in reference.readings:
+        by_device.setdefault(device_id, []).append(moment)
+    assert sorted(summary) == sorted(by_device), where
+    for device_id, moments in by_device.items():
+        got = summary[device_id]
+        assert (got.reading_count, got.first_reading, got.last_reading) == (len(moments), min(moments), max(moments))
+
+
+def test_lake_and_store_answer_every_grain_exactly(lake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, readings, _ = lake
+    store = _store(root, api_store_dir=tmp_path / "store")
+    try:
+        assert not store.current.from_store  # never seen: answers come from the lake while the file is built
+        store.refresh()
+        _assert_every_grain(store, readings, "from the lake")
+        assert store.wait_built(60), store.build_error
+        _assert_every_grain(store, readings, "from the store file")
+        with store.read() as (snapshot, _):
+            assert snapshot.from_store and snapshot.rollups_version is not None
+    finally:
+        store.close()
+
+
+def test_new_commits_and_corrections_are_served_without_restart(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     root = tmp_path / "lake"
     readings = make_readings(seed=5, seconds=20)
     writer = LakeWriter(spark, LakePaths.from_settings(api_settings(root)))
     writer.append(readings, readings)
     before = Reference.of(readings).buckets("second")[START]
     # A reader that began before the new commits, on a store of its own that the test refreshes by hand.
-    store = SnapshotStore(LakePaths.from_settings(api_settings(root)))
+    store = _store(root, api_store_dir=tmp_path / "own-store")
     store.refresh()
+    assert store.wait_built(60), store.build_error
     with TestClient(create_app(api_settings(root))) as client, store.read() as (old_snapshot, old_cursor):
+        old_source = queries.Source(old_cursor, old_snapshot, store.locations)
         first = client.get(f"/kpis/{iso(START)}")
         assert first.status_code == 200
         etag = first.headers["etag"]
         assert client.get(f"/kpis/{iso(START + timedelta(seconds=30))}").status_code == 404
-        # A late reading in a second that exists, and a new second: gold's row is updated, another added.
+        # A late reading in a second that exists, a new second, a new device, and a correction of an old reading:
+        # gold's and the rollups' rows are updated, others added.
+        corrected = readings[3]
         late = [
             Reading("pump-9", START + timedelta(microseconds=5), 1000.0),
             Reading("pump-9", START + timedelta(seconds=30), 3.0),
+            Reading(corrected.device_id, corrected.timestamp, corrected.value + 500.0),
         ]
         readings += late
         writer.append(late, readings)
-        # Silver and gold commit one after the other (as the pipeline's do): wait for gold's new version.
-        gold_version = first.json()["freshness"]["gold_version"]
+        # Silver, gold and the rollups commit one after the other (as the pipeline's do): wait for the rollups.
+        rollups_version = first.json()["freshness"]["rollups_version"]
         deadline = time.monotonic() + 20
         while True:
             answer = client.get(f"/kpis/{iso(START)}", headers={"If-None-Match": etag})
-            if answer.status_code == 200 and answer.json()["freshness"]["gold_version"] > gold_version:
+            if answer.status_code == 200 and answer.json()["freshness"]["rollups_version"] > rollups_version:
                 break
-            assert time.monotonic() < deadline, "the new gold version was not served"
+            assert time.monotonic() < deadline, "the new versions were not served"
             time.sleep(0.1)
-        assert answer.headers["etag"] != etag
+        assert answer.headers["etag"] != etag and answer.json()["freshness"]["served_from"] == "store"
         expected = Reference.of(readings).buckets("second")
         assert_kpis_equal(answer.json(), expected[START], "updated second")
         assert_kpis_equal(
@@ -276,32 +334,83 @@ def test_new_commits_are_served_without_restart(spark, tmp_path: Path) -> None: 
         )
 
         # The reader that began earlier still sees its own version whole, while a new one sees the new version.
-        store.refresh()
-        old_row = queries.kpis(old_cursor, parse_timestamp_us(iso(START)))
+        report = store.refresh()
+        assert report.changed and report.rows["silver"] >= len(late)
+        old_row = queries.kpis(old_source, parse_timestamp_us(iso(START)))
         assert old_row is not None and old_row.reading_count == before["reading_count"]
-        assert queries.kpis(old_cursor, parse_timestamp_us(iso(START + timedelta(seconds=30)))) is None
+        assert queries.kpis(old_source, parse_timestamp_us(iso(START + timedelta(seconds=30)))) is None
         with store.read() as (new_snapshot, new_cursor):
             assert new_snapshot.gold_version > old_snapshot.gold_version
-            new_row = queries.kpis(new_cursor, parse_timestamp_us(iso(START)))
+            new_row = queries.kpis(
+                queries.Source(new_cursor, new_snapshot, store.locations), parse_timestamp_us(iso(START))
+            )
             assert new_row is not None and new_row.reading_count == expected[START]["reading_count"]
+    # Caught up incrementally, the store answers every grain exactly, the devices' counts included.
+    _assert_every_grain(store, readings, "after the refresh")
     store.close()
+
+
+def test_a_store_file_is_reopened_or_rebuilt(lake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, readings, _ = lake
+    store_dir = tmp_path / "store"
+    store = _store(root, api_store_dir=store_dir)
+    store.refresh()
+    assert store.wait_built(60), store.build_error
+    built = store.current
+    store.close()
+
+    # Restarted on its own file: it serves at once, at the versions the file holds, and nothing changed since.
+    reopened = _store(root, api_store_dir=store_dir)
+    try:
+        assert reopened.current.from_store and reopened.current == built and reopened.slot == 0
+        assert not reopened.refresh().changed
+        _assert_every_grain(reopened, readings, "reopened")
+    finally:
+        reopened.close()
+
+    # A file written by another format, for another lake, or that saw a table at a higher version than the lake
+    # now has (the lake was made anew) is dropped and built again.
+    for change in ("format = 0", "lake_root = '/elsewhere/lake'", "gold_version = 999"):
+        with duckdb.connect(str(store_dir / "slot-0.duckdb")) as edit:
+            edit.execute(f"UPDATE store_meta SET {change}")
+        rebuilt = _store(root, api_store_dir=store_dir)
+        try:
+            assert not rebuilt.current.from_store, change
+            rebuilt.refresh()
+            assert rebuilt.wait_built(60), rebuilt.build_error
+            assert rebuilt.current.gold_version == built.gold_version, change
+            _assert_every_grain(rebuilt, readings, f"rebuilt after {change}")
+        finally:
+            rebuilt.close()
+
+
+def test_each_store_in_a_process_claims_its_own_slot(lake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first, second = _store(lake[0], api_store_dir=tmp_path), _store(lake[0], api_store_dir=tmp_path)
+    try:
+        assert (first.slot, second.slot) == (0, 1) and first.file != second.file
+    finally:
+        first.close()
+        second.close()
+    again = _store(lake[0], api_store_dir=tmp_path)
+    assert again.slot == 0  # a closed store frees its slot
+    again.close()
 
 
 def test_service_duckdb_cannot_reach_outside_the_lake(lake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     outside = tmp_path / "secret.csv"
     outside.write_text("a\n1\n")
-    store = SnapshotStore(LakePaths.from_settings(api_settings(lake[0])))
+    store = _store(lake[0], api_store_dir=tmp_path / "store")
     try:
         store.refresh()
+        assert store.wait_built(60)
         with store.read() as (snapshot, cursor):
             assert snapshot.ready
             with pytest.raises(duckdb.PermissionException):
                 cursor.execute(f"SELECT * FROM read_csv('{outside}')")
             with pytest.raises(duckdb.Error):
                 cursor.execute("SET enable_external_access = true")
-        with pytest.raises(duckdb.PermissionException):
-            store._reader.execute(f"SELECT * FROM read_csv('{outside}')")
-        assert store._reader.execute(f"SELECT count(*) FROM read_parquet('{lake[0]}/gold/*.parquet')").fetchone()[0] > 0
+        with store.read() as (_, cursor):  # the lake itself is readable: a device's seconds come from silver
+            assert cursor.execute(f"SELECT count(*) FROM read_parquet('{lake[0]}/gold/*.parquet')").fetchone()[0] > 0
     finally:
         store.close()
 
