@@ -241,6 +241,13 @@ class PeakSampler:
 
     def describe(self) -> str:
         """The peaks in one paragraph, for a test's or a benchmark's log."""
+        if self.rss_only:
+            if self.peak_rss is None:
+                return "no sample"
+            return (
+                f"peak RSS {self.tree_rss / MIB:,.0f} MiB (RSS alone) over {self.samples} samples: "
+                f"{self.peak_rss.describe()}"
+            )
         lines = [
             f"peak JVM RSS {self.jvm_rss / MIB:,.0f} MiB; peak tree PSS {self.tree_pss / MIB:,.0f} MiB "
             f"(USS {self.peak_tree.uss / MIB:,.0f}, sum of RSS {self.peak_tree.rss_sum / MIB:,.0f}) "
