@@ -63,9 +63,25 @@ class Source:
 def kpis(source: Source, instant_us: int, grain: Grain = Grain.SECOND, device_id: str | None = None) -> Kpis | None:
     """KPIs of the bucket that holds the instant; None when it has no readings."""
     start_us = grain.bucket_start_us(instant_us)
+    if source.snapshot.from_store and (grain is not Grain.SECOND or device_id is None):
+        parameters: dict[str, object]
+        # One equality on an ART-indexed column: DuckDB answers it from the index, not from a scan.
+        if grain is Grain.SECOND:
+            query, parameters = f'SELECT {_FIELDS} FROM gold WHERE "timestamp" = $start', {"start": from_us(start_us)}
+        else:
+            _need_rollups(source)
+            query = f"SELECT {_FIELDS} FROM rollups WHERE bucket_key = $key"
+            parameters = {"key": rollup_key(grain.value, device_id, start_us)}
+        rows = _fetch(source.cursor, query, parameters)
+        return Kpis(bucket_start_us=start_us, grain=grain, **dict(zip(KPI_FIELDS, rows[0]))) if rows else None
     end_us = min(start_us + grain.micros, MAX_US)  # the last day of year 9999 ends at the last instant
     found = kpi_series(source, start_us, end_us, grain, device_id, limit=1)
     return found[0] if found else None
+
+
+def _need_rollups(source: Source) -> None:
+    if source.snapshot.rollups_version is None:
+        raise LakeError("the lake has no rollups table yet; run `lakehouse pipeline` first")
 
 
 def kpi_series(
@@ -90,21 +106,16 @@ def kpi_series(
             f"WHERE {in_range} AND device_id = $device GROUP BY bucket ORDER BY bucket"
         )
     elif source.snapshot.from_store:
-        if source.snapshot.rollups_version is None:
-            raise LakeError("the lake has no rollups table yet; run `lakehouse pipeline` first")
-        # One index range of bucket keys; the columns are checked too, since a device id may hold the separator.
-        parameters |= {
-            "low": rollup_key(grain.value, device_id, start_us),
-            "high": rollup_key(grain.value, device_id, end_us),
-            "grain": grain.value,
-            "device": device_id,
-            "start": from_us(start_us),
-            "end": from_us(end_us),
-        }
+        _need_rollups(source)
+        # Rows are appended in key order per sync, so DuckDB's per-block min/max of grain, device and time skip most
+        # blocks of a range (ART indexes serve equality only).
+        parameters |= {"grain": grain.value, "start": from_us(start_us), "end": from_us(end_us)}
+        device = "device_id IS NULL"
+        if device_id is not None:
+            device, parameters["device"] = "device_id = $device", device_id
         query = (
-            f'SELECT "timestamp", {_FIELDS} FROM rollups WHERE bucket_key >= $low AND bucket_key < $high '
-            'AND grain = $grain AND device_id IS NOT DISTINCT FROM $device AND "timestamp" >= $start '
-            'AND "timestamp" < $end ORDER BY bucket_key'
+            f'SELECT "timestamp", {_FIELDS} FROM rollups WHERE grain = $grain AND {device} '
+            'AND "timestamp" >= $start AND "timestamp" < $end ORDER BY "timestamp"'
         )
     else:
         table, in_range = _lake(source, Table.ROLLUPS, parameters, start_us, end_us)

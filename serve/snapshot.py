@@ -99,11 +99,10 @@ _META_COLUMNS = (
     "format INTEGER, lake_root VARCHAR, gold_version BIGINT, silver_version BIGINT, rollups_version BIGINT, "
     "gold_committed_at TIMESTAMPTZ, newest_event TIMESTAMPTZ, loaded_at TIMESTAMPTZ, "
     "gold_since TIMESTAMPTZ, silver_since TIMESTAMPTZ, rollups_since TIMESTAMPTZ, "
-    "gold_created TIMESTAMPTZ, silver_created TIMESTAMPTZ, rollups_created TIMESTAMPTZ"
+    "gold_created TIMESTAMPTZ, silver_created TIMESTAMPTZ, rollups_created TIMESTAMPTZ, generation BIGINT"
 )
-_SNAPSHOT_SQL = (
-    "SELECT gold_version, silver_version, gold_committed_at, newest_event, loaded_at, rollups_version FROM store_meta"
-)
+_SNAPSHOT_COLUMNS = "gold_version, silver_version, gold_committed_at, newest_event, loaded_at, rollups_version"
+_SNAPSHOT_SQL = f"SELECT {_SNAPSHOT_COLUMNS} FROM store_meta"
 
 
 def claim_slot(store_dir: Path) -> tuple[int, IO[str]]:
@@ -134,7 +133,11 @@ class SnapshotStore:
         self._local = threading.local()
         self._builder: threading.Thread | None = None
         self.build_error: BaseException | None = None
+        self._snapshots: dict[int, Snapshot] = {}  # by store_meta's generation, which each sync counts up
+        self._generation = 0
         self._database = self._open()
+        # Each table's folder as the store's connection may read it.
+        self.locations = {t: self._location(t) for t in TABLES}
         self.current = self._stored_snapshot() or Snapshot(None, None, None, None, None, from_store=False)
         self._writer = self._database.cursor()
 
@@ -199,10 +202,13 @@ class SnapshotStore:
 
     def _stored_snapshot(self) -> Snapshot | None:
         try:
-            row = self._database.execute(_SNAPSHOT_SQL).fetchone()
+            row = self._database.execute(f"SELECT {_SNAPSHOT_COLUMNS}, generation FROM store_meta").fetchone()
         except duckdb.CatalogException:
             return None
-        return None if row is None else Snapshot(*row, from_store=True)
+        if row is None:
+            return None
+        self._generation = row[-1]
+        return _stored(row[:-1])
 
     # Refreshing ----------------------------------------------------------------------------------------------
 
@@ -289,6 +295,7 @@ class SnapshotStore:
         started = time.perf_counter()
         cursor = self._database.cursor()
         params = {t.value: self._location(t) for t in TABLES if found[t] is not None}
+        generation = self._generation + 1
         try:
             cursor.begin()
             for name in ("store_meta", "gold", "rollups", "devices"):
@@ -322,8 +329,10 @@ class SnapshotStore:
             cursor.execute(f"CREATE TABLE store_meta ({_META_COLUMNS})")
             cursor.execute(
                 "INSERT INTO store_meta VALUES ($format, $root, $gold, $silver, $rollups, $committed, $newest, "
-                "$loaded, $gold_since, $silver_since, $rollups_since, $gold_created, $silver_created, $rollups_created)",
+                "$loaded, $gold_since, $silver_since, $rollups_since, $gold_created, $silver_created, $rollups_created, "
+                "$generation)",
                 {
+                    "generation": generation,
                     "format": STORE_FORMAT,
                     "root": self.paths.root,
                     "gold": gold.version,
@@ -348,14 +357,17 @@ class SnapshotStore:
         finally:
             cursor.close()
         with self._refresh_lock:
-            self.current = Snapshot(
-                gold.version,
-                silver.version,
-                gold.committed_at,
-                newest_event,
-                loaded_at,
-                rollups.version if rollups else None,
-                from_store=True,
+            self._publish(
+                generation,
+                Snapshot(
+                    gold.version,
+                    silver.version,
+                    gold.committed_at,
+                    newest_event,
+                    loaded_at,
+                    rollups.version if rollups else None,
+                    from_store=True,
+                ),
             )
             self.build_error = None
         log.info(
@@ -441,8 +453,9 @@ class SnapshotStore:
                 "UPDATE store_meta SET gold_version = $gold, silver_version = $silver, rollups_version = $rollups, "
                 "gold_committed_at = $committed, newest_event = $newest, loaded_at = $loaded, "
                 "gold_since = $gold_since, silver_since = $silver_since, rollups_since = $rollups_since, "
-                "rollups_created = coalesce(rollups_created, $rollups_created)",
+                "rollups_created = coalesce(rollups_created, $rollups_created), generation = $generation",
                 {
+                    "generation": self._generation + 1,
                     "gold": versions[Table.GOLD],
                     "silver": versions[Table.SILVER],
                     "rollups": versions[Table.ROLLUPS],
@@ -459,16 +472,27 @@ class SnapshotStore:
         except BaseException:
             writer.rollback()
             raise
-        self.current = Snapshot(
-            versions[Table.GOLD],
-            versions[Table.SILVER],
-            gold_committed_at,
-            newest_event,
-            loaded_at,
-            versions[Table.ROLLUPS],
-            from_store=True,
+        self._publish(
+            self._generation + 1,
+            Snapshot(
+                versions[Table.GOLD],
+                versions[Table.SILVER],
+                gold_committed_at,
+                newest_event,
+                loaded_at,
+                versions[Table.ROLLUPS],
+                from_store=True,
+            ),
         )
         return counts
+
+    def _publish(self, generation: int, snapshot: Snapshot) -> None:
+        """Make a committed snapshot current, and keep it by generation for readers that meet it in store_meta."""
+        self._generation = generation
+        self._snapshots[generation] = snapshot
+        for old in [g for g in self._snapshots if g < generation - 64]:
+            del self._snapshots[old]
+        self.current = snapshot
 
     def _update_devices(self, writer: duckdb.DuckDBPyConnection, old_version: int, params: dict[str, str]) -> None:
         """Fold silver's changed rows into the per-device summary. A changed row is a new reading unless its
@@ -532,15 +556,15 @@ class SnapshotStore:
                 return
             cursor.begin()
             try:
-                stored = fetch_one(cursor.execute(_SNAPSHOT_SQL), "store_meta")
-                yield Snapshot(*stored, from_store=True), cursor
+                # Only the generation is read (one integer costs less than converting the timestamps of the whole
+                # row); the snapshot of a generation is kept in memory, or read whole when it is not.
+                generation = fetch_one(cursor.execute("SELECT generation FROM store_meta"), "store_meta")[0]
+                found = self._snapshots.get(generation)
+                if found is None:
+                    found = _stored(fetch_one(cursor.execute(_SNAPSHOT_SQL), "store_meta"))
+                yield found, cursor
             finally:
                 cursor.rollback()  # the transaction only read
-
-    @property
-    def locations(self) -> dict[Table, str]:
-        """Each table's folder as the store's connection may read it."""
-        return {t: self._location(t) for t in TABLES}
 
     def close(self) -> None:
         builder = self._builder
@@ -550,6 +574,12 @@ class SnapshotStore:
         self._writer.close()
         self._database.close()
         self._slot_lock.close()
+
+
+def _stored(row: tuple) -> Snapshot:
+    """The snapshot of a store_meta row as _SNAPSHOT_SQL selects it."""
+    gold, silver, committed, newest, loaded, rollups = row
+    return Snapshot(gold, silver, committed, newest, loaded, rollups, from_store=True)
 
 
 def _only(params: dict[str, str], name: str) -> dict[str, str]:

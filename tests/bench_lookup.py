@@ -4,8 +4,8 @@
 
 Builds a lake with the project's Spark session (one reading per device per second, two devices), then times random
 second lookups three ways: the query a request ran before the cache (DuckDB views over delta_scan, which replay
-the Delta log and open the files on every query), the same query on the in-memory snapshot, and the whole HTTP
-request under uvicorn, both for `serve.app` (snapshot cache) and for a minimal app whose handler runs the query
+the Delta log and open the files on every query), the same lookup on the serving store, and the whole HTTP
+request under uvicorn, both for `serve.app` (serving store) and for a minimal app whose handler runs the query
 the way the API did before the cache.
 """
 
@@ -21,12 +21,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import duckdb
 import httpx
 
 from lake import duck
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
-from lake.timestamps import Grain, parse_timestamp_us
+from lake.timestamps import Grain, from_us, parse_timestamp_us
 from serve import queries
 from serve.snapshot import SnapshotStore
 from tests.conftest import HOME
@@ -72,12 +73,18 @@ def uncached_app(paths: LakePaths):  # type: ignore[no-untyped-def]
 
     @get("/kpis/{timestamp:str}", sync_to_thread=True)
     def lookup(timestamp: str) -> dict:
-        found = queries.kpis(views.cursor(), parse_timestamp_us(timestamp), Grain.SECOND)
+        found = _uncached_kpis(views.cursor(), timestamp)
         if found is None:
             raise NotFoundException()
-        return {"reading_count": found.reading_count}
+        return {"reading_count": found[0]}
 
     return Litestar([lookup])
+
+
+def _uncached_kpis(cursor: duckdb.DuckDBPyConnection, instant: str) -> tuple | None:
+    """Gold's row of the second that holds the instant, through a view over delta_scan."""
+    second = from_us(Grain.SECOND.bucket_start_us(parse_timestamp_us(instant)))
+    return cursor.execute('SELECT reading_count FROM gold WHERE "timestamp" = $t', {"t": second}).fetchone()
 
 
 def timed(lookup: Callable[[str], object], instants: list[str]) -> tuple[float, float]:
@@ -110,14 +117,15 @@ def main() -> None:
     paths = LakePaths.from_settings(Settings(lake_root=str(root)))
 
     views = duck.connect(paths)
-    uncached = timed(lambda t: queries.kpis(views.cursor(), parse_timestamp_us(t), Grain.SECOND), instants)
+    uncached = timed(lambda t: _uncached_kpis(views.cursor(), t), instants)
 
-    store = SnapshotStore(paths)
+    store = SnapshotStore.from_settings(api_settings(root))
     loaded = store.refresh()
+    store.wait_built()
 
     def from_snapshot(instant: str) -> object:
-        with store.read() as (_, cursor):
-            return queries.kpis(cursor, parse_timestamp_us(instant), Grain.SECOND)
+        with store.read() as (snapshot, cursor):
+            return queries.kpis(queries.Source(cursor, snapshot, store.locations), parse_timestamp_us(instant))
 
     cached = timed(from_snapshot, instants)
     with serving(api_settings(root)) as base, httpx.Client(base_url=base) as client:

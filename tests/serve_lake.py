@@ -143,9 +143,10 @@ def api_settings(lake_root: Path | str, **overrides: object) -> Settings:
         "kafka_bootstrap": f"127.0.0.1:{free_port()}",
         "api_refresh_seconds": 0.2,
         "api_kafka_timeout_seconds": 0.5,
-        # The store beside the lake, so that each test lake has store files of its own.
-        "api_store_dir": Path(str(lake_root).removeprefix("file://")).parent / "api-store",
     }
+    if "://" not in str(lake_root).removeprefix("file://"):
+        # The store beside the lake, so that each test lake has store files of its own.
+        values["api_store_dir"] = Path(str(lake_root).removeprefix("file://")).parent / "api-store"
     values.update(overrides)
     return Settings(**values)
 
