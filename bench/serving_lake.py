@@ -261,10 +261,14 @@ def build_lake(
     found = _read_marker(folder)
     if found is not None and found.complete and found.same_lake(wanted):
         return shape
+    if found is None and folder.is_dir() and any(folder.iterdir()):
+        # Never delete what this module did not write: it could be a real lake.
+        raise FileExistsError(f"{folder} holds files but no {MARKER}; build the serving lake in an empty folder")
     if found is None or not found.same_lake(wanted):
         shutil.rmtree(folder, ignore_errors=True)
         found = wanted
     folder.mkdir(parents=True, exist_ok=True)
+    _write_marker(folder, found)  # before the first table, so that a build stopped early is known as ours
     paths = LakePaths.from_settings(Settings(lake_root=str(folder)))
     create_tables(spark, paths)
     began = time.monotonic() - found.build_seconds
