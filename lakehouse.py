@@ -525,17 +525,17 @@ def bench(
         bool, typer.Option(help="a small smoke run (about two minutes) instead of the full sizes")
     ] = False,
     part: Annotated[
-        list[str] | None, typer.Option(help="only this part (repeatable): ingest|freshness|lookups")
+        list[str] | None, typer.Option(help="only this part (repeatable): ingest|freshness|lookups|serving")
     ] = None,
     folder: Annotated[Path, typer.Option(help="work folder (deleted and made again)")] = Path("data/bench"),
     port: Annotated[int, typer.Option(help="port of the benchmark's own Kafka broker (and the next one)")] = 19492,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this JSON file")] = None,
     markdown_out: Annotated[Path | None, typer.Option("--markdown", help="also write the table to this file")] = None,
 ) -> None:
-    """Measure ingest, freshness and lookups beside references measured in the same run.
+    """Measure ingest, freshness, lookups and serving at scale beside references measured in the same run.
 
     Prints figure, ours, reference, ratio, goal and whether it is met. Starts its own Kafka broker, pipeline and
-    API in --folder; see BENCHMARKS.md."""
+    API in --folder; the serving part's lake is built once and kept under <home>/bench; see BENCHMARKS.md."""
     from rich.table import Table as RichTable
 
     from bench.run import PARTS, Plan, as_json, markdown, run

@@ -79,10 +79,14 @@ def _shares_address_space(pid: int, other: int) -> bool:
     return _libc.syscall(_KCMP, pid, other, _KCMP_VM, 0, 0) == 0
 
 
-def sample_tree(root: int) -> TreeSample:
+def sample_tree(root: int, rss_only: bool = False) -> TreeSample:
     """RSS, PSS and USS of `root` and all its descendants, read in one pass ([] once the root has exited).
 
-    A child still sharing its parent's address space (between vfork and exec) is left out: it is its parent."""
+    A child still sharing its parent's address space (between vfork and exec) is left out: it is its parent.
+
+    With `rss_only`, only RSS is read (the kernel's counters in /proc/PID/statm) and PSS and USS are reported equal
+    to it: reading them walks every mapping (/proc/PID/smaps) under the process's memory-map lock, which stalls a
+    process serving requests on a large heap, so a latency benchmark must not take them."""
     try:
         top = psutil.Process(root)
         members = [top, *top.children(recursive=True)]
@@ -95,8 +99,14 @@ def sample_tree(root: int) -> TreeSample:
         for _attempt in range(2):
             try:
                 with process.oneshot():
-                    full = process.memory_full_info()
-                    memory = ProcessMemory(process.pid, process.ppid(), process.name(), full.rss, full.pss, full.uss)
+                    if rss_only:
+                        rss = process.memory_info().rss
+                        memory = ProcessMemory(process.pid, process.ppid(), process.name(), rss, rss, rss)
+                    else:
+                        full = process.memory_full_info()
+                        memory = ProcessMemory(
+                            process.pid, process.ppid(), process.name(), full.rss, full.pss, full.uss
+                        )
             except psutil.Error:  # exited between the listing and the read
                 memory = None
                 break
@@ -166,12 +176,17 @@ def native_memory(pid: int, jvm_rss: int = 0, timeout_s: float = 20) -> NativeMe
 class PeakSampler:
     """Samples a process tree every `interval_s` on a thread while in a `with` block; keeps the samples at the
     tree's PSS peak and at the JVM's RSS peak, and, with `native_every_s`, the JVM's NMT summary taken at the
-    highest JVM RSS among those it took."""
+    highest JVM RSS among those it took. With `rss_only`, it reads RSS alone (see `sample_tree`) and keeps the peak
+    of the tree's summed RSS."""
 
-    def __init__(self, root: int, interval_s: float = 0.25, native_every_s: float | None = None) -> None:
+    def __init__(
+        self, root: int, interval_s: float = 0.25, native_every_s: float | None = None, rss_only: bool = False
+    ) -> None:
         self.root = root
         self.interval_s = interval_s
         self.native_every_s = native_every_s
+        self.rss_only = rss_only
+        self.peak_rss: TreeSample | None = None
         self.peak_tree: TreeSample | None = None
         self.peak_jvm: TreeSample | None = None
         self.peak_native: NativeMemory | None = None
@@ -193,6 +208,11 @@ class PeakSampler:
         return self.peak_tree.pss if self.peak_tree else 0
 
     @property
+    def tree_rss(self) -> int:
+        """The highest sum of RSS over the tree's processes in one sample."""
+        return self.peak_rss.rss_sum if self.peak_rss else 0
+
+    @property
     def jvm_rss(self) -> int:
         jvm = self.peak_jvm.jvm if self.peak_jvm else None
         return jvm.rss if jvm else 0
@@ -200,10 +220,12 @@ class PeakSampler:
     def _run(self) -> None:
         next_native = time.monotonic()
         while not self._stop.is_set():
-            sample = sample_tree(self.root)
+            sample = sample_tree(self.root, self.rss_only)
             if sample.processes:
                 self.samples += 1
                 self.spawning += sample.spawning > 0
+                if self.peak_rss is None or sample.rss_sum > self.peak_rss.rss_sum:
+                    self.peak_rss = sample
                 if self.peak_tree is None or sample.pss > self.peak_tree.pss:
                     self.peak_tree = sample
                 jvm = sample.jvm
@@ -219,6 +241,13 @@ class PeakSampler:
 
     def describe(self) -> str:
         """The peaks in one paragraph, for a test's or a benchmark's log."""
+        if self.rss_only:
+            if self.peak_rss is None:
+                return "no sample"
+            return (
+                f"peak RSS {self.tree_rss / MIB:,.0f} MiB (RSS alone) over {self.samples} samples: "
+                f"{self.peak_rss.describe()}"
+            )
         lines = [
             f"peak JVM RSS {self.jvm_rss / MIB:,.0f} MiB; peak tree PSS {self.tree_pss / MIB:,.0f} MiB "
             f"(USS {self.peak_tree.uss / MIB:,.0f}, sum of RSS {self.peak_tree.rss_sum / MIB:,.0f}) "

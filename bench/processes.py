@@ -86,6 +86,31 @@ def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
         pass  # the group has exited already; `wait` reaps the leader
 
 
+def start_api(
+    settings: Settings, port: int, log: Path, env_extra: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`lakehouse serve --port PORT` in its own process group, not waited for (see `wait_until_served`)."""
+    return start_lakehouse(settings, "serve", "--port", str(port), log=log, env_extra=env_extra)
+
+
+def wait_until_served(base: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Ask `base`/health every 50 ms until it answers 200 with a snapshot of the lake (True): the API answers
+    questions from then on. False once `alive()` says the server is gone or the time is up."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=2) as client:
+        while alive() and time.monotonic() < deadline:
+            try:
+                answer = client.get(f"{base}/health")
+                if answer.status_code == 200 and answer.json().get("snapshot") is not None:
+                    return True
+            except (httpx.TransportError, ValueError):
+                pass
+            time.sleep(0.05)
+    return False
+
+
 def wait_for_http(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
     """Ask `url` until it answers 200 (True); False once `alive()` says the server is gone or the time is up."""
     import httpx

@@ -7,9 +7,11 @@ single timing against a fixed number alone.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -26,6 +28,7 @@ import msgspec
 
 from bench.memory import PeakSampler
 from bench.processes import free_port, running_api, start_lakehouse, stop_group
+from bench.serving_lake import LakeShape
 from lake.settings import MIB, Settings
 
 
@@ -58,6 +61,10 @@ class Plan:
     lookup_rate: float = 500
     lookup_duration_s: float = 10
     tutorial_requests: int = 20
+    serving_readings: int = 100_000_000  # device-seconds of the serving lake (devices at 1 Hz, before its gaps)
+    serving_devices: int = 100
+    serving_requests: int = 300  # timed requests per question, one client
+    serving_checks: int = 10  # answers per question checked against the formula
 
     @classmethod
     def quick(cls) -> Plan:
@@ -69,6 +76,10 @@ class Plan:
             lookup_rate=100,
             lookup_duration_s=3,
             tutorial_requests=5,
+            serving_readings=2_000_000,
+            serving_devices=20,
+            serving_requests=50,
+            serving_checks=3,
         )
 
 
@@ -96,6 +107,11 @@ class Context:
 
             self._spark = build_session(self.settings, app_name="kpi-lakehouse-bench")
         return self._spark
+
+    def stop_spark(self) -> None:
+        if self._spark is not None:
+            self._spark.stop()  # type: ignore[attr-defined]
+            self._spark = None
 
 
 def _produce(settings: Settings, payloads: list[bytes]) -> None:
@@ -386,9 +402,7 @@ def bench_lookups(ctx: Context) -> None:
         loadgen.sequential("127.0.0.1", port, paths_of, 200)  # warm-up
         lone = loadgen.sequential("127.0.0.1", port, paths_of, 300)
         ctx.say(f"lookups: {ctx.plan.lookup_rate:.0f} requests/s for {ctx.plan.lookup_duration_s:.0f} s")
-        loaded = loadgen.open_loop("127.0.0.1", port, paths_of, ctx.plan.lookup_rate, ctx.plan.lookup_duration_s)
-        kpi_peak = loadgen.closed_loop("127.0.0.1", port, paths_of, 5, connections=16)
-        trivial_peak = loadgen.closed_loop("127.0.0.1", port, lambda: "/livez", 5, connections=16)
+        ctx.figures.extend(_load_figures(ctx, port, paths_of, "", f"gold of {seconds:,} seconds"))
 
     port = free_port()
     with (ctx.folder / "tutorial-api.log").open("ab") as output:
@@ -406,30 +420,6 @@ def bench_lookups(ctx: Context) -> None:
         tutorial.terminate()
         tutorial.wait(timeout=30)
 
-    ok = loaded.statuses.get(200, 0)
-    ctx.figures.append(
-        Figure(
-            f"lookup p99 at {ctx.plan.lookup_rate:.0f} requests/s",
-            loaded.percentile(0.99) * 1000,
-            "ms",
-            goal="≤ 5 ms",
-            met=loaded.percentile(0.99) <= 0.005,
-            note=f"gold of {seconds:,} seconds; {ok:,} of {loaded.requests:,} answered 200, "
-            f"{loaded.server_errors} errors; p50 {loaded.median * 1000:.2f} ms",
-        )
-    )
-    ctx.figures.append(
-        Figure(
-            "lookup throughput vs trivial route",
-            kpi_peak.throughput,
-            "requests/s",
-            trivial_peak.throughput,
-            "GET /livez on the same server",
-            "≥ 50 %",
-            kpi_peak.throughput >= 0.5 * trivial_peak.throughput,
-            "16 connections, 5 s",
-        )
-    )
     speedup = replaced.median / lone.median
     ctx.figures.append(
         Figure(
@@ -443,6 +433,283 @@ def bench_lookups(ctx: Context) -> None:
             f"{speedup:,.0f}x faster",
         )
     )
+
+
+# --------------------------------------------------------------------------------------------------- serving
+
+# Each question of the serving goals: its name, its p99 goal in ms, and a grain and whether it names a device.
+_QUESTIONS = (
+    ("a second of the fleet", 5, "second", False),
+    ("an hour of one device", 50, "hour", True),
+    ("a day of the fleet", 50, "day", False),
+    ("a minute of one device", 50, "minute", True),
+)
+_SERIES_BUCKETS = 1000
+_API_MEMORY_BOUND = 1024 * MIB  # the issue's default bound for one worker, whatever the history
+
+
+def _serving_lake(ctx: Context) -> tuple[Path, LakeShape]:
+    """The cached lake of the plan's size under the home folder (outside the work folder, which each run deletes),
+    built first if it is not there."""
+    from bench.serving_lake import LakeShape, build_lake, is_built
+
+    shape = LakeShape.of(ctx.plan.serving_readings, ctx.plan.serving_devices)
+    folder = Path(ctx.settings.home).resolve() / "bench" / f"serving-{shape.devices}x{shape.seconds}"
+    if is_built(folder, shape):
+        ctx.say(f"serving: reusing the lake of {shape.slots:,} device-seconds at {folder}")
+        return folder, shape
+    ctx.say(f"serving: building a lake of {shape.slots:,} device-seconds at {folder} (once; kept for later runs)")
+    started = time.monotonic()
+    build_lake(folder, shape.slots, shape.devices, ctx.spark())
+    ctx.say(f"serving: built in {time.monotonic() - started:,.0f} s")
+    ctx.stop_spark()  # its JVM would take memory and CPU from the API under test
+    return folder, shape
+
+
+def _question_path(shape: LakeShape, grain: str, device: bool, chooser: random.Random) -> str:
+    from bench.serving_lake import START
+    from lake.timestamps import format_utc
+
+    instant = START + timedelta(seconds=chooser.randrange(shape.seconds), microseconds=chooser.randrange(1_000_000))
+    query = f"grain={grain}" + (f"&device_id={shape.device_id(chooser.randrange(shape.devices))}" if device else "")
+    return f"/kpis/{format_utc(instant)}?{query}"
+
+
+def _series_path(shape: LakeShape, chooser: random.Random) -> str:
+    from bench.serving_lake import START
+    from lake.timestamps import format_utc
+
+    minutes = max(1, shape.seconds // 60 - _SERIES_BUCKETS)
+    start = START + timedelta(minutes=chooser.randrange(minutes))
+    end = start + timedelta(minutes=_SERIES_BUCKETS)
+    return f"/kpis?start={format_utc(start)}&end={format_utc(end)}&grain=minute&limit={_SERIES_BUCKETS}"
+
+
+def _check_answers(base: str, shape: LakeShape, paths: list[str]) -> int:
+    """Ask each path and compare its KPIs with the formula's; raises on the first wrong answers. Returns the
+    buckets checked."""
+    from urllib.parse import parse_qs, urlsplit
+
+    import httpx
+
+    from bench.serving_lake import differences, expected_kpis
+    from lake.timestamps import Grain, format_utc, from_us, parse_timestamp_us
+
+    wrong: list[str] = []
+    checked = 0
+    with httpx.Client(base_url=base, timeout=120) as client:
+        for path in paths:
+            answer = client.get(path)
+            split = urlsplit(path)
+            query = {name: values[0] for name, values in parse_qs(split.query).items()}
+            grain = Grain(query.get("grain", "second"))
+            device_id = query.get("device_id")
+            if split.path == "/kpis":
+                if answer.status_code != 200:
+                    wrong.append(f"{path}: {answer.status_code} {answer.text[:300]}")
+                    continue
+                items = {item["timestamp"]: item for item in answer.json()["items"]}
+                first_us = grain.bucket_start_us(parse_timestamp_us(query["start"]))
+                starts = range(first_us, parse_timestamp_us(query["end"]), grain.micros)
+            else:
+                instant_us = parse_timestamp_us(split.path.removeprefix("/kpis/"))
+                starts = range(grain.bucket_start_us(instant_us), grain.bucket_start_us(instant_us) + 1)
+                items = {answer.json()["timestamp"]: answer.json()} if answer.status_code == 200 else {}
+            for start_us in starts:
+                bucket = from_us(start_us)
+                want = expected_kpis(shape, bucket, from_us(start_us + grain.micros), device_id)
+                got = items.pop(format_utc(bucket), None)
+                checked += 1
+                if want is None and got is not None:
+                    wrong.append(f"{path}: an answer for {format_utc(bucket)}, which has no readings")
+                elif want is not None and got is None:
+                    wrong.append(f"{path}: no answer for {format_utc(bucket)} ({answer.status_code})")
+                elif want is not None and got is not None:
+                    wrong.extend(f"{path} at {format_utc(bucket)}: {d}" for d in differences(got, want))
+            wrong.extend(f"{path}: an answer for {extra}, outside the range" for extra in items)
+            if wrong:
+                raise RuntimeError("the API answered wrongly:\n" + "\n".join(wrong[:20]))
+    return checked
+
+
+def _store_settings(settings: Settings, store: Path) -> tuple[Settings, dict[str, str], str]:
+    """The API's settings with its serving store in `store`, and a note saying how it was set."""
+    if "api_store_dir" in Settings.model_fields:
+        return settings.model_copy(update={"api_store_dir": str(store)}), {}, ""
+    note = "this version has no api_store_dir setting, so every start builds its store from the lake"
+    return settings, {"LAKEHOUSE_API_STORE_DIR": str(store)}, note
+
+
+def bench_serving(ctx: Context) -> None:
+    from bench import loadgen
+    from bench.processes import start_api, wait_until_served
+
+    lake, shape = _serving_lake(ctx)
+    plan = ctx.plan
+    work = ctx.folder / "serving"
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "api-store"
+    settings, env_extra, store_note = _store_settings(
+        ctx.settings.model_copy(
+            update={"lake_root": str(lake), "checkpoint_root": None, "api_kafka_timeout_seconds": 0.5}
+        ),
+        store,
+    )
+    chooser = random.Random(7)
+
+    def checks() -> list[str]:
+        paths: list[str] = []
+        for _, _, grain, device in _QUESTIONS:
+            # A day of the fleet is the whole fleet's day of readings to recompute in Python: two suffice.
+            count = min(2, plan.serving_checks) if grain == "day" else plan.serving_checks
+            paths.extend(_question_path(shape, grain, device, chooser) for _ in range(count))
+        return [*paths, _series_path(shape, chooser)]
+
+    def start(name: str) -> tuple[subprocess.Popen[bytes], str, float, PeakSampler]:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        started = time.monotonic()
+        api = start_api(settings, port, work / f"api-{name}.log", env_extra)
+        # RSS alone (statm), twice a second: reading PSS walks the API's mappings under its memory-map lock.
+        sampler = PeakSampler(api.pid, interval_s=0.5, rss_only=True).__enter__()
+        if not wait_until_served(base, 600, alive=lambda: api.poll() is None):
+            sampler.__exit__()
+            stop_group(api)
+            raise RuntimeError(f"the API did not serve the lake; see {work / f'api-{name}.log'}")
+        return api, base, time.monotonic() - started, sampler
+
+    peaks: list[int] = []
+    # 1. A store that has never seen the lake: ready, then correct at once.
+    shutil.rmtree(store, ignore_errors=True)
+    ctx.say(f"serving: starting the API on a lake of {shape.slots:,} device-seconds it has never seen")
+    started_at = time.monotonic()
+    api, base, ready_unseen, sampler = start("unseen")
+    try:
+        checked = _check_answers(base, shape, checks())
+        _settle(base)
+        caught_up = time.monotonic() - started_at
+    finally:
+        sampler.__exit__()
+        stop_group(api)
+    peaks.append(sampler.tree_rss)
+
+    # 2. The same store again: ready, questions one at a time, exactness, and point lookups under load.
+    ctx.say("serving: starting the API again on the lake it has seen")
+    api, base, ready_seen, sampler = start("seen")
+    latencies: list[tuple[str, int, loadgen.LoadResult]] = []
+    port = int(base.rsplit(":", 1)[1])
+    try:
+        for name, goal_ms, grain, device in _QUESTIONS:
+            ctx.say(f"serving: {name}, {plan.serving_requests} requests")
+            paths_of = functools.partial(_question_path, shape, grain, device, random.Random(name))
+            loadgen.sequential("127.0.0.1", port, paths_of, 20)  # warm-up
+            latencies.append((name, goal_ms, loadgen.sequential("127.0.0.1", port, paths_of, plan.serving_requests)))
+        ctx.say(f"serving: a {_SERIES_BUCKETS:,}-bucket series at minute grain, {plan.serving_requests} requests")
+        series_of = functools.partial(_series_path, shape, random.Random("series"))
+        loadgen.sequential("127.0.0.1", port, series_of, 5)
+        series = loadgen.sequential("127.0.0.1", port, series_of, plan.serving_requests)
+        latencies.append((f"a {_SERIES_BUCKETS:,}-bucket series at minute grain", 100, series))
+        checked += _check_answers(base, shape, checks())
+        ctx.say(f"serving: point lookups at {plan.lookup_rate:.0f} requests/s for {plan.lookup_duration_s:.0f} s")
+        seconds_of = functools.partial(_question_path, shape, "second", False, random.Random("load"))
+        load = _load_figures(ctx, port, seconds_of, "serving: ", f"the serving lake of {shape.slots:,} device-seconds")
+    finally:
+        sampler.__exit__()
+        stop_group(api)
+    peaks.append(sampler.tree_rss)
+
+    lake_note = f"{shape.devices:,} devices at 1 Hz for {shape.seconds:,} s ({shape.slots:,} device-seconds)"
+    peak = max(peaks)
+    ctx.figures.append(
+        Figure(
+            "serving: API peak RSS",
+            peak / MIB,
+            "MiB",
+            goal=f"≤ {_API_MEMORY_BOUND / MIB:,.0f} MiB",
+            met=peak <= _API_MEMORY_BOUND,
+            note=f"{lake_note}; first start {peaks[0] / MIB:,.0f} MiB, second {peaks[1] / MIB:,.0f} MiB; RSS read "
+            "twice a second",
+        )
+    )
+    for title, took, note in (
+        (
+            "serving: ready on a lake never seen",
+            ready_unseen,
+            store_note or f"its store folder deleted first; answering from its store after {caught_up:,.1f} s",
+        ),
+        ("serving: ready on a lake seen before", ready_seen, "the store the first start left"),
+    ):
+        ctx.figures.append(Figure(title, took, "s", goal="≤ 5 s", met=took <= 5, note=f"from start to /health; {note}"))
+    for name, goal_ms, result in latencies:
+        p99 = result.percentile(0.99) * 1000
+        ctx.figures.append(
+            Figure(
+                f"serving p99: {name}",
+                p99,
+                "ms",
+                goal=f"≤ {goal_ms} ms",
+                met=p99 <= goal_ms and not result.server_errors,
+                note=f"p50 {result.median * 1000:.2f} ms over {result.requests} requests, one client; "
+                f"statuses {result.statuses}",
+            )
+        )
+    ctx.figures.extend(load)
+    ctx.figures.append(
+        Figure(
+            "serving: answers equal to the formula",
+            checked,
+            "buckets",
+            goal="all",
+            met=True,
+            note="each checked bucket recomputed in plain Python (bench/serving_lake.py); a wrong one stops the bench",
+        )
+    )
+
+
+def _settle(base: str, timeout_s: float = 1800) -> None:
+    """Wait until the API answers from its own store rather than from the lake while it builds the store (when its
+    /health says where it answers from at all)."""
+    import httpx
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        snapshot = httpx.get(f"{base}/health", timeout=10).json().get("snapshot") or {}
+        if snapshot.get("served_from", "store") != "lake":
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the API still answered from the lake after {timeout_s:.0f} s, its store not built")
+
+
+def _load_figures(ctx: Context, port: int, paths_of: Callable[[], str], prefix: str, lake: str) -> list[Figure]:
+    """Point lookups under load: open loop at the plan's rate (p99 from each request's scheduled start), then the
+    peak throughput of lookups beside that of GET /livez on the same server."""
+    from bench import loadgen
+
+    loaded = loadgen.open_loop("127.0.0.1", port, paths_of, ctx.plan.lookup_rate, ctx.plan.lookup_duration_s)
+    kpi_peak = loadgen.closed_loop("127.0.0.1", port, paths_of, 5, connections=16)
+    trivial_peak = loadgen.closed_loop("127.0.0.1", port, lambda: "/livez", 5, connections=16)
+    ok = loaded.statuses.get(200, 0)
+    return [
+        Figure(
+            f"{prefix}lookup p99 at {ctx.plan.lookup_rate:.0f} requests/s",
+            loaded.percentile(0.99) * 1000,
+            "ms",
+            goal="≤ 5 ms",
+            met=loaded.percentile(0.99) <= 0.005,
+            note=f"{lake}; {ok:,} of {loaded.requests:,} answered 200, "
+            f"{loaded.server_errors} errors; p50 {loaded.median * 1000:.2f} ms",
+        ),
+        Figure(
+            f"{prefix}lookup throughput vs trivial route",
+            kpi_peak.throughput,
+            "requests/s",
+            trivial_peak.throughput,
+            "GET /livez on the same server",
+            "≥ 50 %",
+            kpi_peak.throughput >= 0.5 * trivial_peak.throughput,
+            "16 connections, 5 s",
+        ),
+    ]
 
 
 def _wait_for_port(port: int, timeout_s: float = 60) -> None:
@@ -464,7 +731,10 @@ PARTS: dict[str, Callable[[Context], None]] = {
     "ingest": bench_ingest,
     "freshness": bench_freshness,
     "lookups": bench_lookups,
+    "serving": bench_serving,
 }
+# Parts that need no Kafka broker: the run starts one only when another part is chosen.
+WITHOUT_KAFKA = {"serving"}
 
 
 def run(settings: Settings, plan: Plan, parts: list[str], folder: Path, say: Callable[[str], None]) -> list[Figure]:
@@ -475,19 +745,20 @@ def run(settings: Settings, plan: Plan, parts: list[str], folder: Path, say: Cal
     logging.getLogger("httpx").setLevel(logging.WARNING)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    broker = LocalBroker.from_settings(settings)
-    broker.stop()
-    shutil.rmtree(broker.folder, ignore_errors=True)
-    say(f"starting a Kafka broker on {settings.kafka_bootstrap}")
-    broker.start()
+    broker = LocalBroker.from_settings(settings) if set(parts) - WITHOUT_KAFKA else None
+    if broker is not None:
+        broker.stop()
+        shutil.rmtree(broker.folder, ignore_errors=True)
+        say(f"starting a Kafka broker on {settings.kafka_bootstrap}")
+        broker.start()
     ctx = Context(settings, folder, plan, say)
     try:
         for name in parts:
             PARTS[name](ctx)
     finally:
-        if ctx._spark is not None:
-            ctx._spark.stop()  # type: ignore[attr-defined]
-        broker.stop()
+        ctx.stop_spark()
+        if broker is not None:
+            broker.stop()
     return ctx.figures
 
 

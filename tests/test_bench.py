@@ -53,4 +53,8 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     assert "300 of 300 answered 200, 0 errors" in lookups["note"]
     assert figures["lookup throughput vs trivial route"]["reference"] > 0
     assert figures["lookup p50, one client"]["reference"] > 0
+    serving = figures["serving: answers equal to the formula"]
+    assert serving["ours"] > 0 and serving["met"] is True
+    assert figures["serving: API peak RSS"]["ours"] > 0
+    assert "statuses {200: 50}" in figures["serving p99: a second of the fleet"]["note"]
     assert "| figure | ours | reference | ratio | goal | met |" in markdown_file.read_text()
