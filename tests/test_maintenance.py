@@ -22,6 +22,7 @@ ROW_KEYS = {
     Table.SILVER: "device_id, `timestamp`, value, `offset`",
     Table.GOLD: "`timestamp`, reading_count, device_count, sum_value",
     Table.QUARANTINE: "`offset`, reason_code, raw",
+    Table.ROLLUPS: "grain, device_id, `timestamp`, reading_count, device_count, sum_value",
 }
 
 
@@ -49,7 +50,7 @@ def read_from_checkpoint_only(paths: LakePaths, versions: dict[Table, int]) -> N
 @pytest.mark.spark
 def test_maintain_keeps_rows_and_exactly_once(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from lake.duck import connect
-    from pipeline.stream.job import IngestJob
+    from pipeline.stream.job import IngestJob, RollupsJob
     from pipeline.stream.tables import create_tables
 
     settings = Settings(lake_root=str(tmp_path / "lake"))
@@ -57,8 +58,20 @@ def test_maintain_keeps_rows_and_exactly_once(spark, tmp_path: Path) -> None:  #
     create_tables(spark, paths)
     batches = [records(spark, batch(7 * n), 10 * n) for n in range(BATCHES)]
     job = IngestJob(spark, settings, paths, app_id="test-app")
+    rollups_job = RollupsJob(spark, paths, app_id="test-rollups")
+
+    def write(batch_id: int, ingest: IngestJob, rollups: RollupsJob) -> None:
+        """A micro-batch of the ingest query, then one of the rollups query (over all of silver's rows)."""
+        ingest.process_batch(batches[batch_id], batch_id)
+        rollups.process_batch(spark.read.format("delta").load(paths.table(Table.SILVER)), batch_id)
+
+    def rollup_rows() -> list[tuple[object, ...]]:
+        return sorted(
+            (tuple(r) for r in spark.read.format("delta").load(paths.table(Table.ROLLUPS)).collect()), key=repr
+        )
+
     for batch_id in range(2):  # each write carries txnAppId test-app and txnVersion batch_id
-        job.process_batch(batches[batch_id], batch_id)
+        write(batch_id, job, rollups_job)
     # Maintenance over and over while the rest of the batches are written (appends and MERGEs, as the stream does).
     writing = threading.Event()
     writing.set()
@@ -76,28 +89,32 @@ def test_maintain_keeps_rows_and_exactly_once(spark, tmp_path: Path) -> None:  #
     upkeep.start()
     try:
         for batch_id in range(2, BATCHES):
-            job.process_batch(batches[batch_id], batch_id)
+            write(batch_id, job, rollups_job)
     finally:
         writing.clear()
         upkeep.join()
     assert not failures, failures
     assert len(runs) > 1 and any(r.files_compacted for run in runs for r in run), "no compaction while writing"
-    before = snapshot(spark, paths)
+    before, rollups_before = snapshot(spark, paths), rollup_rows()
     readings = BATCHES * 6
     assert (len(before["bronze"]), len(before["silver"]), len(before["quarantine"])) == (7 * BATCHES, readings, BATCHES)
     assert sum(row[1] for row in before["gold"]) == readings
 
     final = maintain(paths)
     reports = {Table(r.table): r for r in final}
-    assert all(r.live_files_after == 1 for r in final), final
+    # One file per table, and per partition of the rollups (grains minute, hour and day).
+    assert all(r.live_files_after == (3 if r.table == Table.ROLLUPS.value else 1) for r in final), final
     compacted = {r.table for run in [*runs, final] for r in run if r.files_compacted}
-    assert compacted == {t.value for t in Table}  # bronze is append-only: compaction is allowed all the same
+    # Bronze is append-only: compaction is allowed all the same. The rollups' MERGEs rewrite the files of the
+    # buckets they recompute, which here are all of them, so each partition holds one file already.
+    assert compacted == {t.value for t in Table if t is not Table.ROLLUPS}
     assert all(r.files_compacted == 0 for r in maintain(paths)), "a second run found more to compact"
 
     read_from_checkpoint_only(paths, {table: r.version for table, r in reports.items()})
     jvm = spark.sparkContext._jvm
     jvm.org.apache.spark.sql.delta.DeltaLog.clearCache()  # Spark would otherwise go on from the log it holds
     assert snapshot(spark, paths) == before
+    assert rollup_rows() == rollups_before
 
     lake = connect(paths)
     for table, columns in ROW_KEYS.items():
@@ -111,9 +128,11 @@ def test_maintain_keeps_rows_and_exactly_once(spark, tmp_path: Path) -> None:  #
 
     # A restarted stream re-runs committed batches: their txn actions, now in delta-rs's checkpoint, skip them.
     restarted = IngestJob(spark, settings, paths, app_id="test-app")
-    for batch_id, frame in enumerate(batches):
-        restarted.process_batch(frame, batch_id)
+    restarted_rollups = RollupsJob(spark, paths, app_id="test-rollups")
+    for batch_id in range(BATCHES):
+        write(batch_id, restarted, restarted_rollups)
     assert snapshot(spark, paths) == before
+    assert rollup_rows() == rollups_before
 
 
 def _utc(row: tuple[object, ...]) -> tuple[object, ...]:
