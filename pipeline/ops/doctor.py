@@ -92,10 +92,16 @@ def _kafka(settings: Settings) -> list[Finding]:
     from pipeline.kafka.produce import producer_config
     from pipeline.stream.source import kafka_options
 
-    admin = AdminClient(kafka.admin_config(settings) | {"log_level": 0})  # with LAKEHOUSE_KAFKA_PROPERTIES' security
+    logged: list[str] = []  # errors the client only logs (a refused login) explain the time-out that follows
+    admin = AdminClient(  # with LAKEHOUSE_KAFKA_PROPERTIES' security
+        kafka.admin_config(settings) | {"log_level": 0, "error_cb": lambda error: logged.append(str(error))}
+    )
     try:
         metadata = admin.list_topics(timeout=8)
     except Exception as exc:  # noqa: BLE001
+        refused = kafka.security_problem(" ".join([str(exc), *logged]), settings, "read")
+        if refused is not None:
+            return [Finding("Kafka", FAIL, refused, "fix LAKEHOUSE_KAFKA_PROPERTIES or the broker's users and ACLs")]
         return [
             Finding(
                 "Kafka",
