@@ -124,7 +124,8 @@ def security_problem(error: object, settings: Settings, action: str) -> str | No
     if any(sign in text for sign in _REFUSED_GROUP):
         return f"the principal of {source} is not allowed to {action} topic {settings.topic!r} in its consumer groups: {acls}"
     if "ClusterAuthorizationException" in text or "CLUSTER_AUTHORIZATION_FAILED" in text:
-        return f"the principal of {source} is not allowed to do this on the Kafka cluster: {acls}"
+        # An idempotent producer is refused its producer id unless it may write to some topic.
+        return f"the principal of {source} is not allowed to {action} topic {settings.topic!r} (the cluster refused it): {acls}"
     return None
 
 
@@ -170,6 +171,7 @@ def watermarks(
     try:
         return _watermarks(consumer, settings, timeout_s)
     except KafkaException as exc:
+        consumer.poll(0)  # serves the error callbacks
         problem = security_problem(" ".join([str(exc), *logged]), settings, "read")
         if problem is not None:
             raise KafkaException(problem) from exc

@@ -82,7 +82,11 @@ class BrokerSecurity:
     def format_arguments(self) -> list[str]:
         """StorageTool's --add-scram for the admin and every user: KRaft keeps SCRAM credentials in its metadata."""
         users = [(self.admin_user, self.admin_password), *self.users]
-        return [arg for name, password in users for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]")]
+        return [
+            arg
+            for name, password in users
+            for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]")
+        ]
 
     def admin_client_config(self) -> dict[str, str]:
         """librdkafka settings of the admin user, for the broker's own readiness check and for granting ACLs."""

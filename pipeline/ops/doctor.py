@@ -99,6 +99,7 @@ def _kafka(settings: Settings) -> list[Finding]:
     try:
         metadata = admin.list_topics(timeout=8)
     except Exception as exc:  # noqa: BLE001
+        admin.poll(0)  # serves the error callbacks
         refused = kafka.security_problem(" ".join([str(exc), *logged]), settings, "read")
         if refused is not None:
             return [Finding("Kafka", FAIL, refused, "fix LAKEHOUSE_KAFKA_PROPERTIES or the broker's users and ACLs")]
