@@ -101,13 +101,9 @@ def grant_acls(bootstrap: str, admin: dict[str, str], topic: str) -> None:
     literal, prefixed = ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED
     bindings = [
         *(
-            allow(PIPELINE[0], ResourceType.TOPIC, topic, op, literal)
-            for op in (
-                AclOperation.READ,
-                AclOperation.DESCRIBE,
-                AclOperation.DESCRIBE_CONFIGS,
-            )
-        ),  # fmt: skip
+            allow(PIPELINE[0], ResourceType.TOPIC, topic, operation, literal)
+            for operation in (AclOperation.READ, AclOperation.DESCRIBE, AclOperation.DESCRIBE_CONFIGS)
+        ),
         *(
             allow(PIPELINE[0], ResourceType.GROUP, prefix, AclOperation.READ, prefixed)
             for prefix in PIPELINE_GROUP_PREFIXES

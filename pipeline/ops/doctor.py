@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lake import checkpoint, kafka
 from lake.settings import Settings, local_path
@@ -93,9 +93,8 @@ def _kafka(settings: Settings) -> list[Finding]:
     from pipeline.stream.source import kafka_options
 
     logged: list[str] = []  # errors the client only logs (a refused login) explain the time-out that follows
-    admin = AdminClient(  # with LAKEHOUSE_KAFKA_PROPERTIES' security
-        kafka.admin_config(settings) | {"log_level": 0, "error_cb": lambda error: logged.append(str(error))}
-    )
+    config: dict[str, Any] = kafka.admin_config(settings) | {"log_level": 0}  # with the client properties' security
+    admin = AdminClient(config | {"error_cb": lambda error: logged.append(str(error))})
     try:
         metadata = admin.list_topics(timeout=8)
     except Exception as exc:  # noqa: BLE001
