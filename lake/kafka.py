@@ -8,10 +8,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from lake.errors import KafkaConfigError
 from lake.settings import Settings
+
+if TYPE_CHECKING:
+    from confluent_kafka import Consumer
 
 # The file speaks the Java client's names (as Kafka's own tools and Spark do). These few are spelled differently in
 # librdkafka, or mean nothing there, and are translated below; every other key means the same in both clients.
@@ -89,6 +92,43 @@ def librdkafka_properties(settings: Settings) -> dict[str, str]:
     return translated | own
 
 
+_REFUSED_LOGIN = ("SaslAuthenticationException", "SASL authentication error", "Authentication failed")
+_REFUSED_TLS = ("SslAuthenticationException", "SSL handshake failed", "certificate verify failed")
+_REFUSED_TOPIC = ("TopicAuthorizationException", "TOPIC_AUTHORIZATION_FAILED", "Not authorized to access topics")
+_REFUSED_GROUP = ("GroupAuthorizationException", "GROUP_AUTHORIZATION_FAILED", "Not authorized to access group")
+
+
+def security_problem(error: object, settings: Settings, action: str) -> str | None:
+    """What a Kafka client's error (either client's, as text) means when Kafka refused the principal of the client
+    properties: one sentence naming the cause and what to change; None for any other error. `action` is what the
+    client was doing to the topic ("read", "write to")."""
+    text = str(error)
+    source = (
+        f"LAKEHOUSE_KAFKA_PROPERTIES={settings.kafka_properties}"
+        if settings.kafka_properties
+        else "the client (no LAKEHOUSE_KAFKA_PROPERTIES)"
+    )
+    acls = "grant it the ACLs in DEPLOY.md, 'Kafka security'"
+    if any(sign in text for sign in _REFUSED_LOGIN):
+        return (
+            f"Kafka at {settings.kafka_bootstrap} refused the credentials of {source}: check the username and password "
+            "in sasl.jaas.config, and sasl.mechanism"
+        )
+    if any(sign in text for sign in _REFUSED_TLS):
+        return (
+            f"the TLS handshake with Kafka at {settings.kafka_bootstrap} failed with {source}: check that "
+            "ssl.truststore.location holds the CA that signed the brokers' certificates, and the brokers' host names"
+        )
+    if any(sign in text for sign in _REFUSED_TOPIC):
+        return f"the principal of {source} is not allowed to {action} topic {settings.topic!r}: {acls}"
+    if any(sign in text for sign in _REFUSED_GROUP):
+        return f"the principal of {source} is not allowed to {action} topic {settings.topic!r} in its consumer groups: {acls}"
+    if "ClusterAuthorizationException" in text or "CLUSTER_AUTHORIZATION_FAILED" in text:
+        # An idempotent producer is refused its producer id unless it may write to some topic.
+        return f"the principal of {source} is not allowed to {action} topic {settings.topic!r} (the cluster refused it): {acls}"
+    return None
+
+
 # A confluent-kafka client's configuration: librdkafka property names and their scalar values.
 ClientConfig: TypeAlias = dict[str, str | int | float | bool]
 
@@ -113,8 +153,10 @@ def watermarks(
 
     Raises confluent_kafka.KafkaException when the broker does not answer within the timeout or the topic is missing.
     """
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka import Consumer, KafkaException
 
+    # Errors the client only logs (a refused login) explain the time-out that follows.
+    logged: list[str] = []
     # No offsets are committed: watermarks only need a consumer, not a group's state.
     consumer = Consumer(
         admin_config(settings)
@@ -123,21 +165,34 @@ def watermarks(
             "enable.auto.commit": False,
             "socket.timeout.ms": max(100, int(timeout_s * 1000)),
             "log_level": 0,
+            "error_cb": lambda error: logged.append(str(error)),
         }  # a broker that does not answer is reported by the caller, not logged on every poll
     )
     try:
-        metadata = consumer.list_topics(settings.topic, timeout=timeout_s)
-        described = metadata.topics.get(settings.topic)
-        if described is None or described.error is not None:
-            why = described.error if described is not None else "no metadata"
-            raise KafkaException(f"topic {settings.topic!r} not found on {settings.kafka_bootstrap}: {why}")
-        found = {}
-        for partition in sorted(described.partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(settings.topic, partition), timeout=timeout_s)
-            found[(settings.topic, partition)] = Watermarks(low, high)
-        return found
+        return _watermarks(consumer, settings, timeout_s)
+    except KafkaException as exc:
+        consumer.poll(0)  # serves the error callbacks
+        problem = security_problem(" ".join([str(exc), *logged]), settings, "read")
+        if problem is not None:
+            raise KafkaException(problem) from exc
+        raise
     finally:
         consumer.close()
+
+
+def _watermarks(consumer: Consumer, settings: Settings, timeout_s: float) -> dict[tuple[str, int], Watermarks]:
+    from confluent_kafka import KafkaException, TopicPartition
+
+    metadata = consumer.list_topics(settings.topic, timeout=timeout_s)
+    described = metadata.topics.get(settings.topic)
+    if described is None or described.error is not None:
+        why = described.error if described is not None else "no metadata"
+        raise KafkaException(f"topic {settings.topic!r} not found on {settings.kafka_bootstrap}: {why}")
+    found = {}
+    for partition in sorted(described.partitions):
+        low, high = consumer.get_watermark_offsets(TopicPartition(settings.topic, partition), timeout=timeout_s)
+        found[(settings.topic, partition)] = Watermarks(low, high)
+    return found
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,70 @@ def _alive(pid: int) -> bool:
 
 
 @dataclass(frozen=True)
+class BrokerSecurity:
+    """A client listener with SASL_SSL (SCRAM-SHA-512 over TLS) and ACLs enforced by KRaft's StandardAuthorizer.
+
+    The admin user is the broker's own (inter-broker and controller traffic) and a super user; `users` are other
+    SCRAM principals, added when the storage is formatted, with no rights until ACLs grant them some.
+    """
+
+    keystore: Path  # PKCS12 holding the broker's key and its certificate (for the host clients connect to)
+    keystore_password: str
+    ca_file: Path  # PEM of the CA that signed the certificate: the broker's own truststore, and its clients'
+    admin_user: str
+    admin_password: str
+    users: tuple[tuple[str, str], ...] = ()  # (name, password)
+
+    def properties(self, listener: str) -> dict[str, str]:
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule"
+        plain = "org.apache.kafka.common.security.plain.PlainLoginModule"
+        name = listener.lower()
+        return {
+            "inter.broker.listener.name": listener,
+            "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+            f"listener.name.{name}.sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            f"listener.name.{name}.scram-sha-512.sasl.jaas.config": (
+                f'{scram} required username="{self.admin_user}" password="{self.admin_password}";'
+            ),
+            # SCRAM credentials live in the metadata log, which a controller cannot read before it is up: the
+            # controller listener authenticates the admin with PLAIN, from this configuration alone.
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": (
+                f'{plain} required username="{self.admin_user}" password="{self.admin_password}" '
+                f'user_{self.admin_user}="{self.admin_password}";'
+            ),
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(self.keystore),
+            "ssl.keystore.password": self.keystore_password,
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.ca_file),
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{self.admin_user}",
+            "allow.everyone.if.no.acl.found": "false",
+        }
+
+    def format_arguments(self) -> list[str]:
+        """StorageTool's --add-scram for the admin and every user: KRaft keeps SCRAM credentials in its metadata."""
+        users = [(self.admin_user, self.admin_password), *self.users]
+        return [
+            arg
+            for name, password in users
+            for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]")
+        ]
+
+    def admin_client_config(self) -> dict[str, str]:
+        """librdkafka settings of the admin user, for the broker's own readiness check and for granting ACLs."""
+        return {
+            "security.protocol": "SASL_SSL",
+            "sasl.mechanism": "SCRAM-SHA-512",
+            "sasl.username": self.admin_user,
+            "sasl.password": self.admin_password,
+            "ssl.ca.location": str(self.ca_file),
+        }
+
+
+@dataclass(frozen=True)
 class LocalBroker:
     """A broker whose files live under <home>/kafka: data, logs, server.properties and a pid file.
 
@@ -49,6 +113,7 @@ class LocalBroker:
     heap: str = "1g"
     node_id: int = 1
     cluster: LocalCluster | None = None
+    security: BrokerSecurity | None = None  # None: a PLAINTEXT listener that everyone may use
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalBroker:
@@ -83,15 +148,18 @@ class LocalBroker:
             if self.cluster
             else {"controller.quorum.bootstrap.servers": f"{self.host}:{self.controller_port}"}
         )
+        client = "PLAINTEXT" if self.security is None else "SASL_SSL"
+        controller = "PLAINTEXT" if self.security is None else "SASL_PLAINTEXT"
+        addresses = f"{client}://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}"
         lines = {
             "process.roles": "broker,controller",
             "node.id": str(self.node_id),
             **quorum,
-            "listeners": f"PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
+            "listeners": addresses,
+            "advertised.listeners": addresses,
             "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "inter.broker.listener.name": client,
+            "listener.security.protocol.map": f"CONTROLLER:{controller},{client}:{client}",
             "log.dirs": str(data),
             "num.partitions": "4",
             "offsets.topic.replication.factor": str(replicas),
@@ -108,6 +176,7 @@ class LocalBroker:
             "replica.fetch.max.bytes": str(self.max_bytes),
             "socket.request.max.bytes": str(max(104857600, 2 * self.max_bytes)),
             "auto.create.topics.enable": "false",
+            **(self.security.properties(client) if self.security else {}),
         }
         return "".join(f"{key}={value}\n" for key, value in lines.items())
 
@@ -156,7 +225,10 @@ class LocalBroker:
         if not (self.folder / "data" / "meta.properties").exists():
             # A single node formats itself as a one-voter quorum; a cluster's nodes share an id and a static voter set.
             standalone = [] if self.cluster else ["--standalone"]
-            format_command = self._java("kafka.tools.StorageTool", "format", *standalone, "-t", self._cluster_id())
+            users = self.security.format_arguments() if self.security else []
+            format_command = self._java(
+                "kafka.tools.StorageTool", "format", *standalone, *users, "-t", self._cluster_id()
+            )
             formatted = subprocess.run(
                 [*format_command, "-c", str(config)], check=False, capture_output=True, text=True
             )
@@ -194,10 +266,11 @@ class LocalBroker:
         from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
 
+        security = self.security.admin_client_config() if self.security else {}
         try:
-            metadata = AdminClient({"bootstrap.servers": f"{self.host}:{self.port}", "log_level": 3}).list_topics(
-                timeout=2
-            )
+            metadata = AdminClient(
+                {**security, "bootstrap.servers": f"{self.host}:{self.port}", "log_level": 3}
+            ).list_topics(timeout=2)
         except KafkaException:
             return False
         return bool(metadata.brokers)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from lake.kafka import ClientConfig, librdkafka_properties
+from lake.kafka import ClientConfig, librdkafka_properties, security_problem
 from lake.settings import Settings
 from pipeline.errors import MessageTooLarge, PipelineError
 
@@ -95,12 +95,21 @@ def produce(
 
     from confluent_kafka import KafkaException, Producer
 
-    producer = Producer(producer_config(settings))
     report = ProduceReport()
+    # Kafka refused the principal (a wrong password, a missing ACL): retrying cannot help, so sending stops.
+    refused: list[str] = []
+
+    def on_error(error: object) -> None:
+        problem = security_problem(error, settings, "write to")
+        if problem is not None and not refused:
+            refused.append(problem)
+
+    producer = Producer(producer_config(settings) | {"error_cb": on_error})
 
     def delivered(error: object, _message: object) -> None:
         if error is None:
             return
+        on_error(error)
         hint = ""
         if "UNKNOWN_TOPIC" in str(error):
             hint = f" (topic {settings.topic!r} does not exist: `lakehouse kafka start` creates it on the local broker)"
@@ -109,33 +118,49 @@ def produce(
 
     limit = settings.max_message_bytes
     started = time.monotonic()
-    for line_number, raw in enumerate(messages, start=1):
-        payload = raw.rstrip(b"\r\n")
-        if not payload.strip():
-            report.blank_lines += 1
-            continue
-        if len(payload) > limit:
-            report.too_large.append((line_number, len(payload)))
-            continue
-        while True:
-            try:
-                producer.produce(settings.topic, payload, key=message_key(payload), on_delivery=delivered)
+    try:
+        for line_number, raw in enumerate(messages, start=1):
+            if refused:
                 break
-            except BufferError:
-                producer.poll(0.1)  # the local queue is full: wait for deliveries
-            except KafkaException as exc:
-                report.failed.append(f"line {line_number}: {exc}")
-                break
-        report.sent += 1
-        report.bytes += len(payload)
-        producer.poll(0)
-        if on_progress:
-            on_progress(len(raw))
-        if rate > 0:
-            ahead = report.sent / rate - (time.monotonic() - started)
-            if ahead > 0:
-                time.sleep(ahead)
-    remaining = producer.flush(120)
+            payload = raw.rstrip(b"\r\n")
+            if not payload.strip():
+                report.blank_lines += 1
+                continue
+            if len(payload) > limit:
+                report.too_large.append((line_number, len(payload)))
+                continue
+            while True:
+                try:
+                    producer.produce(settings.topic, payload, key=message_key(payload), on_delivery=delivered)
+                    break
+                except BufferError:
+                    producer.poll(0.1)  # the local queue is full: wait for deliveries
+                except KafkaException as exc:
+                    report.failed.append(f"line {line_number}: {exc}")
+                    break
+            report.sent += 1
+            report.bytes += len(payload)
+            producer.poll(0)
+            if on_progress:
+                on_progress(len(raw))
+            if rate > 0:
+                ahead = report.sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+        deadline = time.monotonic() + 120
+        remaining = len(producer)
+        while remaining and not refused and time.monotonic() < deadline:
+            remaining = producer.flush(0.5)
+    except (KafkaException, SystemError) as exc:
+        # Kafka refused the principal for good (a fatal error, such as no right to write): the next poll or flush
+        # raises it, as a SystemError when a delivery callback ran after it.
+        fatal = exc.__cause__ if isinstance(exc, SystemError) else exc
+        if not isinstance(fatal, KafkaException):
+            raise
+        refused.insert(0, security_problem(fatal, settings, "write to") or f"Kafka stopped the producer: {fatal}")
+    if refused:
+        producer.purge()
+        raise PipelineError(refused[0]) from None
     if remaining:
         report.failed.append(f"{remaining} messages were not delivered within 120 s; is the broker up?")
     return report

@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lake import checkpoint, kafka
 from lake.settings import Settings, local_path
@@ -92,10 +92,16 @@ def _kafka(settings: Settings) -> list[Finding]:
     from pipeline.kafka.produce import producer_config
     from pipeline.stream.source import kafka_options
 
-    admin = AdminClient(kafka.admin_config(settings) | {"log_level": 0})  # with LAKEHOUSE_KAFKA_PROPERTIES' security
+    logged: list[str] = []  # errors the client only logs (a refused login) explain the time-out that follows
+    config: dict[str, Any] = kafka.admin_config(settings) | {"log_level": 0}  # with the client properties' security
+    admin = AdminClient(config | {"error_cb": lambda error: logged.append(str(error))})
     try:
         metadata = admin.list_topics(timeout=8)
     except Exception as exc:  # noqa: BLE001
+        admin.poll(0)  # serves the error callbacks
+        refused = kafka.security_problem(" ".join([str(exc), *logged]), settings, "read")
+        if refused is not None:
+            return [Finding("Kafka", FAIL, refused, "fix LAKEHOUSE_KAFKA_PROPERTIES or the broker's users and ACLs")]
         return [
             Finding(
                 "Kafka",

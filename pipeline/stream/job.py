@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lake import checkpoint
+from lake.kafka import security_problem
 from lake.rows import first_row
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
@@ -216,7 +217,7 @@ def start_rollups(spark: SparkSession, settings: Settings, paths: LakePaths, ava
     return writer.trigger(**trigger).start()  # type: ignore[arg-type]
 
 
-def _await(query: StreamingQuery) -> None:
+def _await(query: StreamingQuery, settings: Settings) -> None:
     """Wait for the query to end; Spark's failure becomes a StreamStopped that says what to do."""
     from pyspark.errors import StreamingQueryException
 
@@ -225,6 +226,9 @@ def _await(query: StreamingQuery) -> None:
     except StreamingQueryException as exc:
         # Spark's message carries the whole plan; the first lines say what failed.
         summary = "\n".join(str(exc).splitlines()[:12])
+        refused = security_problem(exc, settings, "read")
+        if refused is not None:  # retrying cannot help: say why and stop
+            raise StreamStopped(f"the {query.name} query stopped: {refused}") from exc
         if "data may have been lost" in str(exc).lower() or "data loss" in str(exc).lower():
             raise StreamStopped(
                 f"Kafka no longer holds offsets the pipeline had not read (retention deleted them):\n{summary}\n"
@@ -258,8 +262,8 @@ def run(
         .foreachBatch(job.process_batch)
     )
     if available_now:
-        _await(writer.trigger(availableNow=True).start())
-        _await(start_rollups(spark, settings, paths, available_now=True))
+        _await(writer.trigger(availableNow=True).start(), settings)
+        _await(start_rollups(spark, settings, paths, available_now=True), settings)
         return job.reports
     queries = [writer.trigger(processingTime=settings.trigger_interval).start()]
     try:
@@ -272,7 +276,7 @@ def run(
             pass  # raised again, explained, by _await below
         for query in queries:
             if not query.isActive:
-                _await(query)
+                _await(query, settings)
     except KeyboardInterrupt:
         pass
     finally:
