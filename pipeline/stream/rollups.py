@@ -26,9 +26,7 @@ from lake.tables import KPI_FIELDS
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
 
-GRAINS = ("minute", "hour", "day")
 _FINER = {"hour": "minute", "day": "hour"}
-KEY = ("grain", "device_id", "timestamp")
 COLUMNS = ("grain", "device_id", "timestamp", *KPI_FIELDS, "m2_value", "updated_at")
 
 

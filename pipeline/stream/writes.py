@@ -77,37 +77,33 @@ class LakeWriter:
         )
         self._merge(batch_id, Table.SILVER, merge.execute)
 
+    def _upsert(self, table: Table, fresh: DataFrame, condition: str, changed: str, batch_id: int | None) -> None:
+        """MERGE recomputed rows into `table`: a row whose values changed is updated, a new one inserted."""
+        from delta.tables import DeltaTable
+
+        target = DeltaTable.forPath(self.spark, self.paths.table(table))
+        merge = (
+            target.alias("t")
+            .merge(fresh.alias("s"), condition)
+            .whenMatchedUpdateAll(condition=changed)
+            .whenNotMatchedInsertAll()
+        )
+        self._merge(batch_id, table, merge.execute)
+
     def gold(self, readings: DataFrame, batch_id: int | None, lo: str, hi: str) -> None:
         """Recompute from silver the KPIs of the seconds these readings touch, and MERGE them into gold."""
-        from delta.tables import DeltaTable
         from pyspark.sql import functions as F
 
         seconds = readings.select(F.date_trunc("second", "timestamp").alias("second")).distinct()
         silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
         # MERGE reads its source more than once; compute the touched seconds' KPIs once (one row per second).
         fresh = kpi.kpis_for_seconds(silver, seconds, lo, hi).localCheckpoint(eager=True)
-        gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD))
-        merge = (
-            gold.alias("t")
-            .merge(fresh.alias("s"), kpi.gold_merge_condition(lo, hi))
-            .whenMatchedUpdateAll(condition=kpi.GOLD_CHANGED)
-            .whenNotMatchedInsertAll()
-        )
-        self._merge(batch_id, Table.GOLD, merge.execute)
+        self._upsert(Table.GOLD, fresh, kpi.gold_merge_condition(lo, hi), kpi.GOLD_CHANGED, batch_id)
 
     def rollups(self, readings: DataFrame, batch_id: int | None, lo: str, hi: str) -> None:
         """Recompute the rollup buckets these readings fall into (silver holds them already), and MERGE them."""
-        from delta.tables import DeltaTable
-
-        location = self.paths.table(Table.ROLLUPS)
         silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
-        target = DeltaTable.forPath(self.spark, location)
+        stored = self.spark.read.format("delta").load(self.paths.table(Table.ROLLUPS))
         # Computed once from the table as it stands, before the MERGE reads its source.
-        fresh = rollups.for_batch(silver, target.toDF(), readings, lo, hi).localCheckpoint(eager=True)
-        merge = (
-            target.alias("t")
-            .merge(fresh.alias("s"), rollups.merge_condition(lo, hi))
-            .whenMatchedUpdateAll(condition=rollups.CHANGED)
-            .whenNotMatchedInsertAll()
-        )
-        self._merge(batch_id, Table.ROLLUPS, merge.execute)
+        fresh = rollups.for_batch(silver, stored, readings, lo, hi).localCheckpoint(eager=True)
+        self._upsert(Table.ROLLUPS, fresh, rollups.merge_condition(lo, hi), rollups.CHANGED, batch_id)
