@@ -55,9 +55,16 @@ def start_lakehouse(
 ) -> subprocess.Popen[bytes]:
     """Start `lakehouse ARGS` in its own process group, its output appended to `log` (a file, not a pipe: the
     log of a long run would fill a pipe nobody reads and block the process)."""
+    return start_command([*LAKEHOUSE, *args], settings, log=log, env_extra=env_extra)
+
+
+def start_command(
+    command: list[str], settings: Settings, log: Path, env_extra: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `command` with `settings` in its environment, as `start_lakehouse` does."""
     with log.open("ab") as output:
         return subprocess.Popen(
-            [*LAKEHOUSE, *args],
+            command,
             env=env_for(settings, env_extra),
             stdout=output,
             stderr=subprocess.STDOUT,

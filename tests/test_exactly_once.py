@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -65,3 +65,69 @@ def test_replayed_batch_changes_nothing(spark, tmp_path: Path) -> None:  # type:
     other = IngestJob(spark, settings, paths, app_id="other-app")
     other.process_batch(records(spark, [b"[]"], 4), 1)
     assert len(snapshot(spark, paths)["quarantine"]) == 2
+
+
+def _silver_rewrites(paths: LakePaths) -> int:
+    """Files silver's log has removed so far (a MERGE that rewrites a file removes it)."""
+    log = Path(paths.table(Table.SILVER)) / "_delta_log"
+    return sum(
+        1 for commit in log.glob("*.json") for line in commit.read_text().splitlines() if '"remove"' in line[:12]
+    )
+
+
+def test_new_seconds_are_inserted_and_held_seconds_corrected(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Silver and gold against the reference after each batch: one of new seconds only (no file rewritten), then
+    one that also re-sends, corrects and adds readings in seconds silver held; each batch run again changes
+    nothing."""
+    from lake import duck
+    from pipeline.stream.job import IngestJob
+    from pipeline.stream.tables import create_tables
+    from tests.reference import Reference, assert_kpis_equal, gold_kpis
+
+    settings = Settings(lake_root=str(tmp_path / "lake"))
+    paths = LakePaths.from_settings(settings)
+    create_tables(spark, paths)
+    job = IngestJob(spark, settings, paths, app_id="test-app")
+    reference = Reference()
+    t0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
+
+    def message(device: str, readings: list[tuple[float, float]]) -> bytes:
+        stamps = [(t0 + timedelta(seconds=s), v) for s, v in readings]
+        for moment, value in stamps:
+            reference.add(device, moment, value)
+        items = [{"timestamp": m.isoformat().replace("+00:00", "Z"), "value": v} for m, v in stamps]
+        return json.dumps({"device_id": device, "readings": items}).encode()
+
+    def check(where: str) -> None:
+        silver = spark.read.format("delta").load(paths.table(Table.SILVER)).collect()
+        assert {(r.device_id, r.timestamp.replace(tzinfo=UTC)): r.value for r in silver} == reference.readings
+        assert len(silver) == len(reference.readings), f"{where}: an identity is in silver twice"
+        lake = duck.connect(paths)
+        got = gold_kpis(lake)
+        lake.close()
+        want = reference.buckets("second")
+        assert set(got) == set(want), where
+        for second, kpis in want.items():
+            assert_kpis_equal(got[second], kpis, f"{where}, second {second}")
+
+    first = [message("a", [(0.1, 1.0), (0.7, 2.0), (1.2, 3.0)]), message("b", [(0.5, 10.0), (1.5, 20.0)])]
+    job.process_batch(records(spark, first, 0), 0)
+    check("batch 0")
+    assert _silver_rewrites(paths) == 0
+    new_only = [message("a", [(2.0, 4.0)]), message("b", [(3.25, 5.0)])]
+    job.process_batch(records(spark, new_only, 2), 1)
+    check("batch 1, new seconds only")
+    assert _silver_rewrites(paths) == 0, "a batch of new seconds only rewrote silver's files"
+
+    mixed = [
+        message("a", [(0.1, 1.0), (1.2, 3.5)]),  # a re-sent reading, and a correction of a held second
+        message("c", [(0.9, 7.0), (4.0, 8.0)]),  # a new identity in a held second, and a new second
+        message("b", [(3.25, 5.0)]),  # re-sent unchanged: no row changes
+    ]
+    job.process_batch(records(spark, mixed, 4), 2)
+    check("batch 2, held seconds")
+    assert _silver_rewrites(paths) >= 1  # the correction rewrote the file that held its row
+    before = snapshot(spark, paths)
+    for batch_id, (payloads, offset) in enumerate([(first, 0), (new_only, 2), (mixed, 4)]):
+        job.process_batch(records(spark, payloads, offset), batch_id)  # as Spark re-runs a batch after a crash
+    assert snapshot(spark, paths) == before

@@ -102,11 +102,8 @@ def replay(
     report.readings_accepted = bounds[0]
     if report.readings_accepted:
         lo, hi = f"timestamp_micros({bounds[1]})", f"timestamp_micros({bounds[2]})"
-        writer.silver(readings, None, lo, hi)
-        crash_point("replay_silver", 0)
-        writer.gold(readings, None, lo, hi)
-        crash_point("replay_gold", 0)
-        writer.rollups(readings, None, lo, hi)
+        writer.readings(readings, lo, hi, None, lambda stage: crash_point(f"replay_{stage}", 0))
+        writer.rollups(readings, lo, hi)
         crash_point("replay_rollups", 0)
 
     # Each target row keeps its new reason or, now valid, is deleted; a message-level row whose message now reads

@@ -25,6 +25,7 @@ from pipeline.errors import StreamStopped
 from pipeline.stream import offsets
 from pipeline.stream.crash import crash_point
 from pipeline.stream.parse import OUTPUT_DDL, PASSTHROUGH, Rules, arrow_parser
+from pipeline.stream.writes import CLASSIFIED_SECONDS as SECONDS
 from pipeline.stream.writes import LakeWriter
 
 if TYPE_CHECKING:
@@ -82,12 +83,13 @@ class IngestJob:
         started = time.monotonic()
         report = BatchReport(batch_id)
         stage = _StageClock(report.stages)
-        # Kafka is read twice (bronze, then the parser): a cache of the records would hold a partition's 5 MiB
-        # messages in one columnar batch of up to 10,000 rows, which ran a 2 GiB driver out of heap.
-        self.writer.append(records.withColumn("ingested_at", F.current_timestamp()), Table.BRONZE, batch_id)
-        stage("bronze")
-        crash_point("bronze", batch_id)
 
+        def committed(name: str) -> None:
+            stage(name)
+            crash_point(name, batch_id)
+
+        # Silver and gold first: they are what answers wait for. Each table's writes are idempotent on their own,
+        # so the order does not change what a batch run again after a crash ends with.
         parsed = records.select(*PASSTHROUGH, "value").mapInArrow(
             arrow_parser(Rules.from_settings(self.settings)), OUTPUT_DDL
         )
@@ -101,6 +103,10 @@ class IngestJob:
                     F.count("reason_code").alias("quarantined"),
                     F.min(F.unix_micros("timestamp")).alias("lo"),
                     F.max(F.unix_micros("timestamp")).alias("hi"),
+                    # The seconds it touches, up to a bound (past it, a backlog's seconds are not told apart).
+                    F.slice(F.collect_set(F.unix_micros(F.date_trunc("second", "timestamp"))), 1, SECONDS + 1).alias(
+                        "seconds"
+                    ),
                 ),
                 "the batch's counts",
             )
@@ -110,6 +116,16 @@ class IngestJob:
                 counts["quarantined"],
             )
             stage("parse")
+            if report.readings:
+                # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
+                lo, hi = f"timestamp_micros({counts['lo']})", f"timestamp_micros({counts['hi']})"
+                readings = parsed.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
+                self.writer.readings(readings, lo, hi, counts["seconds"], committed)
+
+            # Kafka is read twice (the parser, then bronze): a cache of the records would hold a partition's 5 MiB
+            # messages in one columnar batch of up to 10,000 rows, which ran a 2 GiB driver out of heap.
+            self.writer.append(records.withColumn("ingested_at", F.current_timestamp()), Table.BRONZE, batch_id)
+            committed("bronze")
             bad = parsed.where("reason_code IS NOT NULL").select(
                 "topic",
                 "partition",
@@ -131,16 +147,6 @@ class IngestJob:
                 self.writer.append(bad.withColumn("quarantined_at", F.current_timestamp()), Table.QUARANTINE, batch_id)
                 stage("quarantine")
             crash_point("quarantine", batch_id)
-            if report.readings:
-                # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
-                lo, hi = f"timestamp_micros({counts['lo']})", f"timestamp_micros({counts['hi']})"
-                readings = parsed.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
-                self.writer.silver(readings, batch_id, lo, hi)
-                stage("silver")
-                crash_point("silver", batch_id)
-                self.writer.gold(readings, batch_id, lo, hi)
-                stage("gold")
-                crash_point("gold", batch_id)
         finally:
             parsed.unpersist()
         report.seconds = time.monotonic() - started
@@ -178,12 +184,11 @@ class RollupsJob:
 
     spark: SparkSession
     paths: LakePaths
-    app_id: InitVar[str | None] = None
     writer: LakeWriter = field(init=False)
     batches: int = 0
 
-    def __post_init__(self, app_id: str | None) -> None:
-        self.writer = LakeWriter(self.spark, self.paths, app_id, query=checkpoint.ROLLUPS_QUERY)
+    def __post_init__(self) -> None:
+        self.writer = LakeWriter(self.spark, self.paths)
 
     def process_batch(self, changes: DataFrame, batch_id: int) -> None:
         from pyspark.sql import functions as F
@@ -196,7 +201,7 @@ class RollupsJob:
         )
         if bounds[0]:
             lo, hi = f"timestamp_micros({bounds[1]})", f"timestamp_micros({bounds[2]})"
-            self.writer.rollups(keys, batch_id, lo, hi)
+            self.writer.rollups(keys, lo, hi)
             crash_point("rollups", batch_id)
         self.batches += 1
         log.info("rollups batch %d: %d silver rows, %.1f s", batch_id, bounds[0], time.monotonic() - started)

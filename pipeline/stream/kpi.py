@@ -28,15 +28,21 @@ def kpis_per_second(readings: DataFrame) -> DataFrame:
     )
 
 
-def kpis_for_seconds(silver: DataFrame, seconds: DataFrame, lo_literal: str, hi_literal: str) -> DataFrame:
-    """Recompute the KPIs of the given seconds from all of silver's readings in them."""
-    from pyspark.sql import functions as F
+def whole_seconds(silver: DataFrame, lo_literal: str, hi_literal: str) -> DataFrame:
+    """Silver's readings in the seconds from `lo`'s to `hi`'s: literal bounds, so Delta skips the other files.
 
-    # Whole seconds: a touched second also holds older readings before the batch's earliest timestamp.
-    in_range = silver.where(
+    Whole seconds: a touched second also holds older readings before the batch's earliest timestamp."""
+    return silver.where(
         f"`timestamp` >= date_trunc('second', {lo_literal}) "
         f"AND `timestamp` < date_trunc('second', {hi_literal}) + INTERVAL 1 SECOND"
     )
+
+
+def kpis_for_seconds(silver: DataFrame, seconds: DataFrame, lo_literal: str, hi_literal: str) -> DataFrame:
+    """Recompute the KPIs of the given seconds (a `second` column) from all of silver's readings in them."""
+    from pyspark.sql import functions as F
+
+    in_range = whole_seconds(silver, lo_literal, hi_literal)
     touched = in_range.join(
         F.broadcast(seconds), F.date_trunc("second", in_range["timestamp"]) == seconds["second"], "left_semi"
     )

@@ -1,8 +1,9 @@
 """The lake's Delta writes: bronze and quarantine appends, silver, gold and rollups MERGEs, each exactly once.
 
-A write made for a micro-batch carries the query's stable app id and the batch id (`txnAppId`/`txnVersion`), so a
-batch that Spark re-runs after a crash skips the writes that already committed. A write made outside a micro-batch
-(`lakehouse replay`) passes no batch id: its MERGEs are idempotent by themselves.
+An append carries the ingest query's stable app id and the batch id (`txnAppId`/`txnVersion`), so a batch that
+Spark re-runs after a crash skips the appends that already committed. The MERGEs into silver, gold and the rollups
+are idempotent by their data (identity and record order in silver, recomputes elsewhere), in a micro-batch and in
+`lakehouse replay` alike; none sets a session conf, so the two queries sharing a session cannot mix them up.
 """
 
 from __future__ import annotations
@@ -21,24 +22,23 @@ from pipeline.stream import dedupe, kpi, rollups
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-_TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
-_TXN_VERSION = "spark.databricks.delta.write.txnVersion"
+# Past this many distinct seconds in one batch (a backlog), all of them are treated as held by silver.
+CLASSIFIED_SECONDS = 10_000
 
 
 @dataclass
 class LakeWriter:
-    """Writes to one lake for one streaming query; the app id comes from that query's checkpoint on first use."""
+    """Writes to one lake; appends take their app id from the ingest query's checkpoint on first use."""
 
     spark: SparkSession
     paths: LakePaths
     app_id: str | None = None
-    query: str = checkpoint.INGEST_QUERY
 
     def _app_id(self) -> str:
         # The checkpoint's `metadata` file holds the query id, which stays the same across restarts on the same
         # checkpoint and is new for a new checkpoint: exactly what Delta's idempotent writes need.
         if self.app_id is None:
-            metadata = self.paths.checkpoint(self.query) + "/metadata"
+            metadata = checkpoint.ingest_checkpoint(self.paths) + "/metadata"
             line = first_row(self.spark.read.text(metadata), f"the checkpoint's {metadata}")
             self.app_id = "kpi-lakehouse-" + json.loads(line[0])["id"]
         return self.app_id
@@ -50,34 +50,76 @@ class LakeWriter:
         # A concurrent `lakehouse maintain` may conflict; the write is idempotent, so it is simply tried again.
         retry_on_conflict(lambda: writer.save(self.paths.table(table)), f"append to {table.value}")
 
-    def _merge(self, batch_id: int | None, table: Table, run_merge: Callable[[], object]) -> None:
-        if batch_id is None:  # not a micro-batch (replay): the MERGE itself is idempotent
-            retry_on_conflict(run_merge, f"MERGE into {table.value}")
-            return
-        conf = self.spark.conf
-        conf.set(_TXN_APP_ID, self._app_id())
-        conf.set(_TXN_VERSION, str(batch_id))
-        try:
-            retry_on_conflict(run_merge, f"MERGE into {table.value}")
-        finally:
-            conf.unset(_TXN_APP_ID)
-            conf.unset(_TXN_VERSION)
+    def readings(
+        self,
+        readings: DataFrame,
+        lo: str,
+        hi: str,
+        touched: list[int] | None,
+        committed: Callable[[str], None],
+    ) -> None:
+        """Write valid readings into silver and their seconds' KPIs into gold; `committed(stage)` runs after each
+        stage that wrote ("silver", "corrections", "gold"). `touched` lists the readings' seconds (Unix
+        microseconds) when the caller knows them already.
 
-    def silver(self, readings: DataFrame, batch_id: int | None, lo: str, hi: str) -> None:
-        """MERGE readings into silver: new identities inserted, corrections from later records applied."""
+        The seconds silver held before decide the work. In a second silver did not hold, every reading is a new
+        identity and the second's KPIs are the batch's own: the readings go in by an insert-only MERGE (an
+        anti-join and an append, no file rewritten) and the KPIs by another. Only a second silver held can hold a
+        duplicate or a correction: its readings also go through a matched-only MERGE, which rewrites just the
+        files of rows that change, and its KPIs are recomputed from silver.
+
+        Every MERGE here is idempotent by its data (identity and record order in silver, a recompute from silver in
+        gold), so none carries a `txnVersion`, whose check costs a replay of the table's log per commit. A batch
+        run again after a crash finds its readings in silver and takes the second road for all of them.
+        """
         from delta.tables import DeltaTable
+        from pyspark import StorageLevel
+        from pyspark.sql import functions as F
 
-        latest = dedupe.latest_per_identity(readings)
-        silver = DeltaTable.forPath(self.spark, self.paths.table(Table.SILVER))
-        merge = (
-            silver.alias("t")
-            .merge(latest.alias("s"), dedupe.merge_condition(lo, hi))
-            .whenMatchedUpdateAll(condition=dedupe.newer_and_different())
-            .whenNotMatchedInsertAll()
-        )
-        self._merge(batch_id, Table.SILVER, merge.execute)
+        second = F.unix_micros(F.date_trunc("second", "timestamp"))
+        latest = dedupe.latest_per_identity(readings).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            silver_path = self.paths.table(Table.SILVER)
+            if touched is None:
+                touched = [row[0] for row in latest.select(second).distinct().limit(CLASSIFIED_SECONDS + 1).collect()]
+            if len(touched) > CLASSIFIED_SECONDS:  # treating a second as held is always exact, only slower
+                held, any_new, any_held = F.lit(True), False, True
+            else:
+                stored = kpi.whole_seconds(self.spark.read.format("delta").load(silver_path), lo, hi)
+                found = stored.select(second.alias("second")).where(F.col("second").isin(touched)).distinct()
+                held_seconds = [row[0] for row in found.collect()]
+                held = second.isin(held_seconds)
+                any_new, any_held = len(held_seconds) < len(touched), bool(held_seconds)
 
-    def _upsert(self, table: Table, fresh: DataFrame, condition: str, changed: str, batch_id: int | None) -> None:
+            target = DeltaTable.forPath(self.spark, silver_path).alias("t")
+            condition = dedupe.merge_condition(lo, hi)
+            insert = target.merge(latest.alias("s"), condition).whenNotMatchedInsertAll()
+            retry_on_conflict(insert.execute, "insert into silver")
+            committed("silver")
+            overlapping = latest.where(held)
+            if any_held:
+                correct = target.merge(overlapping.alias("s"), condition).whenMatchedUpdateAll(
+                    condition=dedupe.newer_and_different()
+                )
+                retry_on_conflict(correct.execute, "corrections to silver")
+                committed("corrections")
+
+            gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD)).alias("t")
+            if any_new:
+                new = kpi.kpis_per_second(latest.where(~held))
+                inserts = gold.merge(new.alias("s"), kpi.gold_merge_condition(lo, hi)).whenNotMatchedInsertAll()
+                retry_on_conflict(inserts.execute, "insert into gold")
+            if any_held:
+                seconds = overlapping.select(F.date_trunc("second", "timestamp").alias("second")).distinct()
+                silver = self.spark.read.format("delta").load(silver_path)
+                # MERGE reads its source more than once; compute the held seconds' KPIs once (a row per second).
+                recomputed = kpi.kpis_for_seconds(silver, seconds, lo, hi).localCheckpoint(eager=True)
+                self._upsert(Table.GOLD, recomputed, kpi.gold_merge_condition(lo, hi), kpi.GOLD_CHANGED)
+            committed("gold")
+        finally:
+            latest.unpersist()
+
+    def _upsert(self, table: Table, fresh: DataFrame, condition: str, changed: str) -> None:
         """MERGE recomputed rows into `table`: a row whose values changed is updated, a new one inserted."""
         from delta.tables import DeltaTable
 
@@ -88,22 +130,12 @@ class LakeWriter:
             .whenMatchedUpdateAll(condition=changed)
             .whenNotMatchedInsertAll()
         )
-        self._merge(batch_id, table, merge.execute)
+        retry_on_conflict(merge.execute, f"MERGE into {table.value}")
 
-    def gold(self, readings: DataFrame, batch_id: int | None, lo: str, hi: str) -> None:
-        """Recompute from silver the KPIs of the seconds these readings touch, and MERGE them into gold."""
-        from pyspark.sql import functions as F
-
-        seconds = readings.select(F.date_trunc("second", "timestamp").alias("second")).distinct()
-        silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
-        # MERGE reads its source more than once; compute the touched seconds' KPIs once (one row per second).
-        fresh = kpi.kpis_for_seconds(silver, seconds, lo, hi).localCheckpoint(eager=True)
-        self._upsert(Table.GOLD, fresh, kpi.gold_merge_condition(lo, hi), kpi.GOLD_CHANGED, batch_id)
-
-    def rollups(self, readings: DataFrame, batch_id: int | None, lo: str, hi: str) -> None:
+    def rollups(self, readings: DataFrame, lo: str, hi: str) -> None:
         """Recompute the rollup buckets these readings fall into (silver holds them already), and MERGE them."""
         silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
         stored = self.spark.read.format("delta").load(self.paths.table(Table.ROLLUPS))
         # Computed once from the table as it stands, before the MERGE reads its source.
         fresh = rollups.for_batch(silver, stored, readings, lo, hi).localCheckpoint(eager=True)
-        self._upsert(Table.ROLLUPS, fresh, rollups.merge_condition(lo, hi), rollups.CHANGED, batch_id)
+        self._upsert(Table.ROLLUPS, fresh, rollups.merge_condition(lo, hi), rollups.CHANGED)
