@@ -42,6 +42,10 @@ def log4j_config() -> Path:
     return Path(str(resources.files("pipeline.jvm") / "log4j2.properties"))
 
 
+def fair_scheduler_pools() -> Path:
+    return Path(str(resources.files("pipeline.jvm") / "fairscheduler.xml"))
+
+
 def _copy_dependencies(pom_name: str, target: Path) -> None:
     mvn = shutil.which("mvn")
     if mvn is None:

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from pyspark.sql.streaming import StreamingQuery
 
 log = logging.getLogger("lakehouse.pipeline")
+# The scheduler pool of the Spark jobs a micro-batch starts (pipeline/jvm/fairscheduler.xml): a property of the
+# thread that runs the batch, so it is set at each batch's start.
+_POOL = "spark.scheduler.pool"
 
 
 @dataclass
@@ -81,6 +84,7 @@ class IngestJob:
         from pyspark.sql import functions as F
 
         started = time.monotonic()
+        self.spark.sparkContext.setLocalProperty(_POOL, checkpoint.INGEST_QUERY)
         report = BatchReport(batch_id)
         stage = _StageClock(report.stages)
 
@@ -194,6 +198,7 @@ class RollupsJob:
         from pyspark.sql import functions as F
 
         started = time.monotonic()
+        self.spark.sparkContext.setLocalProperty(_POOL, checkpoint.ROLLUPS_QUERY)
         keys = changes.select("device_id", "timestamp")
         bounds = first_row(
             keys.agg(F.count("*"), F.min(F.unix_micros("timestamp")), F.max(F.unix_micros("timestamp"))),

@@ -73,6 +73,9 @@ def build_session(
         # per task, ran a 2 GiB driver out of heap. Checking from the first row keeps pages near their 1 MiB.
         "spark.hadoop.parquet.page.size.row.check.min": "1",
         "spark.sql.streaming.stopGracefullyOnShutdown": "true",
+        # The ingest and rollups queries share the cores; their pools (fairscheduler.xml) favour ingest.
+        "spark.scheduler.mode": "FAIR",
+        "spark.scheduler.allocation.file": str(jars.fair_scheduler_pools()),
         # New tables stay readable by DuckDB's pinned delta reader (no deletion vectors).
         "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",
         # Delta rebuilds table state with this many partitions (default 50): far too many for a few log files.

@@ -70,54 +70,61 @@ class LakeWriter:
 
         Every MERGE here is idempotent by its data (identity and record order in silver, a recompute from silver in
         gold), so none carries a `txnVersion`, whose check costs a replay of the table's log per commit. A batch
-        run again after a crash finds its readings in silver and takes the second road for all of them.
+        run again after a crash finds its readings in silver and takes the second road for all of them. A commit
+        that conflicts with another writer's (`lakehouse replay`, `maintain`) starts the whole again from the
+        classification, which the other writer's readings may have changed.
         """
-        from delta.tables import DeltaTable
         from pyspark import StorageLevel
         from pyspark.sql import functions as F
 
-        second = F.unix_micros(F.date_trunc("second", "timestamp"))
         latest = dedupe.latest_per_identity(readings).persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            silver_path = self.paths.table(Table.SILVER)
             if touched is None:
+                second = F.unix_micros(F.date_trunc("second", "timestamp"))
                 touched = [row[0] for row in latest.select(second).distinct().limit(CLASSIFIED_SECONDS + 1).collect()]
-            if len(touched) > CLASSIFIED_SECONDS:  # treating a second as held is always exact, only slower
-                held, any_new, any_held = F.lit(True), False, True
-            else:
-                stored = kpi.whole_seconds(self.spark.read.format("delta").load(silver_path), lo, hi)
-                found = stored.select(second.alias("second")).where(F.col("second").isin(touched)).distinct()
-                held_seconds = [row[0] for row in found.collect()]
-                held = second.isin(held_seconds)
-                any_new, any_held = len(held_seconds) < len(touched), bool(held_seconds)
-
-            target = DeltaTable.forPath(self.spark, silver_path).alias("t")
-            condition = dedupe.merge_condition(lo, hi)
-            insert = target.merge(latest.alias("s"), condition).whenNotMatchedInsertAll()
-            retry_on_conflict(insert.execute, "insert into silver")
-            committed("silver")
-            overlapping = latest.where(held)
-            if any_held:
-                correct = target.merge(overlapping.alias("s"), condition).whenMatchedUpdateAll(
-                    condition=dedupe.newer_and_different()
-                )
-                retry_on_conflict(correct.execute, "corrections to silver")
-                committed("corrections")
-
-            gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD)).alias("t")
-            if any_new:
-                new = kpi.kpis_per_second(latest.where(~held))
-                inserts = gold.merge(new.alias("s"), kpi.gold_merge_condition(lo, hi)).whenNotMatchedInsertAll()
-                retry_on_conflict(inserts.execute, "insert into gold")
-            if any_held:
-                seconds = overlapping.select(F.date_trunc("second", "timestamp").alias("second")).distinct()
-                silver = self.spark.read.format("delta").load(silver_path)
-                # MERGE reads its source more than once; compute the held seconds' KPIs once (a row per second).
-                recomputed = kpi.kpis_for_seconds(silver, seconds, lo, hi).localCheckpoint(eager=True)
-                self._upsert(Table.GOLD, recomputed, kpi.gold_merge_condition(lo, hi), kpi.GOLD_CHANGED)
-            committed("gold")
+            seconds = touched
+            retry_on_conflict(lambda: self._write_readings(latest, lo, hi, seconds, committed), "write readings")
         finally:
             latest.unpersist()
+
+    def _write_readings(
+        self, latest: DataFrame, lo: str, hi: str, touched: list[int], committed: Callable[[str], None]
+    ) -> None:
+        from delta.tables import DeltaTable
+        from pyspark.sql import functions as F
+
+        second = F.unix_micros(F.date_trunc("second", "timestamp"))
+        silver_path = self.paths.table(Table.SILVER)
+        if len(touched) > CLASSIFIED_SECONDS:  # treating a second as held is always exact, only slower
+            held, any_new, any_held = F.lit(True), False, True
+        else:
+            stored = kpi.whole_seconds(self.spark.read.format("delta").load(silver_path), lo, hi)
+            found = stored.select(second.alias("second")).where(F.col("second").isin(touched)).distinct()
+            held_seconds = [row[0] for row in found.collect()]
+            held = second.isin(held_seconds)
+            any_new, any_held = len(held_seconds) < len(touched), bool(held_seconds)
+
+        target = DeltaTable.forPath(self.spark, silver_path).alias("t")
+        condition = dedupe.merge_condition(lo, hi)
+        target.merge(latest.alias("s"), condition).whenNotMatchedInsertAll().execute()
+        committed("silver")
+        overlapping = latest.where(held)
+        if any_held:
+            correct = target.merge(overlapping.alias("s"), condition)
+            correct.whenMatchedUpdateAll(condition=dedupe.newer_and_different()).execute()
+            committed("corrections")
+
+        if any_new:
+            gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD)).alias("t")
+            new = kpi.kpis_per_second(latest.where(~held))
+            gold.merge(new.alias("s"), kpi.gold_merge_condition(lo, hi)).whenNotMatchedInsertAll().execute()
+        if any_held:
+            seconds = overlapping.select(F.date_trunc("second", "timestamp").alias("second")).distinct()
+            silver = self.spark.read.format("delta").load(silver_path)
+            # MERGE reads its source more than once; compute the held seconds' KPIs once (a row per second).
+            recomputed = kpi.kpis_for_seconds(silver, seconds, lo, hi).localCheckpoint(eager=True)
+            self._upsert(Table.GOLD, recomputed, kpi.gold_merge_condition(lo, hi), kpi.GOLD_CHANGED)
+        committed("gold")
 
     def _upsert(self, table: Table, fresh: DataFrame, condition: str, changed: str) -> None:
         """MERGE recomputed rows into `table`: a row whose values changed is updated, a new one inserted."""
@@ -130,12 +137,16 @@ class LakeWriter:
             .whenMatchedUpdateAll(condition=changed)
             .whenNotMatchedInsertAll()
         )
-        retry_on_conflict(merge.execute, f"MERGE into {table.value}")
+        merge.execute()
 
     def rollups(self, readings: DataFrame, lo: str, hi: str) -> None:
         """Recompute the rollup buckets these readings fall into (silver holds them already), and MERGE them."""
-        silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
-        stored = self.spark.read.format("delta").load(self.paths.table(Table.ROLLUPS))
-        # Computed once from the table as it stands, before the MERGE reads its source.
-        fresh = rollups.for_batch(silver, stored, readings, lo, hi).localCheckpoint(eager=True)
-        self._upsert(Table.ROLLUPS, fresh, rollups.merge_condition(lo, hi), rollups.CHANGED)
+
+        def recompute_and_merge() -> None:
+            silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
+            stored = self.spark.read.format("delta").load(self.paths.table(Table.ROLLUPS))
+            # Computed once from the table as it stands, before the MERGE reads its source; again after a conflict.
+            fresh = rollups.for_batch(silver, stored, readings, lo, hi).localCheckpoint(eager=True)
+            self._upsert(Table.ROLLUPS, fresh, rollups.merge_condition(lo, hi), rollups.CHANGED)
+
+        retry_on_conflict(recompute_and_merge, "MERGE into rollups")
