@@ -179,12 +179,14 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more
 
 @app.command()
 def setup(force: Annotated[bool, typer.Option(help="resolve again even if the jars are there")] = False) -> None:
-    """Resolve the JVM jars (Delta, Spark's Kafka source, the Kafka broker) with Maven into <home>/jars."""
+    """Resolve the JVM jars (Delta, Spark's Kafka source and s3a, the Kafka broker, S3Proxy) with Maven into <home>/jars."""
     from pipeline.jvm import jars
 
     with console.status("resolving JVM jars with Maven"):
         counts = jars.resolve(settings().home, force=force)
-    console.print(f"jars ready: {counts['spark']} for Spark, {counts['kafka']} for the Kafka broker")
+    console.print(
+        f"jars ready: {counts['spark']} for Spark, {counts['kafka']} for the Kafka broker, {counts['s3proxy']} for S3Proxy"
+    )
 
 
 @kafka_app.command("start")
