@@ -117,6 +117,11 @@ kafka_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(kafka_app, name="kafka")
+s3_app = typer.Typer(
+    help="Run a local S3 API server (S3Proxy over a folder under <home>/s3) for a lake on s3a://.",
+    no_args_is_help=True,
+)
+app.add_typer(s3_app, name="s3")
 console = Console(stderr=True, soft_wrap=True)
 _overrides: dict[str, object] = {}
 
@@ -256,6 +261,36 @@ def kafka_status() -> None:
         f"cluster: brokers {info['brokers']}, topic {info['topic']!r} partitions {info['partitions']}, "
         f"replicas {info['replicas']}, under-replicated partitions {info['under_replicated']}"
     )
+
+
+S3_PORT = typer.Option(help="port the local S3 server listens on (127.0.0.1)")
+
+
+@s3_app.command("start")
+def s3_start(
+    port: Annotated[int, S3_PORT] = 9000,
+    bucket: Annotated[list[str] | None, typer.Option(help="bucket to create (repeatable)")] = None,
+) -> None:
+    """Start S3Proxy (credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or fixed ones) and create buckets."""
+    from pipeline.s3server import LocalS3Server
+
+    server = LocalS3Server.from_env(settings().home, port)
+    with console.status(f"starting S3Proxy on {server.endpoint_url}"):
+        pid = server.start(tuple(bucket or ["lake"]))
+    console.print(f"S3Proxy running (pid {pid}) on {server.endpoint_url}, buckets under {server.buckets}")
+    console.print("point the lake at it with:")
+    for name, value in server.client_env().items():
+        print(f"export {name}={value}")
+    print(f"export LAKEHOUSE_LAKE_ROOT=s3a://{(bucket or ['lake'])[0]}/lake")
+
+
+@s3_app.command("stop")
+def s3_stop(port: Annotated[int, S3_PORT] = 9000) -> None:
+    """Stop the local S3 server on this port (its buckets stay on disk)."""
+    from pipeline.s3server import LocalS3Server
+
+    stopped = LocalS3Server.from_env(settings().home, port).stop()
+    console.print("S3Proxy stopped" if stopped else "S3Proxy was not running")
 
 
 @app.command()
@@ -581,6 +616,10 @@ def serve(workers: Annotated[int, typer.Option(help="uvicorn worker processes")]
 
     _overrides.update(_given(api_flags))
     current = settings()
+    from lake import objectstore
+
+    if objectstore.is_s3(current.lake_root):  # one line now, not a stack trace from every worker
+        objectstore.check_access(current.lake_root)
     # The app factory reads settings from the environment, also in worker processes.
     os.environ.update(current.as_env())
     # The app logs each request as a JSON line itself, so uvicorn's access log stays off.

@@ -62,12 +62,13 @@ def _remote_processed_offsets(location: str) -> ProcessedOffsets | None:
 
     store = objectstore.filesystem()
     root = objectstore.fs_path(location)
-    listed = store.get_file_info(FileSelector(f"{root}/commits", allow_not_found=True))
+    with objectstore.explained(location):
+        listed = store.get_file_info(FileSelector(f"{root}/commits", allow_not_found=True))
     committed = {int(name): info for info in listed if _BATCH_FILE.fullmatch(name := info.base_name)}
     for batch_id in sorted(committed, reverse=True):
         try:
-            with store.open_input_stream(f"{root}/offsets/{batch_id}") as offsets_file:
-                text = offsets_file.read().decode()
+            with objectstore.explained(location), store.open_input_stream(f"{root}/offsets/{batch_id}") as offsets:
+                text = offsets.read().decode()
         except FileNotFoundError:
             continue
         modified = committed[batch_id].mtime

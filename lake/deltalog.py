@@ -90,7 +90,8 @@ def _log_file(table_location: str, version: int) -> str:
 
 def _remote_exists(table_location: str, version: int) -> bool:
     try:
-        objectstore.filesystem().open_input_file(_log_file(table_location, version))  # a HEAD request, no GET
+        with objectstore.explained(table_location):
+            objectstore.filesystem().open_input_file(_log_file(table_location, version))  # a HEAD request, no GET
     except FileNotFoundError:
         return False
     return True
@@ -98,7 +99,10 @@ def _remote_exists(table_location: str, version: int) -> bool:
 
 def _remote_commit(table_location: str, version: int) -> bytes | None:
     try:
-        with objectstore.filesystem().open_input_stream(_log_file(table_location, version)) as commit:
+        with (
+            objectstore.explained(table_location),
+            objectstore.filesystem().open_input_stream(_log_file(table_location, version)) as commit,
+        ):
             return commit.read()
     except FileNotFoundError:
         return None
@@ -107,7 +111,7 @@ def _remote_commit(table_location: str, version: int) -> bytes | None:
 def _last_checkpoint(table_location: str) -> int | None:
     location = f"{objectstore.fs_path(table_location)}/_delta_log/_last_checkpoint"
     try:
-        with objectstore.filesystem().open_input_stream(location) as pointer:
+        with objectstore.explained(table_location), objectstore.filesystem().open_input_stream(location) as pointer:
             return int(json.loads(pointer.read())["version"])
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None

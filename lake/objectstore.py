@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -213,6 +214,17 @@ def check_access(location: str) -> None:
             f"bucket {bucket!r} does not exist at {settings.where}; create it, or point LAKEHOUSE_LAKE_ROOT at one "
             "that does"
         )
+
+
+@contextmanager
+def explained(location: str) -> Iterator[None]:
+    """Turn a failed S3 request of pyarrow's (other than a missing object) into an ObjectStoreError of one line."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ObjectStoreError(explain(exc, access(), bucket_of(location))) from None
 
 
 def explain(exc: OSError, settings: S3Access, bucket: str) -> str:
