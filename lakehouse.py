@@ -118,7 +118,7 @@ kafka_app = typer.Typer(
 )
 app.add_typer(kafka_app, name="kafka")
 s3_app = typer.Typer(
-    help="Run a local S3 API server (S3Proxy over a folder under <home>/s3) for a lake on s3a://.",
+    help="Run a local S3 API server (S3Proxy, buckets in memory) for a lake on s3a://, for tests and demos.",
     no_args_is_help=True,
 )
 app.add_typer(s3_app, name="s3")
@@ -277,7 +277,7 @@ def s3_start(
     server = LocalS3Server.from_env(settings().home, port)
     with console.status(f"starting S3Proxy on {server.endpoint_url}"):
         pid = server.start(tuple(bucket or ["lake"]))
-    console.print(f"S3Proxy running (pid {pid}) on {server.endpoint_url}, buckets under {server.buckets}")
+    console.print(f"S3Proxy running (pid {pid}) on {server.endpoint_url}, buckets in memory, log {server.log_file}")
     console.print("point the lake at it with:")
     for name, value in server.client_env().items():
         print(f"export {name}={value}")
@@ -286,7 +286,7 @@ def s3_start(
 
 @s3_app.command("stop")
 def s3_stop(port: Annotated[int, S3_PORT] = 9000) -> None:
-    """Stop the local S3 server on this port (its buckets stay on disk)."""
+    """Stop the local S3 server on this port (its buckets, kept in memory, are gone)."""
     from pipeline.s3server import LocalS3Server
 
     stopped = LocalS3Server.from_env(settings().home, port).stop()

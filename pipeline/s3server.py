@@ -1,5 +1,5 @@
 """A local S3 API server for a lake on object storage without a cloud: S3Proxy from Maven's jars, keeping its buckets
-in a folder under <home>/s3 (its filesystem backend), addressed path-style, with fixed credentials."""
+in memory (they are gone once it stops), addressed path-style, with fixed credentials; its log under <home>/s3."""
 
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ class S3ServerError(SetupError):
 
 @dataclass(frozen=True)
 class LocalS3Server:
-    """S3Proxy on host:port, its files under <home>/s3/<port>: the buckets' folder, its configuration, log and pid."""
+    """S3Proxy on host:port, its files under <home>/s3/<port>: its configuration, log and pid."""
 
     home: Path
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     access_key: str = DEFAULT_ACCESS_KEY
     secret_key: str = DEFAULT_SECRET_KEY
-    heap: str = "256m"
+    heap: str = "512m"  # holds the buckets
 
     @classmethod
     def from_env(cls, home: Path, port: int = DEFAULT_PORT) -> LocalS3Server:
@@ -48,10 +48,6 @@ class LocalS3Server:
     @property
     def folder(self) -> Path:
         return self.home / "s3" / str(self.port)
-
-    @property
-    def buckets(self) -> Path:
-        return self.folder / "buckets"
 
     @property
     def log_file(self) -> Path:
@@ -81,8 +77,10 @@ class LocalS3Server:
             "s3proxy.authorization": "aws-v2-or-v4",
             "s3proxy.identity": self.access_key,
             "s3proxy.credential": self.secret_key,
-            "jclouds.provider": "filesystem",
-            "jclouds.filesystem.basedir": str(self.buckets),
+            # In memory: of S3Proxy 2.6's backends only jclouds' `transient` keeps a folder marker (`a/b/`, which
+            # s3a's mkdirs writes) as S3 does. `filesystem` stores it as a directory that listings skip (Spark's new
+            # checkpoint folders vanish), and the nio2 backends answer a HEAD of `a/b` as if it were a file.
+            "jclouds.provider": "transient",
         }
         return "".join(f"{key}={value}\n" for key, value in lines.items())
 
@@ -99,8 +97,17 @@ class LocalS3Server:
     def start(self, buckets: tuple[str, ...] = (), timeout_s: float = 60.0) -> int:
         """Start the server unless it runs, and create the buckets that do not exist; returns its pid."""
         pid = self.pid() or self._launch(timeout_s)
+        from pyarrow import fs
+
+        store = fs.S3FileSystem(
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            endpoint_override=f"{self.host}:{self.port}",
+            scheme="http",
+            allow_bucket_creation=True,
+        )
         for bucket in buckets:
-            (self.buckets / bucket).mkdir(parents=True, exist_ok=True)  # the filesystem backend's bucket is a folder
+            store.create_dir(bucket)  # a bucket that exists already stays as it is
         return pid
 
     def _launch(self, timeout_s: float) -> int:
@@ -108,7 +115,7 @@ class LocalS3Server:
             raise S3ServerError(f"port {self.port} is taken by another process; choose another with --port")
         if not any(jars.s3proxy_jar_dir(self.home).glob("s3proxy-*.jar")):
             jars.resolve(self.home)
-        self.buckets.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
         config = self.folder / "s3proxy.conf"
         config.write_text(self.properties())
         command = [

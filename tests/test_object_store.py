@@ -104,7 +104,11 @@ def test_every_part_works_on_an_s3a_lake(s3, lake_settings: Settings, topic: str
 
     ran = lakehouse(settings, "pipeline", "--available-now")
     assert ran.returncode == 0, ran.stderr[-3000:]
-    stored = sorted(p.name for p in (s3.buckets / BUCKET / "lake").iterdir())
+    from pyarrow.fs import FileSelector
+
+    from lake import objectstore
+
+    stored = sorted(info.base_name for info in objectstore.filesystem().get_file_info(FileSelector(f"{BUCKET}/lake")))
     assert stored == ["_checkpoints", "bronze", "gold", "quarantine", "rollups", "silver"]
     assert_lake_matches(settings, reference)
 
@@ -184,10 +188,13 @@ def test_api_refresh_cost_on_s3_and_on_local_disk(s3, lake_settings: Settings, t
         assert new_second.fetchone() == (1,)
     on_s3.close()
 
-    # The same lake on local disk: S3Proxy's filesystem backend keeps each object as a file under its key.
-    local = settings.model_copy(
-        update={"lake_root": str(s3.buckets / BUCKET / "refresh"), "api_store_dir": tmp_path / "local-store"}
-    )
+    # The same lake copied to local disk.
+    from pyarrow.fs import LocalFileSystem, copy_files
+
+    from lake import objectstore
+
+    copy_files(f"{BUCKET}/refresh", str(tmp_path / "copy"), objectstore.filesystem(), LocalFileSystem())
+    local = settings.model_copy(update={"lake_root": str(tmp_path / "copy"), "api_store_dir": tmp_path / "local-store"})
     on_disk = SnapshotStore.from_settings(local)
     assert on_disk.wait_built(120) and on_disk.refresh() is not None
     _, local_ms = measure(on_disk)
