@@ -95,21 +95,44 @@ def last_line(result: object) -> str:
     return line
 
 
-def test_every_part_works_on_an_s3a_lake(s3, lake_settings: Settings, topic: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    settings = s3_settings(lake_settings, tmp_path, "lake")
-    stream = build_stream()
-    reference = stream.reference()
-    sent = lakehouse(settings, "produce", str(stream.write(tmp_path / "messages.ndjson")))
-    assert sent.returncode == 0, sent.stderr
-
-    ran = lakehouse(settings, "pipeline", "--available-now")
-    assert ran.returncode == 0, ran.stderr[-3000:]
+def test_every_part_works_on_an_s3a_lake_through_a_kill_9(
+    s3, lake_settings: Settings, topic: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     from pyarrow.fs import FileSelector
 
     from lake import objectstore
+    from lake.duck import connect
 
-    stored = sorted(info.base_name for info in objectstore.filesystem().get_file_info(FileSelector(f"{BUCKET}/lake")))
-    assert stored == ["_checkpoints", "bronze", "gold", "quarantine", "rollups", "silver"]
+    settings = s3_settings(lake_settings, tmp_path, "lake").model_copy(update={"max_offsets_per_trigger": 60})
+    stream = build_stream()
+    reference, expected_quarantine = stream.reference(), stream.quarantine()
+    sent = lakehouse(settings, "produce", str(stream.write(tmp_path / "messages.ndjson")))
+    assert sent.returncode == 0, sent.stderr
+
+    # Killed right after gold's commit of the second micro-batch, before Spark's checkpoint commit; then run again.
+    log = tmp_path / "pipeline.log"
+    crash = {"LAKEHOUSE_TEST_CRASH_AFTER": "gold:1"}
+    crashed = start_lakehouse(settings, "pipeline", "--available-now", log=log, env_extra=crash)
+    assert crashed.wait(timeout=600) == -signal.SIGKILL, log.read_text()[-3000:]
+    ran = lakehouse(settings, "pipeline", "--available-now")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+
+    stored = objectstore.filesystem().get_file_info(FileSelector(f"{BUCKET}/lake"))
+    assert sorted(info.base_name for info in stored) == [
+        "_checkpoints",
+        "bronze",
+        "gold",
+        "quarantine",
+        "rollups",
+        "silver",
+    ]
+    lake = connect(LakePaths.from_settings(settings))
+    total, distinct = lake.sql('SELECT count(*), count(DISTINCT (topic, "partition", "offset")) FROM bronze').fetchone()
+    assert total == distinct == len(stream.messages)
+    silver = lake.sql('SELECT device_id, "timestamp", value FROM silver').fetchall()
+    assert {(d, t.astimezone(UTC)): v for d, t, v in silver} == reference.readings
+    assert Counter(lake.sql("SELECT reason_code, reading_index FROM quarantine").fetchall()) == expected_quarantine
+    lake.close()
     assert_lake_matches(settings, reference)
 
     counted = lakehouse(settings, "sql", "--output", "csv", "SELECT count(*) AS readings FROM silver")
@@ -133,8 +156,12 @@ def test_every_part_works_on_an_s3a_lake(s3, lake_settings: Settings, topic: str
             answer = httpx.get(f"{base}/kpis/{second.strftime('%Y-%m-%dT%H:%M:%SZ')}", timeout=10)
             assert answer.status_code == 200, answer.text
             assert_kpis_equal(answer.json(), reference.buckets()[second], f"API {second}")
-        missing = httpx.get(f"{base}/kpis/2024-07-30T13:00:00Z", timeout=10)
-        assert missing.status_code == 404
+        assert httpx.get(f"{base}/kpis/2024-07-30T13:00:00Z", timeout=10).status_code == 404
+        minute = httpx.get(f"{base}/kpis/2024-07-30T12:00:30Z?grain=minute", timeout=10)
+        assert minute.status_code == 200
+        assert minute.json()["reading_count"] == sum(1 for _, t in reference.readings if t < T0 + timedelta(minutes=1))
+
+    store = refresh_cost_before_replay(s3, settings, tmp_path)
 
     # A rule change makes the day-first reading valid: replay moves it through silver, gold and the rollups.
     new_rules = settings.model_copy(update={"extra_timestamp_formats": [DAY_FIRST]})
@@ -143,6 +170,7 @@ def test_every_part_works_on_an_s3a_lake(s3, lake_settings: Settings, topic: str
     assert "1 readings now valid" in replayed.stderr
     reference.add("eu-1", T0 + timedelta(seconds=7), 7.5)
     assert_lake_matches(settings, reference)
+    refresh_cost_after_replay(s3, store)
 
     maintained = lakehouse(settings, "maintain")
     assert maintained.returncode == 0, maintained.stderr[-3000:]
@@ -151,89 +179,55 @@ def test_every_part_works_on_an_s3a_lake(s3, lake_settings: Settings, topic: str
     assert after.returncode == 0, after.stdout + after.stderr
 
 
-def test_api_refresh_cost_on_s3_and_on_local_disk(s3, lake_settings: Settings, topic: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """An unchanged lake costs one HEAD per served table per refresh on S3 (the same lake on local disk: three
-    directory listings); a new version adds its probes and the reads of the changed rows."""
-    from serve.snapshot import SnapshotStore
-
-    settings = s3_settings(lake_settings, tmp_path, "refresh")
-    stream = build_stream(60)
-    assert lakehouse(settings, "produce", str(stream.write(tmp_path / "first.ndjson"))).returncode == 0
-    ran = lakehouse(settings, "pipeline", "--available-now")
-    assert ran.returncode == 0, ran.stderr[-3000:]
-
-    def measure(store: SnapshotStore, rounds: int = 20) -> tuple[float, float]:
-        requests, started = s3.requests_served(), time.perf_counter()
-        for _ in range(rounds):
-            assert not store.refresh().changed
-        return (s3.requests_served() - requests) / rounds, (time.perf_counter() - started) * 1000 / rounds
-
-    on_s3 = SnapshotStore.from_settings(settings)
-    assert on_s3.wait_built(120) and on_s3.refresh() is not None
-    s3_requests, s3_ms = measure(on_s3)
-    assert s3_requests <= 3, s3_requests
-
-    # A new micro-batch: the refresh that picks it up.
-    more = Stream()
-    more.single("pump-9", T0 + timedelta(minutes=5), 1.0)
-    assert lakehouse(settings, "produce", str(more.write(tmp_path / "more.ndjson"))).returncode == 0
-    assert lakehouse(settings, "pipeline", "--available-now").returncode == 0
-    before, started = s3.requests_served(), time.perf_counter()
-    assert on_s3.refresh().changed
-    changed_requests, changed_ms = s3.requests_served() - before, (time.perf_counter() - started) * 1000
-    with on_s3.read() as (_, cursor):
-        new_second = cursor.execute(
-            'SELECT reading_count FROM gold WHERE "timestamp" = $t', {"t": T0 + timedelta(minutes=5)}
-        )
-        assert new_second.fetchone() == (1,)
-    on_s3.close()
-
-    # The same lake copied to local disk.
+def refresh_cost_before_replay(s3, settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The API's refresh of an unchanged lake: one HEAD per served table on S3; the same lake copied to local disk
+    for comparison (three directory listings there). Returns the S3 store, to measure a refresh that loads a change."""
     from pyarrow.fs import LocalFileSystem, copy_files
 
     from lake import objectstore
+    from serve.snapshot import SnapshotStore
 
-    copy_files(f"{BUCKET}/refresh", str(tmp_path / "copy"), objectstore.filesystem(), LocalFileSystem())
+    on_s3 = SnapshotStore.from_settings(settings)
+    assert on_s3.wait_built(120)
+    on_s3.refresh()
+    s3_requests, s3_ms = measure_refreshes(s3, on_s3)
+    assert s3_requests <= 3, f"{s3_requests} S3 requests per refresh of an unchanged lake"
+
+    copy_files(f"{BUCKET}/lake", str(tmp_path / "copy"), objectstore.filesystem(), LocalFileSystem())
     local = settings.model_copy(update={"lake_root": str(tmp_path / "copy"), "api_store_dir": tmp_path / "local-store"})
     on_disk = SnapshotStore.from_settings(local)
-    assert on_disk.wait_built(120) and on_disk.refresh() is not None
-    _, local_ms = measure(on_disk)
+    assert on_disk.wait_built(120)
+    on_disk.refresh()
+    _, local_ms = measure_refreshes(s3, on_disk)
     on_disk.close()
     print(
-        f"API refresh, lake unchanged: S3 {s3_requests:.1f} requests, {s3_ms:.1f} ms; local disk {local_ms:.2f} ms. "
-        f"A refresh that loads one new gold/silver/rollups version on S3: {changed_requests} requests, "
-        f"{changed_ms:.0f} ms"
+        f"\nAPI refresh of an unchanged lake: S3 {s3_requests:.1f} requests {s3_ms:.1f} ms; local disk {local_ms:.2f} ms"
+    )
+    return on_s3
+
+
+def refresh_cost_after_replay(s3, on_s3) -> None:  # type: ignore[no-untyped-def]
+    before, started = s3.requests_served(), time.perf_counter()
+    report = on_s3.refresh()
+    requests, ms = s3.requests_served() - before, (time.perf_counter() - started) * 1000
+    assert report.changed and report.rows.get("gold", 0) >= 1, report
+    with on_s3.read() as (_, cursor):
+        loaded = cursor.execute(
+            'SELECT reading_count FROM gold WHERE "timestamp" = $t', {"t": T0 + timedelta(seconds=7)}
+        )
+        assert loaded.fetchone() is not None
+    on_s3.close()
+    print(
+        f"API refresh that loads replay's new gold, silver and rollups versions on S3: {requests} requests {ms:.0f} ms"
     )
 
 
-def test_kill_9_on_an_s3a_lake_leaves_exact_tables(s3, lake_settings: Settings, topic: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from lake.duck import connect
-
-    settings = s3_settings(lake_settings, tmp_path, "crash").model_copy(update={"max_offsets_per_trigger": 40})
-    stream = build_stream()
-    reference, expected_quarantine = stream.reference(), stream.quarantine()
-    assert lakehouse(settings, "produce", str(stream.write(tmp_path / "messages.ndjson"))).returncode == 0
-    log = tmp_path / "pipeline.log"
-    # Right after silver's commit of a micro-batch, before Spark's checkpoint commit; then after gold's of the next.
-    for crash_after in ["silver:1", "gold:2"]:
-        crashed = start_lakehouse(
-            settings, "pipeline", "--available-now", log=log, env_extra={"LAKEHOUSE_TEST_CRASH_AFTER": crash_after}
-        )
-        assert crashed.wait(timeout=600) == -signal.SIGKILL, log.read_text()[-3000:]
-    finished = lakehouse(settings, "pipeline", "--available-now")
-    assert finished.returncode == 0, finished.stderr[-3000:]
-
-    lake = connect(LakePaths.from_settings(settings))
-    total, distinct = lake.sql('SELECT count(*), count(DISTINCT (topic, "partition", "offset")) FROM bronze').fetchone()
-    assert total == distinct == len(stream.messages)
-    silver = {
-        (d, t.astimezone(UTC)): v for d, t, v in lake.sql('SELECT device_id, "timestamp", value FROM silver').fetchall()
-    }
-    assert silver == reference.readings
-    quarantine = lake.sql("SELECT reason_code, reading_index FROM quarantine").fetchall()
-    assert Counter(quarantine) == expected_quarantine
-    lake.close()
-    assert_lake_matches(settings, reference)
+def measure_refreshes(s3, store, rounds: int = 20) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """S3 requests and milliseconds per refresh of an unchanged lake."""
+    requests, started = s3.requests_served(), time.perf_counter()
+    for _ in range(rounds):
+        assert not store.refresh().changed
+    return (s3.requests_served() - requests) / rounds, (time.perf_counter() - started) * 1000 / rounds
 
 
 def test_a_missing_credential_or_bucket_is_named(s3, lake_settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
