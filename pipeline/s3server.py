@@ -4,7 +4,6 @@ in memory (they are gone once it stops), addressed path-style, with fixed creden
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -88,11 +87,7 @@ class LocalS3Server:
         return daemon.running_pid(self.pid_file)
 
     def reachable(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=1):
-                return True
-        except OSError:
-            return False
+        return daemon.listening(self.host, self.port)
 
     def start(self, buckets: tuple[str, ...] = (), timeout_s: float = 60.0) -> int:
         """Start the server unless it runs, and create the buckets that do not exist; returns its pid."""

@@ -5,7 +5,6 @@ through DuckDB and delta-rs, a kill -9 still leaves exact tables, and a missing 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import signal
 import time
@@ -22,7 +21,7 @@ from lake.settings import Settings
 from lake.tables import LakePaths
 from tests.conftest import HOME
 from tests.reference import Reference, assert_kpis_equal, assert_rollups_equal, expected_rollups, gold_kpis, rollup_kpis
-from tests.stream import Stream, dumps
+from tests.stream import Stream, dumps, few_devices
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
 
@@ -54,21 +53,9 @@ def s3_settings(lake_settings: Settings, tmp_path: Path, root: str) -> Settings:
 
 
 def build_stream(messages: int = 150) -> Stream:
-    """Singles and batches of a few devices over two minutes, a correction, a broken message, and a day-first
-    timestamp that the rules accept only after a change (for `replay`)."""
-    rng = random.Random(15)
-    stream = Stream()
-    for index in range(messages):
-        device = f"pump-{rng.randrange(6)}"
-        if index % 8 == 0:
-            readings = [
-                (T0 + timedelta(milliseconds=rng.randrange(120_000)), round(rng.gauss(40, 9), 4)) for _ in range(10)
-            ]
-            stream.batch(device, readings)
-        else:
-            stream.single(device, T0 + timedelta(milliseconds=rng.randrange(120_000)), round(rng.gauss(40, 9), 4))
-    first = stream.sent[1]
-    stream.single(first.readings[0][0], first.readings[0][1], -1.5)  # a correction: the later value wins
+    """A few devices' singles, batches and a correction, a broken message, and a day-first timestamp that the rules
+    accept only after a change (for `replay`)."""
+    stream = few_devices(T0, messages)
     stream.send(b"{broken", quarantined=[("not_json", None)])
     stream.send(
         dumps({"device_id": "eu-1", "timestamp": "30/07/2024 12:00:07", "value": 7.5}),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -169,11 +168,7 @@ class LocalBroker:
         return daemon.running_pid(self.pid_file)
 
     def reachable(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=1):
-                return True
-        except OSError:
-            return False
+        return daemon.listening(self.host, self.port)
 
     def _java(self, *args: str, heap: str | None = None) -> list[str]:
         classpath = str(jars.kafka_jar_dir(self.home) / "*")
