@@ -481,7 +481,8 @@ def replay(
     """Re-evaluate quarantined rows with the current rules; now-valid readings move into silver, gold and the rollups.
 
     For example after adding --extra-timestamp-format. Each now-valid reading moves exactly once; the rest keep an
-    updated reason. Safe to run again, or while the pipeline runs."""
+    updated reason. Safe to run again, or while the pipeline runs (not on S3, where one Spark process writes a table
+    at a time: stop the pipeline first)."""
     from lake.timestamps import TimestampError, from_us, parse_timestamp_us
     from pipeline.ops.replay import replay as run_replay
 
@@ -517,9 +518,10 @@ def maintain(
         bool, typer.Option(help="allow --retain-hours under 1; only when no pipeline or other writer is running")
     ] = False,
 ) -> None:
-    """Compact small files, write Delta checkpoints and VACUUM; safe while the pipeline runs.
+    """Compact small files, write Delta checkpoints and VACUUM; safe while the pipeline runs (not on S3).
 
-    Runs on delta-rs, without Spark: seconds for a small lake."""
+    Runs on delta-rs, without Spark: seconds for a small lake. On S3, stop the pipeline first: Spark's S3 log store
+    and delta-rs do not coordinate their commits."""
     from rich.table import Table as RichTable
 
     from lake.maintenance import UnsafeRetention, check_retention

@@ -3,6 +3,7 @@ local disk or on S3."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -130,8 +131,14 @@ def _latest_remote_version(table_location: str, known: int | None) -> TableVersi
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if _remote_exists(table_location, middle) else (low, middle)
-    commit = _remote_commit(table_location, low)
-    return TableVersion(low, _commit_time_of(commit) if commit is not None else None)
+    return TableVersion(low, _remote_commit_time(table_location, low))
+
+
+@functools.lru_cache(maxsize=256)
+def _remote_commit_time(table_location: str, version: int) -> datetime | None:
+    """A commit file never changes once written: its time is read once per version, not at every refresh."""
+    commit = _remote_commit(table_location, version)
+    return _commit_time_of(commit) if commit is not None else None
 
 
 def _commit_time_of(commit: bytes) -> datetime | None:

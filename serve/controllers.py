@@ -259,7 +259,7 @@ class HealthController(Controller):
         paths = store.paths
         snapshot = store.current
         tables = {t.value: duck.table_exists(paths, t) for t in Table}
-        gold = deltalog.latest_version(paths.table(Table.GOLD))
+        gold = deltalog.latest_version(paths.table(Table.GOLD), known=snapshot.gold_version)
         processed = checkpoint.processed_offsets(paths)
         partitions = kafka.lag(kafka_watch.newest, processed.next_offsets if processed else {})
         behind = None if kafka_watch.newest is None else records_behind(partitions)
