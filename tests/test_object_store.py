@@ -148,7 +148,7 @@ def test_every_part_works_on_an_s3a_lake_through_a_kill_9(
         assert minute.status_code == 200
         assert minute.json()["reading_count"] == sum(1 for _, t in reference.readings if t < T0 + timedelta(minutes=1))
 
-    store = refresh_cost_before_replay(s3, settings, tmp_path)
+    stores = refresh_cost_before_replay(s3, settings, tmp_path)
 
     # A rule change makes the day-first reading valid: replay moves it through silver, gold and the rollups.
     new_rules = settings.model_copy(update={"extra_timestamp_formats": [DAY_FIRST]})
@@ -157,7 +157,7 @@ def test_every_part_works_on_an_s3a_lake_through_a_kill_9(
     assert "1 readings now valid" in replayed.stderr
     reference.add("eu-1", T0 + timedelta(seconds=7), 7.5)
     assert_lake_matches(settings, reference)
-    refresh_cost_after_replay(s3, store)
+    refresh_cost_after_replay(s3, stores, tmp_path)
 
     maintained = lakehouse(settings, "maintain")
     assert maintained.returncode == 0, maintained.stderr[-3000:]
@@ -168,10 +168,7 @@ def test_every_part_works_on_an_s3a_lake_through_a_kill_9(
 
 def refresh_cost_before_replay(s3, settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
     """The API's refresh of an unchanged lake: one HEAD per served table on S3; the same lake copied to local disk
-    for comparison (three directory listings there). Returns the S3 store, to measure a refresh that loads a change."""
-    from pyarrow.fs import LocalFileSystem, copy_files
-
-    from lake import objectstore
+    for comparison (three directory listings there). Returns both stores, to measure a refresh that loads a change."""
     from serve.snapshot import SnapshotStore
 
     on_s3 = SnapshotStore.from_settings(settings)
@@ -180,20 +177,21 @@ def refresh_cost_before_replay(s3, settings: Settings, tmp_path: Path):  # type:
     s3_requests, s3_ms = measure_refreshes(s3, on_s3)
     assert s3_requests <= 3, f"{s3_requests} S3 requests per refresh of an unchanged lake"
 
-    copy_files(f"{BUCKET}/lake", str(tmp_path / "copy"), objectstore.filesystem(), LocalFileSystem())
+    local_copy(tmp_path)
     local = settings.model_copy(update={"lake_root": str(tmp_path / "copy"), "api_store_dir": tmp_path / "local-store"})
     on_disk = SnapshotStore.from_settings(local)
     on_disk.refresh()
     assert on_disk.wait_built(120)
     _, local_ms = measure_refreshes(s3, on_disk)
-    on_disk.close()
     print(
         f"\nAPI refresh of an unchanged lake: S3 {s3_requests:.1f} requests {s3_ms:.1f} ms; local disk {local_ms:.2f} ms"
     )
-    return on_s3
+    return on_s3, on_disk
 
 
-def refresh_cost_after_replay(s3, on_s3) -> None:  # type: ignore[no-untyped-def]
+def refresh_cost_after_replay(s3, stores, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The refresh that loads replay's new gold, silver and rollups versions, on S3 and on a local copy."""
+    on_s3, on_disk = stores
     before, started = s3.requests_served(), time.perf_counter()
     report = on_s3.refresh()
     requests, ms = s3.requests_served() - before, (time.perf_counter() - started) * 1000
@@ -204,9 +202,24 @@ def refresh_cost_after_replay(s3, on_s3) -> None:  # type: ignore[no-untyped-def
         )
         assert loaded.fetchone() is not None
     on_s3.close()
+    local_copy(tmp_path)
+    started = time.perf_counter()
+    assert on_disk.refresh().changed
+    local_ms = (time.perf_counter() - started) * 1000
+    on_disk.close()
     print(
-        f"API refresh that loads replay's new gold, silver and rollups versions on S3: {requests} requests {ms:.0f} ms"
+        f"API refresh that loads replay's new gold, silver and rollups versions: S3 {requests} requests {ms:.0f} ms; "
+        f"local disk {local_ms:.0f} ms"
     )
+
+
+def local_copy(tmp_path: Path) -> None:
+    """The S3 lake copied (again) to tmp_path/copy."""
+    from pyarrow.fs import LocalFileSystem, copy_files
+
+    from lake import objectstore
+
+    copy_files(f"{BUCKET}/lake", str(tmp_path / "copy"), objectstore.filesystem(), LocalFileSystem())
 
 
 def measure_refreshes(s3, store, rounds: int = 20) -> tuple[float, float]:  # type: ignore[no-untyped-def]
