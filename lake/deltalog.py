@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,7 +49,8 @@ def latest_version(table_location: str, known: int | None = None) -> TableVersio
 
 def _commit_time(commit_file: Path) -> datetime | None:
     try:
-        found = _commit_time_of(commit_file.read_bytes())
+        with commit_file.open("rb") as lines:  # commitInfo comes first: the rest of the file is not read
+            found = _commit_time_of(lines)
     except OSError:
         found = None
     if found is not None:
@@ -69,7 +71,7 @@ def created_at(table_location: str) -> datetime | None:
         if not objectstore.is_s3(table_location):
             return None
         commit = _remote_commit(table_location, 0)
-        return _commit_time_of(commit) if commit is not None else None
+        return _commit_time_of(commit.splitlines()) if commit is not None else None
     first = folder / "_delta_log" / f"{0:020d}.json"
     return _commit_time(first) if first.is_file() else None
 
@@ -138,11 +140,12 @@ def _latest_remote_version(table_location: str, known: int | None) -> TableVersi
 def _remote_commit_time(table_location: str, version: int) -> datetime | None:
     """A commit file never changes once written: its time is read once per version, not at every refresh."""
     commit = _remote_commit(table_location, version)
-    return _commit_time_of(commit) if commit is not None else None
+    return _commit_time_of(commit.splitlines()) if commit is not None else None
 
 
-def _commit_time_of(commit: bytes) -> datetime | None:
-    for line in commit.splitlines():
+def _commit_time_of(lines: Iterable[bytes]) -> datetime | None:
+    """The commitInfo timestamp among a commit file's lines (actions)."""
+    for line in lines:
         try:
             action = json.loads(line)
         except ValueError:
