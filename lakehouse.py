@@ -117,6 +117,11 @@ kafka_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(kafka_app, name="kafka")
+s3_app = typer.Typer(
+    help="Run a local S3 API server (S3Proxy, buckets in memory) for a lake on s3a://, for tests and demos.",
+    no_args_is_help=True,
+)
+app.add_typer(s3_app, name="s3")
 console = Console(stderr=True, soft_wrap=True)
 _overrides: dict[str, object] = {}
 
@@ -179,12 +184,14 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more
 
 @app.command()
 def setup(force: Annotated[bool, typer.Option(help="resolve again even if the jars are there")] = False) -> None:
-    """Resolve the JVM jars (Delta, Spark's Kafka source, the Kafka broker) with Maven into <home>/jars."""
+    """Resolve the JVM jars (Delta, Spark's Kafka source and s3a, the Kafka broker, S3Proxy) with Maven into <home>/jars."""
     from pipeline.jvm import jars
 
     with console.status("resolving JVM jars with Maven"):
         counts = jars.resolve(settings().home, force=force)
-    console.print(f"jars ready: {counts['spark']} for Spark, {counts['kafka']} for the Kafka broker")
+    console.print(
+        f"jars ready: {counts['spark']} for Spark, {counts['kafka']} for the Kafka broker, {counts['s3proxy']} for S3Proxy"
+    )
 
 
 @kafka_app.command("start")
@@ -254,6 +261,36 @@ def kafka_status() -> None:
         f"cluster: brokers {info['brokers']}, topic {info['topic']!r} partitions {info['partitions']}, "
         f"replicas {info['replicas']}, under-replicated partitions {info['under_replicated']}"
     )
+
+
+S3_PORT = typer.Option(help="port the local S3 server listens on (127.0.0.1)")
+
+
+@s3_app.command("start")
+def s3_start(
+    port: Annotated[int, S3_PORT] = 9000,
+    bucket: Annotated[list[str] | None, typer.Option(help="bucket to create (repeatable)")] = None,
+) -> None:
+    """Start S3Proxy (credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or fixed ones) and create buckets."""
+    from pipeline.s3server import LocalS3Server
+
+    server = LocalS3Server.from_env(settings().home, port)
+    with console.status(f"starting S3Proxy on {server.endpoint_url}"):
+        pid = server.start(tuple(bucket or ["lake"]))
+    console.print(f"S3Proxy running (pid {pid}) on {server.endpoint_url}, buckets in memory, log {server.log_file}")
+    console.print("point the lake at it with:")
+    for name, value in server.client_env().items():
+        print(f"export {name}={value}")
+    print(f"export LAKEHOUSE_LAKE_ROOT=s3a://{(bucket or ['lake'])[0]}/lake")
+
+
+@s3_app.command("stop")
+def s3_stop(port: Annotated[int, S3_PORT] = 9000) -> None:
+    """Stop the local S3 server on this port (its buckets, kept in memory, are gone)."""
+    from pipeline.s3server import LocalS3Server
+
+    stopped = LocalS3Server.from_env(settings().home, port).stop()
+    console.print("S3Proxy stopped" if stopped else "S3Proxy was not running")
 
 
 @app.command()
@@ -444,7 +481,8 @@ def replay(
     """Re-evaluate quarantined rows with the current rules; now-valid readings move into silver, gold and the rollups.
 
     For example after adding --extra-timestamp-format. Each now-valid reading moves exactly once; the rest keep an
-    updated reason. Safe to run again, or while the pipeline runs."""
+    updated reason. Safe to run again, or while the pipeline runs (not on S3, where one Spark process writes a table
+    at a time: stop the pipeline first)."""
     from lake.timestamps import TimestampError, from_us, parse_timestamp_us
     from pipeline.ops.replay import replay as run_replay
 
@@ -480,9 +518,10 @@ def maintain(
         bool, typer.Option(help="allow --retain-hours under 1; only when no pipeline or other writer is running")
     ] = False,
 ) -> None:
-    """Compact small files, write Delta checkpoints and VACUUM; safe while the pipeline runs.
+    """Compact small files, write Delta checkpoints and VACUUM; safe while the pipeline runs (not on S3).
 
-    Runs on delta-rs, without Spark: seconds for a small lake."""
+    Runs on delta-rs, without Spark: seconds for a small lake. On S3, stop the pipeline first: Spark's S3 log store
+    and delta-rs do not coordinate their commits."""
     from rich.table import Table as RichTable
 
     from lake.maintenance import UnsafeRetention, check_retention
@@ -579,6 +618,10 @@ def serve(workers: Annotated[int, typer.Option(help="uvicorn worker processes")]
 
     _overrides.update(_given(api_flags))
     current = settings()
+    from lake import objectstore
+
+    if objectstore.is_s3(current.lake_root):  # one line now, not a stack trace from every worker
+        objectstore.check_access(current.lake_root)
     # The app factory reads settings from the environment, also in worker processes.
     os.environ.update(current.as_env())
     # The app logs each request as a JSON line itself, so uvicorn's access log stays off.

@@ -1,15 +1,18 @@
-"""What a reader can learn from a local Delta table's log without a query engine: its newest version and commit
-time."""
+"""What a reader can learn from a Delta table's log without a query engine: its newest version and commit time, on a
+local disk or on S3."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from lake import objectstore
 from lake.settings import local_path
 
 _COMMIT_FILE = re.compile(r"(\d{20})\.json")
@@ -23,15 +26,16 @@ class TableVersion:
     committed_at: datetime | None
 
 
-def latest_version(table_location: str) -> TableVersion | None:
-    """The newest version in `_delta_log`, or None when the table does not exist (or is not on a local disk).
+def latest_version(table_location: str, known: int | None = None) -> TableVersion | None:
+    """The newest version in `_delta_log`, or None when the table does not exist (or is on another store than a
+    local disk or S3). `known`, a version the caller saw before, lets an object store's log be probed from there.
 
     Listing the log folder finds the newest commit without replaying the log; a commit file appears whole (Delta
     writes it with an atomic rename or put-if-absent), so the listed version is committed.
     """
     folder = local_path(table_location)
     if folder is None:
-        return None
+        return _latest_remote_version(table_location, known) if objectstore.is_s3(table_location) else None
     try:
         names = os.listdir(folder / "_delta_log")
     except FileNotFoundError:
@@ -45,13 +49,12 @@ def latest_version(table_location: str) -> TableVersion | None:
 
 def _commit_time(commit_file: Path) -> datetime | None:
     try:
-        with commit_file.open("rb") as lines:
-            for line in lines:
-                action = json.loads(line)
-                if "commitInfo" in action and "timestamp" in action["commitInfo"]:
-                    return datetime.fromtimestamp(action["commitInfo"]["timestamp"] / 1000, UTC)
-    except (OSError, ValueError):
-        pass
+        with commit_file.open("rb") as lines:  # commitInfo comes first: the rest of the file is not read
+            found = _commit_time_of(lines)
+    except OSError:
+        found = None
+    if found is not None:
+        return found
     try:  # a writer that records no commitInfo: the file's own time is the commit time
         return datetime.fromtimestamp(commit_file.stat().st_mtime, UTC)
     except OSError:
@@ -65,6 +68,88 @@ def created_at(table_location: str) -> datetime | None:
     version than a reader last saw, so readers that keep state across versions compare it."""
     folder = local_path(table_location)
     if folder is None:
-        return None
+        if not objectstore.is_s3(table_location):
+            return None
+        commit = _remote_commit(table_location, 0)
+        return _commit_time_of(commit.splitlines()) if commit is not None else None
     first = folder / "_delta_log" / f"{0:020d}.json"
     return _commit_time(first) if first.is_file() else None
+
+
+# On an object store a listing of `_delta_log` pages through every log file kept (30 days of commits by default),
+# and S3 lists no folder from a given name on through pyarrow: the newest version is found by asking for commit
+# files by name instead, from a version known to exist (the caller's, or the last checkpoint's) onwards, doubling the
+# step, then halving it. A reader that knows the current version pays one HEAD per table when nothing changed.
+
+
+def exists(table_location: str) -> bool:
+    """Whether a table on S3 has its first commit, or a checkpoint once old commits are cleaned up."""
+    return _remote_exists(table_location, 0) or _last_checkpoint(table_location) is not None
+
+
+def _log_file(table_location: str, version: int) -> str:
+    return f"{objectstore.fs_path(table_location)}/_delta_log/{version:020d}.json"
+
+
+def _remote_exists(table_location: str, version: int) -> bool:
+    try:
+        with objectstore.explained(table_location):
+            objectstore.filesystem().open_input_file(_log_file(table_location, version))  # a HEAD request, no GET
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _remote_commit(table_location: str, version: int) -> bytes | None:
+    try:
+        with (
+            objectstore.explained(table_location),
+            objectstore.filesystem().open_input_stream(_log_file(table_location, version)) as commit,
+        ):
+            return commit.read()
+    except FileNotFoundError:
+        return None
+
+
+def _last_checkpoint(table_location: str) -> int | None:
+    location = f"{objectstore.fs_path(table_location)}/_delta_log/_last_checkpoint"
+    try:
+        with objectstore.explained(table_location), objectstore.filesystem().open_input_stream(location) as pointer:
+            return int(json.loads(pointer.read())["version"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _latest_remote_version(table_location: str, known: int | None) -> TableVersion | None:
+    start = known if known is not None else _last_checkpoint(table_location)
+    if start is None:
+        start = 0
+        if not _remote_exists(table_location, start):
+            return None
+    low, step = start, 1  # low exists; versions are contiguous
+    while _remote_exists(table_location, low + step):
+        low, step = low + step, step * 2
+    high = low + step  # does not exist
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if _remote_exists(table_location, middle) else (low, middle)
+    return TableVersion(low, _remote_commit_time(table_location, low))
+
+
+@functools.lru_cache(maxsize=256)
+def _remote_commit_time(table_location: str, version: int) -> datetime | None:
+    """A commit file never changes once written: its time is read once per version, not at every refresh."""
+    commit = _remote_commit(table_location, version)
+    return _commit_time_of(commit.splitlines()) if commit is not None else None
+
+
+def _commit_time_of(lines: Iterable[bytes]) -> datetime | None:
+    """The commitInfo timestamp among a commit file's lines (actions)."""
+    for line in lines:
+        try:
+            action = json.loads(line)
+        except ValueError:
+            continue
+        if "commitInfo" in action and "timestamp" in action["commitInfo"]:
+            return datetime.fromtimestamp(action["commitInfo"]["timestamp"] / 1000, UTC)
+    return None

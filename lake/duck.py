@@ -1,8 +1,8 @@
 """DuckDB over the lake: views `bronze`, `silver`, `gold`, `quarantine`, and the locked-down reader that scans
-pinned table versions for the serving snapshot.
+pinned table versions for the serving snapshot; on a local disk or S3.
 
-DuckDB cannot download extensions here, so the delta extension is loaded from the pinned
-`duckdb-extension-delta` wheel, which carries it for exactly the installed DuckDB version.
+DuckDB cannot download extensions here, so the delta, httpfs and aws extensions are loaded from the pinned
+`duckdb-extension-*` wheels, which carry them for exactly the installed DuckDB version.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
+from lake import deltalog, objectstore
 from lake.errors import LakeError
 from lake.settings import local_path
 from lake.tables import LakePaths, Table
@@ -21,32 +22,61 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 
-def delta_extension() -> Path:
-    import duckdb_extension_delta
+def extension(name: str) -> Path:
+    """The file of a DuckDB extension (delta, httpfs, aws) from its `duckdb-extension-<name>` wheel."""
+    import importlib
 
-    path = (
-        Path(duckdb_extension_delta.__file__).parent
-        / "extensions"
-        / f"v{duckdb.__version__}"
-        / "delta.duckdb_extension"
-    )
+    try:
+        package = importlib.import_module(f"duckdb_extension_{name}")
+    except ImportError:
+        package = None
+    folder = Path(package.__file__).parent if package is not None and package.__file__ else Path("?")
+    path = folder / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
     if not path.exists():
         raise LakeError(
-            f"no delta extension for DuckDB {duckdb.__version__} at {path}; "
-            "install duckdb-extension-delta at the same version as duckdb"
+            f"no {name} extension for DuckDB {duckdb.__version__} at {path}; "
+            f"install duckdb-extension-{name} at the same version as duckdb"
         )
     return path
 
 
+def delta_extension() -> Path:
+    return extension("delta")
+
+
+def open_lake_storage(connection: duckdb.DuckDBPyConnection, root: str) -> None:
+    """Load the delta extension, and for a lake on S3 the httpfs and aws extensions and a secret from the standard
+    AWS settings (after checking that they name credentials and an existing bucket)."""
+    connection.load_extension(str(extension("delta")))
+    if objectstore.is_s3(root):
+        objectstore.check_access(root)
+        connection.load_extension(str(extension("httpfs")))
+        connection.load_extension(str(extension("aws")))
+        objectstore.access().create_duckdb_secret(connection)
+
+
+def reader_location(location: str) -> str:
+    """A table's location as DuckDB reads and compares it: a local folder (not a `file:` URI), or `s3://`."""
+    folder = local_path(location)
+    return str(folder) if folder is not None else objectstore.s3_uri(location)
+
+
+def allowed_prefix(root: str) -> str:
+    """The lake root as DuckDB's allowed_directories takes it."""
+    return reader_location(root).rstrip("/") + "/"
+
+
 def table_exists(paths: LakePaths, table: Table) -> bool:
-    """Whether the table has its first commit; on object stores assumed (listing them costs a request per table).
+    """Whether the table has its first commit (or a checkpoint, once old commits are cleaned up); on other stores
+    than a local disk or S3, assumed.
 
     The `_delta_log` folder appears before its first commit file, and a reader of a log without one fails."""
-    folder = local_path(paths.table(table))
-    return (
-        folder is None
-        or (folder / "_delta_log" / "00000000000000000000.json").is_file()
-        or any((folder / "_delta_log").glob("*.checkpoint*.parquet"))
+    location = paths.table(table)
+    folder = local_path(location)
+    if folder is None:
+        return not objectstore.is_s3(location) or deltalog.exists(location)
+    return (folder / "_delta_log" / "00000000000000000000.json").is_file() or any(
+        (folder / "_delta_log").glob("*.checkpoint*.parquet")
     )
 
 
@@ -56,7 +86,7 @@ def connect(paths: LakePaths, database: str = ":memory:") -> duckdb.DuckDBPyConn
         database,
         config={"autoinstall_known_extensions": "false", "autoload_known_extensions": "false"},
     )
-    connection.load_extension(str(delta_extension()))
+    open_lake_storage(connection, paths.root)
     connection.execute("SET TimeZone = 'UTC'")  # timestamps print and truncate in UTC, as the contract speaks
     create_views(connection, paths)
     return connection
@@ -67,7 +97,7 @@ def create_views(connection: duckdb.DuckDBPyConnection, paths: LakePaths) -> lis
     for table in Table:
         if not table_exists(paths, table):
             continue
-        location = paths.table(table).replace("'", "''")
+        location = reader_location(paths.table(table)).replace("'", "''")
         connection.execute(f"CREATE OR REPLACE VIEW {table.value} AS SELECT * FROM delta_scan('{location}')")
         created.append(table)
     return created
@@ -79,12 +109,10 @@ def connect_reader(paths: LakePaths) -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect(
         ":memory:", config={"autoinstall_known_extensions": "false", "autoload_known_extensions": "false"}
     )
-    connection.load_extension(str(delta_extension()))
+    open_lake_storage(connection, paths.root)
     connection.execute("SET TimeZone = 'UTC'")
-    folder = local_path(paths.root)
-    if folder is not None:  # object stores need their own secrets and extensions, set up by whoever runs them
-        connection.execute("SET allowed_directories = [$root]", {"root": str(folder).rstrip("/") + "/"})
-        connection.execute("SET enable_external_access = false")
+    connection.execute("SET allowed_directories = [$root]", {"root": allowed_prefix(paths.root)})
+    connection.execute("SET enable_external_access = false")
     connection.execute("SET lock_configuration = true")
     return connection
 
@@ -93,9 +121,8 @@ def scan_table(
     connection: duckdb.DuckDBPyConnection, location: str, version: int, updated_since: datetime | None
 ) -> pa.Table:
     """Rows of one pinned table version, all of them or those updated at or after `updated_since`."""
-    folder = local_path(location)  # a `file:` URI as the folder it names, the spelling allowed_directories compares
     query = "SELECT * FROM delta_scan($location, version := $version)"
-    parameters: dict[str, object] = {"location": str(folder) if folder else location, "version": version}
+    parameters: dict[str, object] = {"location": reader_location(location), "version": version}
     if updated_since is not None:
         query += " WHERE updated_at >= $since"
         parameters["since"] = updated_since

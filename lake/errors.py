@@ -9,3 +9,7 @@ class LakeError(Exception):
 
 class KafkaConfigError(LakeError):
     """The Kafka client properties (LAKEHOUSE_KAFKA_PROPERTIES) cannot be read or given to both clients."""
+
+
+class ObjectStoreError(LakeError):
+    """The lake's object store cannot be used: credentials, server or bucket missing, or a request refused."""

@@ -3,7 +3,8 @@ of expired log files.
 
 Runs on delta-rs (the `deltalake` package), not Spark: a Spark session takes longer to start than the upkeep of a
 small lake. It may run while the stream writes: delta-rs commits only if no concurrent commit removed a file it
-removes, the stream's writes retry on a conflict (lake.conflicts), and so does every commit here.
+removes, the stream's writes retry on a conflict (lake.conflicts), and so does every commit here. On S3 it may not:
+Spark's S3 log store does not create commit files with the put-if-absent that delta-rs relies on (DEPLOY.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lake import objectstore
 from lake.conflicts import retry_on_conflict
 from lake.errors import LakeError
 from lake.settings import MIB, local_path
@@ -69,6 +71,8 @@ def maintain(
     allow_unsafe_retention: bool = False,
 ) -> list[TableReport]:
     check_retention(retain_hours, allow_unsafe_retention)
+    if objectstore.is_s3(paths.root):
+        objectstore.check_access(paths.root)
     return [_maintain_table(paths.table(table), table, retain_hours, vacuum) for table in tables or list(Table)]
 
 
@@ -78,14 +82,16 @@ def _open(location: str) -> DeltaTable:
     from deltalake.exceptions import DeltaError
 
     try:
+        if objectstore.is_s3(location):  # the same AWS_* settings as Spark and DuckDB
+            return DeltaTable(objectstore.s3_uri(location), storage_options=objectstore.access().delta_rs_options())
         return DeltaTable(location)
     except (DeltaError, OSError) as exc:
         where = (
             ""
-            if local_path(location) is not None
+            if local_path(location) is not None or objectstore.is_s3(location)
             else (
                 "; on an object store delta-rs takes credentials and settings from its own environment variables "
-                "(AWS_*, AZURE_*, GOOGLE_*), not from spark.hadoop.* (DEPLOY.md, section 4)"
+                "(AZURE_*, GOOGLE_*), not from spark.hadoop.* (DEPLOY.md, section 4)"
             )
         )
         raise LakeError(f"cannot open the Delta table at {location}: {exc}{where}") from exc

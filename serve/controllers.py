@@ -18,7 +18,7 @@ from litestar.static_files import create_static_files_router
 
 from lake import checkpoint, deltalog, duck, kafka
 from lake.errors import LakeError
-from lake.settings import Settings, local_path
+from lake.settings import Settings
 from lake.tables import KPI_FIELDS, Table
 from lake.timestamps import MAX_US, Grain, TimestampError, format_utc, from_us, parse_timestamp_us
 from serve import queries
@@ -103,15 +103,6 @@ def _instant(name: str, text: str) -> int:
 @contextmanager
 def _reading(store: SnapshotStore) -> Iterator[tuple[Snapshot, Freshness, queries.Source]]:
     """One snapshot's cursor and freshness for a request; a lake without tables is a 503."""
-    if local_path(store.paths.root) is None:
-        raise problem(
-            503,
-            "Lake not served",
-            (
-                f"the API reads lakes on local disk only (a folder or file: URI), not {store.paths.root}; "
-                "serve it from a local copy or a mounted bucket"
-            ),
-        )
     with store.read() as (snapshot, cursor):
         freshness = _freshness(snapshot)
         try:
@@ -268,7 +259,7 @@ class HealthController(Controller):
         paths = store.paths
         snapshot = store.current
         tables = {t.value: duck.table_exists(paths, t) for t in Table}
-        gold = deltalog.latest_version(paths.table(Table.GOLD))
+        gold = deltalog.latest_version(paths.table(Table.GOLD), known=snapshot.gold_version)
         processed = checkpoint.processed_offsets(paths)
         partitions = kafka.lag(kafka_watch.newest, processed.next_offsets if processed else {})
         behind = None if kafka_watch.newest is None else records_behind(partitions)

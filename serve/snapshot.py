@@ -8,7 +8,10 @@ as of given Delta versions, synced per version; memory is bounded by DuckDB's `m
 - Until its file holds a complete copy (a never-seen lake, or a rebuild), the store answers straight from the lake:
   `delta_scan` of gold, rollups and silver at versions pinned per snapshot, while a background thread builds the file
   in one transaction; then it switches.
-- `refresh()` lists each table's `_delta_log`; when a version moved on, it reads from that pinned version only the
+- `refresh()` lists each table's `_delta_log` (on S3, where a listing pages through the whole log, it asks for the
+  commit after the version it holds by name instead: one HEAD per table when nothing changed, see lake.deltalog, and
+  reads the tables' first commits only when a version moved); when a version moved on, it reads from that pinned
+  version only the
   rows updated since the last load (the pipeline never deletes rows: a change updates a row and its `updated_at`)
   and applies them, with the new versions, in one transaction. A reader queries inside its own transaction, so the
   versions it reports are those of the rows it read.
@@ -138,6 +141,7 @@ class SnapshotStore:
         self._database = self._open()
         # Each table's folder as the store's connection may read it.
         self.locations = {t: self._location(t) for t in TABLES}
+        self._lake_on_disk = local_path(paths.root) is not None
         self.current = self._stored_snapshot() or Snapshot(None, None, None, None, None, from_store=False)
         self._writer = self._database.cursor()
 
@@ -164,12 +168,9 @@ class SnapshotStore:
                 "temp_directory": str(self.store_dir / f"slot-{self.slot}.tmp"),
             },
         )
-        database.load_extension(str(duck.delta_extension()))
+        duck.open_lake_storage(database, self.paths.root)
         database.execute("SET TimeZone = 'UTC'")
-        allowed = [str(self.store_dir).rstrip("/") + "/"]
-        lake = local_path(self.paths.root)
-        if lake is not None:
-            allowed.append(str(lake).rstrip("/") + "/")
+        allowed = [str(self.store_dir).rstrip("/") + "/", duck.allowed_prefix(self.paths.root)]
         database.execute("SET allowed_directories = $allowed", {"allowed": allowed})
         database.execute("SET enable_external_access = false")
         database.execute("SET lock_configuration = true")
@@ -216,13 +217,14 @@ class SnapshotStore:
         """Catch up with the newest committed versions, if any table moved on; safe to call from any thread."""
         with self._refresh_lock:
             started = time.perf_counter()
-            found = {t: deltalog.latest_version(self.paths.table(t)) for t in TABLES}
+            loaded = {t: self.current.version(t) for t in TABLES}
+            found = {t: deltalog.latest_version(self.paths.table(t), known=loaded[t]) for t in TABLES}
             if not self.current.from_store:
                 return self._pin(found, started)
-            loaded = {t: self.current.version(t) for t in TABLES}
-            if (
-                any(loaded[t] is not None and (v is None or v.version < (loaded[t] or 0)) for t, v in found.items())
-                or self._made_anew()
+            moved = any(v is not None and v.version != loaded[t] for t, v in found.items())
+            if any(loaded[t] is not None and (v is None or v.version < (loaded[t] or 0)) for t, v in found.items()) or (
+                # On an object store, where reading each first commit costs requests, only when a version moved.
+                (moved or self._lake_on_disk) and self._made_anew()
             ):
                 # A table made anew: answer from the lake while the file is built again.
                 log.info("a lake table was made anew; rebuilding the serving store %s", self.file)
@@ -276,9 +278,7 @@ class SnapshotStore:
         return RefreshReport(not unchanged, time.perf_counter() - started, {})
 
     def _location(self, table: Table) -> str:
-        location = self.paths.table(table)
-        folder = local_path(location)  # a `file:` URI as the folder it names, the spelling allowed_directories compares
-        return str(folder) if folder else location
+        return duck.reader_location(self.paths.table(table))
 
     def _scan(self, table: Table, version: int, since: datetime | None = None, columns: str = "*") -> str:
         """SQL of a pinned table version's rows (those updated at or after `since`); $<table> names its location."""

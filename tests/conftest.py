@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -12,7 +13,8 @@ from lake.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 HOME = REPO / ".lakehouse"  # jars resolved by `lakehouse setup` (make test runs it first)
-TEST_KAFKA_PORT = 19092
+# Another port when 19092 is taken on the machine (its controller listens on the next port).
+TEST_KAFKA_PORT = int(os.environ.get("LAKEHOUSE_TEST_KAFKA_PORT", "19092"))
 
 
 @pytest.fixture(scope="session")

@@ -91,3 +91,23 @@ class Stream:
         """Messages [start:stop] as NDJSON, one a line, for `lakehouse produce`."""
         path.write_bytes(b"".join(payload + b"\n" for payload in self.messages[start:stop]))
         return path
+
+
+def few_devices(start: datetime, messages: int = 120) -> Stream:
+    """Single readings and batches of ten from six devices over two minutes from `start`, then a correction."""
+    from datetime import timedelta
+
+    rng = random.Random(15)
+    stream = Stream()
+    for index in range(messages):
+        device = f"pump-{rng.randrange(6)}"
+        if index % 8 == 0:
+            readings = [
+                (start + timedelta(milliseconds=rng.randrange(120_000)), round(rng.gauss(40, 9), 4)) for _ in range(10)
+            ]
+            stream.batch(device, readings)
+        else:
+            stream.single(device, start + timedelta(milliseconds=rng.randrange(120_000)), round(rng.gauss(40, 9), 4))
+    first = stream.sent[1]
+    stream.single(first.readings[0][0], first.readings[0][1], -1.5)  # a correction: the later value wins
+    return stream

@@ -5,12 +5,11 @@ lag work; a wrong password or a missing ACL stops each client at once with a mes
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,7 @@ from lake.settings import Settings
 from lake.tables import LakePaths
 from tests.conftest import HOME
 from tests.reference import assert_kpis_equal, gold_kpis
-from tests.stream import Stream
+from tests.stream import Stream, few_devices
 
 pytestmark = [pytest.mark.kafka, pytest.mark.spark]
 
@@ -185,20 +184,7 @@ def settings_for(kafka: SecuredKafka, properties: Path, lake: Path) -> Settings:
 
 def build_stream(messages: int = 120) -> Stream:
     """Single readings, batches and corrections from a few devices, over two minutes."""
-    rng = random.Random(15)
-    stream = Stream()
-    for index in range(messages):
-        device = f"pump-{rng.randrange(6)}"
-        if index % 8 == 0:
-            readings = [
-                (T0 + timedelta(milliseconds=rng.randrange(120_000)), round(rng.gauss(40, 9), 4)) for _ in range(10)
-            ]
-            stream.batch(device, readings)
-        else:
-            stream.single(device, T0 + timedelta(milliseconds=rng.randrange(120_000)), round(rng.gauss(40, 9), 4))
-    first = stream.sent[1]
-    stream.single(first.readings[0][0], first.readings[0][1], -1.5)  # a correction: the later value wins
-    return stream
+    return few_devices(T0, messages)
 
 
 def timed(settings: Settings, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:

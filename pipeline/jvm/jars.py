@@ -1,4 +1,5 @@
-"""Resolves the JVM jars (Delta, Spark's Kafka source, the Kafka broker) once with Maven into a local folder."""
+"""Resolves the JVM jars (Delta, Spark's Kafka source and s3a file system, the Kafka broker, S3Proxy) once with Maven
+into a local folder."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ def kafka_jar_dir(home: Path) -> Path:
     return home / "jars" / "kafka"
 
 
+def s3proxy_jar_dir(home: Path) -> Path:
+    return home / "jars" / "s3proxy"
+
+
+# A jar of each of Spark's needs, by name: `resolve` runs Maven again for a folder resolved before one was added.
+_SPARK_MARKERS = ("delta-spark", "spark-sql-kafka", "hadoop-aws")
+
+
 def spark_jars(home: Path) -> list[Path]:
     jars = sorted(spark_jar_dir(home).glob("*.jar"))
     if not any(j.name.startswith("delta-spark") for j in jars) or not any("sql-kafka" in j.name for j in jars):
@@ -44,6 +53,10 @@ def log4j_config() -> Path:
 
 def fair_scheduler_pools() -> Path:
     return Path(str(resources.files("pipeline.jvm") / "fairscheduler.xml"))
+
+
+def s3proxy_log_config() -> Path:
+    return Path(str(resources.files("pipeline.jvm") / "s3proxy-logback.xml"))
 
 
 def _copy_dependencies(pom_name: str, target: Path) -> None:
@@ -73,14 +86,14 @@ def _copy_dependencies(pom_name: str, target: Path) -> None:
 
 
 def resolve(home: Path, force: bool = False) -> dict[str, int]:
-    """Fill <home>/jars/{spark,kafka}; Spark's folder keeps only jars that pyspark does not already ship.
+    """Fill <home>/jars/{spark,kafka,s3proxy}; Spark's folder keeps only jars that pyspark does not already ship.
 
     pyspark's own jars (Scala, Jackson, Hadoop, Parquet, ...) are newer than what Delta's POM names, and two
     versions of one library on the classpath break at run time, so those are dropped by artifact name.
     """
     counts: dict[str, int] = {}
     spark_dir = spark_jar_dir(home)
-    if force or not spark_dir.is_dir() or not any(spark_dir.glob("delta-spark*.jar")):
+    if force or not all(any(spark_dir.glob(f"{marker}*.jar")) for marker in _SPARK_MARKERS):
         _copy_dependencies("spark-pom.xml", spark_dir)
         shipped = {_artifact(j) for j in pyspark_jars().glob("*.jar")}
         for jar in spark_dir.glob("*.jar"):
@@ -91,4 +104,8 @@ def resolve(home: Path, force: bool = False) -> dict[str, int]:
     if force or not kafka_dir.is_dir() or not any(kafka_dir.glob("kafka_2.13-*.jar")):
         _copy_dependencies("kafka-pom.xml", kafka_dir)
     counts["kafka"] = len(list(kafka_dir.glob("*.jar")))
+    s3proxy_dir = s3proxy_jar_dir(home)
+    if force or not any(s3proxy_dir.glob("s3proxy-*.jar")):
+        _copy_dependencies("s3proxy-pom.xml", s3proxy_dir)
+    counts["s3proxy"] = len(list(s3proxy_dir.glob("*.jar")))
     return counts

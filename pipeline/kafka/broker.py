@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -14,25 +13,10 @@ from typing import TYPE_CHECKING
 from lake.kafka import admin_config
 from lake.settings import Settings
 from pipeline.errors import BrokerError
-from pipeline.jvm import jars
+from pipeline.jvm import daemon, jars
 
 if TYPE_CHECKING:
     from confluent_kafka.admin import AdminClient
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child that exited, or it stays a zombie
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 @dataclass(frozen=True)
@@ -181,18 +165,10 @@ class LocalBroker:
         return "".join(f"{key}={value}\n" for key, value in lines.items())
 
     def pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        return pid if _alive(pid) else None
+        return daemon.running_pid(self.pid_file)
 
     def reachable(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=1):
-                return True
-        except OSError:
-            return False
+        return daemon.listening(self.host, self.port)
 
     def _java(self, *args: str, heap: str | None = None) -> list[str]:
         classpath = str(jars.kafka_jar_dir(self.home) / "*")
@@ -277,17 +253,7 @@ class LocalBroker:
 
     def stop(self, timeout_s: float = 60.0) -> bool:
         """Stop the broker with SIGTERM (a clean shutdown); SIGKILL after the timeout. False if it was not running."""
-        pid = self.pid()
-        if pid is None:
-            return False
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.pid() is not None:
-            time.sleep(0.2)
-        if self.pid() is not None:
-            os.kill(pid, signal.SIGKILL)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+        return daemon.stop(self.pid_file, timeout_s)
 
 
 def new_cluster_id(home: Path) -> str:

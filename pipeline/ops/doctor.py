@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lake import checkpoint, kafka
+from lake import checkpoint, kafka, objectstore
+from lake.errors import ObjectStoreError
 from lake.settings import Settings, local_path
 from lake.tables import LakePaths
 
@@ -244,7 +245,7 @@ def _lake(settings: Settings) -> list[Finding]:
     root = LakePaths.from_settings(settings).root
     folder = local_path(root)
     if folder is None:
-        return [Finding("lake", OK, f"{root} (object storage: not checked here)")]
+        return _object_store(root) if objectstore.is_s3(root) else [Finding("lake", OK, f"{root} (not checked here)")]
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(existing).free
     findings = []
@@ -262,6 +263,28 @@ def _lake(settings: Settings) -> list[Finding]:
         )
     )
     return findings
+
+
+def _object_store(root: str) -> list[Finding]:
+    """The bucket answers with these credentials, a probe object can be written, listed and deleted, and which
+    writers the Delta log store allows."""
+    access = objectstore.access()
+    try:
+        objectstore.check_access(root)
+        probe = objectstore.probe_write_list_delete(root)
+    except ObjectStoreError as exc:
+        return [Finding("object store", FAIL, str(exc), "see DEPLOY.md, section 4, for the AWS_* settings")]
+    return [
+        Finding("object store", OK, f"bucket {objectstore.bucket_of(root)!r} at {access.where}"),
+        Finding("object store write", OK, f"wrote, listed and deleted {probe}"),
+        Finding(
+            "Delta log store",
+            OK,
+            "single writer (S3SingleDriverLogStore): one Spark process writes a table at a time; stop the pipeline "
+            "while `lakehouse replay` or `maintain` runs",
+            "for several writers at once, S3DynamoDBLogStore on every Spark writer (DEPLOY.md, section 4)",
+        ),
+    ]
 
 
 def _memory(settings: Settings) -> Finding:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lake import objectstore
 from lake.settings import MIB, Settings
+from pipeline.errors import SetupError
 from pipeline.jvm import jars
 
 if TYPE_CHECKING:
@@ -42,6 +45,23 @@ def jvm_memory_bounds(settings: Settings) -> tuple[list[str], dict[str, str]]:
     return [f"-Djdk.nio.maxCachedBufferSize={1 * MIB}"], {"MALLOC_ARENA_MAX": "2"}
 
 
+def _object_store_conf(settings: Settings, spark_jars: list[Path]) -> dict[str, str]:
+    """s3a's settings from the standard AWS_* variables when the lake or its checkpoints are on S3, after checking
+    that credentials and bucket are there (a clear line now, not a stack trace from the first write).
+
+    Delta keeps its default S3 log store (S3SingleDriverLogStore): safe with one writing process per table, which is
+    what the pipeline is; DEPLOY.md says how to let several write."""
+    roots = [root for root in (settings.lake_root, settings.checkpoints) if objectstore.is_s3(root)]
+    if not roots:
+        return {}
+    if not any(jar.name.startswith("hadoop-aws") for jar in spark_jars):
+        raise SetupError(f"hadoop-aws is missing under {jars.spark_jar_dir(settings.home)}; run `lakehouse setup`")
+    for root in roots:
+        objectstore.check_access(root)
+    access = objectstore.access()  # also keeps the AWS SDK's checksums to what S3-compatible servers take
+    return {f"spark.hadoop.{key}": value for key, value in access.hadoop_conf().items()}
+
+
 def build_session(
     settings: Settings, app_name: str = "kpi-lakehouse", extra: dict[str, str] | None = None
 ) -> SparkSession:
@@ -53,7 +73,8 @@ def build_session(
     java_options, jvm_env = jvm_memory_bounds(settings)
     for name, value in jvm_env.items():  # read by the JVM pyspark is about to start (and its Python workers)
         os.environ.setdefault(name, value)
-    jar_files = ",".join(str(j) for j in jars.spark_jars(settings.home))
+    spark_jars = jars.spark_jars(settings.home)
+    jar_files = ",".join(str(j) for j in spark_jars)
     conf = {
         "spark.master": settings.spark_master,
         "spark.app.name": app_name,
@@ -85,6 +106,7 @@ def build_session(
     }
     if settings.spark_executor_memory:
         conf["spark.executor.memory"] = settings.spark_executor_memory
+    conf.update(_object_store_conf(settings, spark_jars))
     conf.update(extra or {})
     # Under spark-submit, what it was given (--master, --jars, --executor-memory, --conf, spark-defaults.conf) wins.
     conf = {key: value for key, value in conf.items() if key not in _submitted_conf()}
