@@ -170,6 +170,12 @@ def test_invalid_utf8_inside_a_string_is_quarantined_not_raised() -> None:
     assert parsed.reason_code == ["not_utf8"] and parsed.reading_index == [None]
 
 
+def test_a_lone_surrogate_escape_in_device_id_is_quarantined_not_raised() -> None:
+    # json and msgspec both decode "\ud800" to a str that cannot be written as UTF-8 (it failed the Arrow batch).
+    parsed = parse_messages([b'{"device_id": "\\ud800", "timestamp": "2024-07-30T12:00:00Z", "value": 1}'])
+    assert parsed.reason_code == ["bad_device_id"] and parsed.reading_index == [0]
+
+
 def test_a_parser_failure_quarantines_the_message_instead_of_stopping_the_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

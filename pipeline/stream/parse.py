@@ -89,7 +89,22 @@ def check_device_id(device_id: object) -> str:
         raise InvalidReading(Reason.MISSING_DEVICE_ID, "device_id is missing")
     if not isinstance(device_id, str) or not device_id:
         raise InvalidReading(Reason.BAD_DEVICE_ID, f"device_id must be a non-empty string, got {device_id!r:.64}")
+    if not _is_unicode(device_id):
+        raise InvalidReading(
+            Reason.BAD_DEVICE_ID, f"device_id {device_id!r:.64} holds a lone surrogate escape, which is not text"
+        )
     return device_id
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string with a lone surrogate (JSON's "\\ud800" decodes to one), which no table can store."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_value(value: object) -> float:
@@ -204,6 +219,8 @@ def _fast_path(payload: bytes, source: int, out: ParsedMessage) -> bool:
         for index, item in enumerate(items):
             device = item.device_id if item.device_id is not UNSET and item.device_id is not None else default_device
             if not isinstance(device, str) or not device or not isinstance(item.timestamp, str):
+                return False
+            if not _is_unicode(device):
                 return False
             if not isinstance(item.value, float):
                 return False
