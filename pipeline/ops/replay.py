@@ -102,7 +102,9 @@ def replay(
     report.readings_accepted = bounds[0]
     if report.readings_accepted:
         lo, hi = f"timestamp_micros({bounds[1]})", f"timestamp_micros({bounds[2]})"
-        writer.readings(readings, lo, hi, None, lambda stage: crash_point(f"replay_{stage}", 0))
+        writer.readings(
+            readings, report.readings_accepted, lo, hi, None, lambda stage: crash_point(f"replay_{stage}", 0)
+        )
         writer.rollups(readings, lo, hi)
         crash_point("replay_rollups", 0)
 

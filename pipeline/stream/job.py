@@ -124,7 +124,7 @@ class IngestJob:
                 # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
                 lo, hi = f"timestamp_micros({counts['lo']})", f"timestamp_micros({counts['hi']})"
                 readings = parsed.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
-                self.writer.readings(readings, lo, hi, counts["seconds"], committed)
+                self.writer.readings(readings, report.readings, lo, hi, counts["seconds"], committed)
 
             # Kafka is read twice (the parser, then bronze): a cache of the records would hold a partition's 5 MiB
             # messages in one columnar batch of up to 10,000 rows, which ran a 2 GiB driver out of heap.
