@@ -1,6 +1,6 @@
 """Fault injection for the crash tests: LAKEHOUSE_TEST_CRASH_AFTER=<stage>:<batch id or *> kills the process group with
-SIGKILL right after that stage's Delta commit (silver, corrections, gold, bronze, quarantine, rollups, replay_silver,
-replay_corrections, replay_gold, replay_rollups), before Spark's checkpoint commit. Unset, it does nothing."""
+SIGKILL right after that stage's Delta commit (silver, gold, bronze, quarantine, rollups, replay_silver, replay_gold,
+replay_rollups), before Spark's checkpoint commit. Unset, it does nothing."""
 
 from __future__ import annotations
 
