@@ -77,25 +77,24 @@ class LakeWriter:
         that conflicts with another writer's (`lakehouse replay`, `maintain`) starts the whole again from the
         classification, which the other writer's readings may have changed.
         """
-        from pyspark import StorageLevel
         from pyspark.sql import functions as F
 
-        latest = dedupe.latest_per_identity(readings).persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            if touched is None:
-                second = F.unix_micros(F.date_trunc("second", "timestamp"))
-                touched = [row[0] for row in readings.select(second).distinct().limit(CLASSIFIED_SECONDS + 1).collect()]
-            # A backlog's batch: its gold rows come from silver's new files (a scan of three Parquet columns) rather
-            # than from its own deduplicated readings: aggregating a batch of 19 million of them took 43 s, where
-            # the recompute from silver took about 10.
-            from_batch = count <= _GOLD_FROM_BATCH_READINGS
-            seconds = touched
-            retry_on_conflict(
-                lambda: self._write_readings(readings, latest, from_batch, lo, hi, seconds, committed),
-                "write readings",
-            )
-        finally:
-            latest.unpersist()
+        # Not cached: the MERGE into silver materializes its source itself, and a second copy of a backlog batch
+        # of a million readings ran a 1 GiB heap out of memory (tests/test_backlog.py). Gold's KPIs of new seconds
+        # deduplicate the batch again, which costs little beside the MERGE for the batches that take that road.
+        latest = dedupe.latest_per_identity(readings)
+        if touched is None:
+            second = F.unix_micros(F.date_trunc("second", "timestamp"))
+            touched = [row[0] for row in readings.select(second).distinct().limit(CLASSIFIED_SECONDS + 1).collect()]
+        # A backlog's batch: its gold rows come from silver's new files (a scan of three Parquet columns) rather
+        # than from its own deduplicated readings: aggregating a batch of 19 million of them took 43 s, where
+        # the recompute from silver took about 10.
+        from_batch = count <= _GOLD_FROM_BATCH_READINGS
+        seconds = touched
+        retry_on_conflict(
+            lambda: self._write_readings(readings, latest, from_batch, lo, hi, seconds, committed),
+            "write readings",
+        )
 
     def _write_readings(
         self,
