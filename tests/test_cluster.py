@@ -235,13 +235,16 @@ def test_standalone_spark_and_three_brokers_survive_a_broker_loss(
 
         per_second = reference.buckets()
 
-        def gold_complete() -> bool:
+        def complete() -> bool:
             gold = gold_kpis(connect(paths))
-            return set(gold) == set(per_second) and all(
-                gold[s]["reading_count"] == want["reading_count"] for s, want in per_second.items()
+            return (
+                set(gold) == set(per_second)
+                and all(gold[s]["reading_count"] == want["reading_count"] for s, want in per_second.items())
+                and bronze_records(paths) >= len(messages)
             )
 
-        wait_until("gold to hold every reading", gold_complete, 240)
+        # A batch commits bronze after silver and gold: wait for both before stopping the job.
+        wait_until("gold to hold every reading and bronze every record", complete, 240)
     finally:
         if producer is not None and producer.poll() is None:
             producer.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -48,6 +49,10 @@ def _api_columns(base: str, url: str) -> list[list[float]]:
         [i["max_value"] for i in items],
         [i["reading_count"] for i in items],
     ]
+
+
+def _newest_version(table: Path) -> int:
+    return max(int(log.stem) for log in (table / "_delta_log").glob("*.json"))
 
 
 def _epoch(text: str) -> float:
@@ -105,6 +110,19 @@ def test_dashboard_draws_the_api_values_and_follows_new_data(spark, tmp_path: Pa
             chart = _chart_columns(page)
             assert chart == _api_columns(base, page.evaluate("() => window.kpiDashboard.url"))
             assert chart[1][-1] == 250.0 and chart[4][-1] == 1
+
+            # The append commits gold before it rewrites the rollups, so the page may have drawn the new second
+            # while the API still served the older rollups. Wait until the API serves the newest rollups version:
+            # the minute view below must compare the chart and the API at one snapshot (a rewrite may move an
+            # average by a rounding step).
+            newest = _newest_version(root / "rollups")
+            deadline = time.monotonic() + 30
+            while (
+                httpx.get(base + page.evaluate("() => window.kpiDashboard.url")).json()["freshness"]["rollups_version"]
+                != newest
+            ):
+                assert time.monotonic() < deadline, f"the API did not load rollups version {newest}"
+                time.sleep(0.1)
 
             # Choosing a grain and a device draws that series.
             page.select_option("#grain", "minute")
