@@ -34,7 +34,7 @@ START = datetime(2030, 1, 1, tzinfo=UTC)  # a UTC midnight: day chunks are whole
 DAY = 86_400
 MARKER = "serving-lake.json"
 # Bump when the formula or the layout changes, so that a cached lake of the old kind is built again.
-FORMAT = 1
+FORMAT = 2  # 2: silver records arrival_watermark; gold and the rollups their history columns
 # The build's Delta writes carry this app id with the day's index as the version: a build resumed after a crash
 # skips the writes of a day that had committed, as the pipeline's micro-batches do.
 TXN_APP_ID = "kpi-lakehouse-serving-lake"
@@ -195,6 +195,7 @@ def day_readings(spark: SparkSession, shape: LakeShape, first_day: int, end_day:
             "0 AS reading_index",
             "CAST(NULL AS TIMESTAMP) AS kafka_timestamp",
             "current_timestamp() AS updated_at",
+            "CAST(NULL AS TIMESTAMP) AS arrival_watermark",
         )
     )
 
@@ -290,7 +291,7 @@ def build_lake(
             # Kept while gold and the rollups are computed from it: generating it is cheap, but three times is not.
             silver = day_readings(spark, shape, first, last).persist(StorageLevel.MEMORY_AND_DISK)
             write(silver, Table.SILVER, first)
-            chunk = silver.select("device_id", "timestamp", "value")
+            chunk = silver.select("device_id", "timestamp", "value", "arrival_watermark")
             write(kpis_per_second(chunk).coalesce(1).sortWithinPartitions("timestamp"), Table.GOLD, first)
             rollup_rows = rollups.from_readings(chunk).repartition("grain")
             write(rollup_rows.sortWithinPartitions("grain", "device_id", "timestamp"), Table.ROLLUPS, first)

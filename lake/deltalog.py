@@ -153,3 +153,37 @@ def _commit_time_of(lines: Iterable[bytes]) -> datetime | None:
         if "commitInfo" in action and "timestamp" in action["commitInfo"]:
             return datetime.fromtimestamp(action["commitInfo"]["timestamp"] / 1000, UTC)
     return None
+
+
+def commit_info(table_location: str, version: int) -> dict | None:
+    """The commitInfo action of one commit (None when the commit file is gone, holds none, or the table lives on a
+    store other than a local disk or S3). A commit file never changes once written, so S3's are read once."""
+    folder = local_path(table_location)
+    if folder is None:
+        if not objectstore.is_s3(table_location):
+            return None
+        return _remote_commit_info(table_location, version)
+    try:
+        with (folder / "_delta_log" / f"{version:020d}.json").open("rb") as lines:
+            return _commit_info_of(lines)
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def _remote_commit_info(table_location: str, version: int) -> dict | None:
+    commit = _remote_commit(table_location, version)
+    return _commit_info_of(commit.splitlines()) if commit is not None else None
+
+
+def _commit_info_of(lines: Iterable[bytes]) -> dict | None:
+    for line in lines:
+        if b'"commitInfo"' not in line:
+            continue
+        try:
+            action = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(action.get("commitInfo"), dict):
+            return action["commitInfo"]  # type: ignore[no-any-return]
+    return None

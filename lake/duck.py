@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
-from lake import deltalog, objectstore
+from lake import deltalog, objectstore, watermark
 from lake.errors import LakeError
 from lake.settings import local_path
 from lake.tables import LakePaths, Table
@@ -92,13 +92,35 @@ def connect(paths: LakePaths, database: str = ":memory:") -> duckdb.DuckDBPyConn
     return connection
 
 
+# A bucket's end, for the `final` column of the gold and rollups views.
+_BUCKET_END = {
+    Table.GOLD: '"timestamp" + INTERVAL 1 SECOND',
+    Table.ROLLUPS: (
+        "\"timestamp\" + CASE grain WHEN 'minute' THEN INTERVAL 1 MINUTE WHEN 'hour' THEN INTERVAL 1 HOUR "
+        "ELSE INTERVAL 1 DAY END"
+    ),
+}
+
+
 def create_views(connection: duckdb.DuckDBPyConnection, paths: LakePaths) -> list[Table]:
+    """A view per existing table, and `watermark`: one row with the watermark recorded at gold's newest version
+    when the views were made (lake.watermark). The gold and rollups views add `final`, true for a bucket that ends
+    at or before it."""
     created = []
+    mark = watermark.NONE
+    gold = deltalog.latest_version(paths.table(Table.GOLD))
+    if gold is not None:
+        mark = watermark.at_version(paths.table(Table.GOLD), gold.version)
+    moment = "NULL" if mark.watermark_us is None else f"make_timestamptz({int(mark.watermark_us)})"
+    connection.execute(f"CREATE OR REPLACE VIEW watermark AS SELECT {moment}::TIMESTAMPTZ AS watermark")
     for table in Table:
         if not table_exists(paths, table):
             continue
         location = reader_location(paths.table(table)).replace("'", "''")
-        connection.execute(f"CREATE OR REPLACE VIEW {table.value} AS SELECT * FROM delta_scan('{location}')")
+        columns = "*"
+        if table in _BUCKET_END:
+            columns = f"*, coalesce({_BUCKET_END[table]} <= {moment}::TIMESTAMPTZ, false) AS final"
+        connection.execute(f"CREATE OR REPLACE VIEW {table.value} AS SELECT {columns} FROM delta_scan('{location}')")
         created.append(table)
     return created
 

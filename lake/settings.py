@@ -101,6 +101,14 @@ class Settings(BaseSettings):
         ),
         json_schema_extra=cli("Streaming job"),
     )
+    allowed_lateness: str = Field(
+        "5 minutes",
+        description=(
+            "how long after the newest reading a bucket may still get readings before it is final; later readings "
+            "still count, as late ones (e.g. 30 seconds, 5 minutes, 2 hours, 1 day)"
+        ),
+        json_schema_extra=cli("Streaming job"),
+    )
     max_offsets_per_trigger: int = Field(
         2000,
         ge=1,
@@ -170,6 +178,12 @@ class Settings(BaseSettings):
         json_schema_extra=cli("API", serve_flag="--memory-limit"),
     )
 
+    @field_validator("allowed_lateness")
+    @classmethod
+    def _readable_lateness(cls, value: str) -> str:
+        duration_us(value)
+        return value
+
     @field_validator("starting_offsets")
     @classmethod
     def _known_starting_offsets(cls, value: str) -> str:
@@ -195,6 +209,10 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def allowed_lateness_us(self) -> int:
+        return duration_us(self.allowed_lateness)
+
+    @property
     def checkpoints(self) -> str:
         return self.checkpoint_root or join_path(self.lake_root, "_checkpoints")
 
@@ -206,6 +224,23 @@ class Settings(BaseSettings):
     def kafka_limit_bytes(self) -> int:
         """Size limit for the Kafka layers: the value limit plus room for key, headers and batch framing."""
         return self.max_message_bytes + 64 * 1024
+
+
+_UNIT_US = {"second": 1_000_000, "minute": 60_000_000, "hour": 3_600_000_000, "day": 86_400_000_000}
+
+
+def duration_us(text: str) -> int:
+    """Microseconds of a duration written as Spark writes intervals: `<number> <unit>`, the unit one of second,
+    minute, hour or day (singular or plural)."""
+    parts = text.split()
+    unit = parts[1].lower().removesuffix("s") if len(parts) == 2 else ""
+    try:
+        amount = float(parts[0]) if unit in _UNIT_US else -1.0
+    except ValueError:
+        amount = -1.0
+    if not 0 <= amount < 1e6:
+        raise ValueError(f"{text!r} is not a duration such as '30 seconds', '5 minutes', '2 hours' or '1 day'")
+    return round(amount * _UNIT_US[unit])
 
 
 @dataclass(frozen=True)

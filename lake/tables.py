@@ -37,6 +37,13 @@ _SPARK_TYPES = {int: "BIGINT NOT NULL", float: "DOUBLE NOT NULL", float | None: 
 _KPI_COLUMNS = ", ".join(f"{f.name} {_SPARK_TYPES[f.type]}" for f in msgspec.structs.fields(KpiValues))
 
 
+# How a bucket's KPIs came to be, beside them in gold and the rollups (nullable: added to tables made before):
+# - fingerprint: the sum of a 32-bit hash of each reading (device, time, value), an exact, order-free summary of
+#   the bucket's readings that tells a changed bucket from a recompute whose rounding differs;
+# - revision: how many times the KPIs changed after their first commit;
+# - late_readings: readings that arrived after the bucket was final.
+_HISTORY_COLUMNS = "fingerprint BIGINT, revision BIGINT, late_readings BIGINT"
+
 # Schemas as Spark DDL so that this module stays importable without Spark (the API and `lakehouse sql` use it).
 # Timestamps are Delta TIMESTAMP (UTC instants), not TIMESTAMP_NTZ, to keep the tables at reader 1 / writer 2.
 SCHEMAS: dict[Table, str] = {
@@ -47,14 +54,19 @@ SCHEMAS: dict[Table, str] = {
     Table.SILVER: (
         "device_id STRING NOT NULL, `timestamp` TIMESTAMP NOT NULL, value DOUBLE NOT NULL, topic STRING NOT NULL, "
         "`partition` INT NOT NULL, `offset` BIGINT NOT NULL, reading_index INT NOT NULL, "
-        "kafka_timestamp TIMESTAMP, updated_at TIMESTAMP NOT NULL"
+        # The watermark when the reading's record arrived (lake.watermark): it arrived late for every bucket that
+        # ends at or before it. Null for readings written before watermarks were kept.
+        "kafka_timestamp TIMESTAMP, updated_at TIMESTAMP NOT NULL, arrival_watermark TIMESTAMP"
     ),
-    Table.GOLD: f"`timestamp` TIMESTAMP NOT NULL, {_KPI_COLUMNS}, updated_at TIMESTAMP NOT NULL",
+    Table.GOLD: f"`timestamp` TIMESTAMP NOT NULL, {_KPI_COLUMNS}, updated_at TIMESTAMP NOT NULL, {_HISTORY_COLUMNS}",
     # KPIs per device and of the whole fleet (device_id null) per minute, hour and day; `m2_value` (the sum of
-    # squared deviations from the bucket's mean) is what lets buckets combine exactly into coarser ones.
+    # squared deviations from the bucket's mean) is what lets buckets combine exactly into coarser ones, as
+    # `late_for_hour` and `late_for_day` (readings late for the hour and the day that hold a finer bucket) do for
+    # the late readings.
     Table.ROLLUPS: (
         f"grain STRING NOT NULL, device_id STRING, `timestamp` TIMESTAMP NOT NULL, {_KPI_COLUMNS}, "
-        "m2_value DOUBLE NOT NULL, updated_at TIMESTAMP NOT NULL"
+        f"m2_value DOUBLE NOT NULL, updated_at TIMESTAMP NOT NULL, {_HISTORY_COLUMNS}, "
+        "late_for_hour BIGINT, late_for_day BIGINT"
     ),
     Table.QUARANTINE: (
         "topic STRING NOT NULL, `partition` INT NOT NULL, `offset` BIGINT NOT NULL, reading_index INT, "

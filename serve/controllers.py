@@ -16,7 +16,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from litestar.static_files import create_static_files_router
 
-from lake import checkpoint, deltalog, duck, kafka
+from lake import checkpoint, deltalog, duck, kafka, watermark
 from lake.errors import LakeError
 from lake.settings import Settings
 from lake.tables import KPI_FIELDS, Table
@@ -63,7 +63,22 @@ def _utc(moment: datetime | None) -> str | None:
     return None if moment is None else format_utc(moment)
 
 
-def _freshness(snapshot: Snapshot) -> Freshness:
+def _watermark_us(store: SnapshotStore, snapshot: Snapshot) -> int | None:
+    """The watermark recorded at the snapshot's gold version (read once per version)."""
+    return watermark.at_version(store.paths.table(Table.GOLD), snapshot.gold_version).watermark_us
+
+
+def _state(row: queries.Kpis, watermark_us: int | None) -> dict[str, object]:
+    end_us = row.bucket_start_us + row.grain.micros
+    return {
+        "final": watermark_us is not None and end_us <= watermark_us,
+        "revision": row.revision,
+        "late_readings": row.late_readings,
+        **{name: getattr(row, name) for name in KPI_FIELDS},
+    }
+
+
+def _freshness(snapshot: Snapshot, watermark_us: int | None) -> Freshness:
     if not snapshot.ready:
         raise problem(503, "Lake not ready", "the lake has no gold and silver tables yet; run `lakehouse pipeline`")
     return Freshness(
@@ -74,6 +89,7 @@ def _freshness(snapshot: Snapshot) -> Freshness:
         last_gold_commit=_utc(snapshot.gold_committed_at),
         snapshot_loaded_at=_utc(snapshot.loaded_at),
         served_from="store" if snapshot.from_store else "lake",
+        watermark=None if watermark_us is None else format_utc(from_us(watermark_us)),
     )
 
 
@@ -101,12 +117,13 @@ def _instant(name: str, text: str) -> int:
 
 
 @contextmanager
-def _reading(store: SnapshotStore) -> Iterator[tuple[Snapshot, Freshness, queries.Source]]:
-    """One snapshot's cursor and freshness for a request; a lake without tables is a 503."""
+def _reading(store: SnapshotStore) -> Iterator[tuple[Snapshot, Freshness, queries.Source, int | None]]:
+    """One snapshot's cursor, freshness and watermark for a request; a lake without tables is a 503."""
     with store.read() as (snapshot, cursor):
-        freshness = _freshness(snapshot)
+        watermark_us = _watermark_us(store, snapshot) if snapshot.ready else None
+        freshness = _freshness(snapshot, watermark_us)
         try:
-            yield snapshot, freshness, queries.Source(cursor, snapshot, store.locations)
+            yield snapshot, freshness, queries.Source(cursor, snapshot, store.locations), watermark_us
         except LakeError as exc:
             raise problem(503, "Lake not ready", str(exc)) from None
 
@@ -129,7 +146,7 @@ class KpiController(Controller):
         device_id: Annotated[str | None, _DEVICE_ID] = None,
     ) -> Response[KpiResponse]:
         instant_us = _instant("timestamp", timestamp)
-        with _reading(store) as (snapshot, freshness, cursor):
+        with _reading(store) as (snapshot, freshness, cursor, watermark_us):
             found = queries.kpis(cursor, instant_us, grain, device_id)
         bucket = format_utc(from_us(grain.bucket_start_us(instant_us)))
         if found is None:
@@ -140,7 +157,7 @@ class KpiController(Controller):
             grain=grain.value,
             device_id=device_id,
             freshness=freshness,
-            **{name: getattr(found, name) for name in KPI_FIELDS},
+            **_state(found, watermark_us),  # type: ignore[arg-type]
         )
         return _conditional(request, snapshot, body)
 
@@ -164,6 +181,10 @@ class KpiController(Controller):
         grain: Annotated[Grain, _GRAIN] = Grain.SECOND,
         device_id: Annotated[str | None, _DEVICE_ID] = None,
         limit: Annotated[int, Parameter(description="most buckets in this page", ge=1, le=MAX_PAGE)] = 1000,
+        final: Annotated[
+            bool | None,
+            Parameter(description="only final buckets (true), or only those that may still change (false)"),
+        ] = None,
     ) -> Response[KpiSeriesResponse]:
         start_us, end_us = _instant("start", start), _instant("end", end)
         if start_us > end_us:
@@ -185,8 +206,15 @@ class KpiController(Controller):
                     f"allowed (LAKEHOUSE_API_MAX_RANGE_BUCKETS); narrow it or use a coarser grain"
                 ),
             )
-        with _reading(store) as (snapshot, freshness, cursor):
-            rows = queries.kpi_series(cursor, first_us, stop_us, grain, device_id, limit + 1)
+        with _reading(store) as (snapshot, freshness, cursor, watermark_us):
+            # A bucket is final when it ends at or before the watermark: those start before the watermark's bucket.
+            boundary_us = first_us if watermark_us is None else max(first_us, grain.bucket_start_us(watermark_us))
+            low_us, high_us = first_us, stop_us
+            if final is True:
+                high_us = min(stop_us, boundary_us)
+            elif final is False:
+                low_us = max(first_us, min(boundary_us, stop_us))
+            rows = queries.kpi_series(cursor, low_us, high_us, grain, device_id, limit + 1) if low_us < high_us else []
         next_page = None
         if len(rows) > limit:
             query = {
@@ -195,13 +223,13 @@ class KpiController(Controller):
                 "grain": grain.value,
                 "limit": limit,
             }
+            if final is not None:
+                query["final"] = str(final).lower()
             if device_id is not None:
                 query["device_id"] = device_id
             next_page = f"/kpis?{urlencode(query)}"
         points = [
-            KpiPoint(
-                timestamp=format_utc(from_us(row.bucket_start_us)), **{name: getattr(row, name) for name in KPI_FIELDS}
-            )
+            KpiPoint(timestamp=format_utc(from_us(row.bucket_start_us)), **_state(row, watermark_us))  # type: ignore[arg-type]
             for row in rows[:limit]
         ]
         body = KpiSeriesResponse(
@@ -234,7 +262,7 @@ class DeviceController(Controller):
         ] = None,
         limit: Annotated[int, Parameter(description="most devices in this page", ge=1, le=MAX_PAGE)] = 1000,
     ) -> Response[DevicesResponse]:
-        with _reading(store) as (snapshot, freshness, cursor):
+        with _reading(store) as (snapshot, freshness, cursor, _):
             found = queries.devices(cursor, after, limit + 1)
         items = [
             DeviceResponse(
@@ -282,7 +310,7 @@ class HealthController(Controller):
             ],
             kafka_error=kafka_watch.error,
         )
-        fresh = _freshness(snapshot) if snapshot.ready else None
+        fresh = _freshness(snapshot, _watermark_us(store, snapshot)) if snapshot.ready else None
         return HealthResponse(status="ok", tables=tables, snapshot=fresh, pipeline=lag)
 
     @get("/livez", summary="Is the process up? (no lake access; for liveness probes)")

@@ -25,7 +25,14 @@ from serve.snapshot import Snapshot, rollup_key, timestamp_literal
 KPI_AGGREGATES = (
     "count(*), count(DISTINCT device_id), avg(value), min(value), max(value), sum(value), stddev_samp(value)"
 )
-_FIELDS = ", ".join(KPI_FIELDS)
+# And how they came to be (lake.tables): revisions since the first commit, readings that arrived late.
+HISTORY_FIELDS = ("revision", "late_readings")
+_FIELDS = ", ".join(KPI_FIELDS) + ", coalesce(revision, 0), coalesce(late_readings, 0)"
+# A device's second, computed from silver at request time: its late readings are counted, its revisions not kept.
+_COLUMNS = (*KPI_FIELDS, *HISTORY_FIELDS)
+_DEVICE_SECOND_HISTORY = (
+    "NULL::BIGINT, count_if(arrival_watermark >= date_trunc('second', \"timestamp\") + INTERVAL 1 SECOND)"
+)
 
 
 class Kpis(KpiValues, kw_only=True):
@@ -33,6 +40,8 @@ class Kpis(KpiValues, kw_only=True):
 
     bucket_start_us: int
     grain: Grain
+    revision: int | None  # null for one device's second (computed from silver, whose history is not kept)
+    late_readings: int
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,7 @@ def kpis(source: Source, instant_us: int, grain: Grain = Grain.SECOND, device_id
             query = f"SELECT {_FIELDS} FROM rollups WHERE bucket_key = $key"
             parameters = {"key": rollup_key(grain.value, device_id, start_us)}
         rows = _fetch(source.cursor, query, parameters)
-        return Kpis(bucket_start_us=start_us, grain=grain, **dict(zip(KPI_FIELDS, rows[0]))) if rows else None
+        return Kpis(bucket_start_us=start_us, grain=grain, **dict(zip(_COLUMNS, rows[0]))) if rows else None
     end_us = min(start_us + grain.micros, MAX_US)  # the last day of year 9999 ends at the last instant
     found = kpi_series(source, start_us, end_us, grain, device_id, limit=1)
     return found[0] if found else None
@@ -102,7 +111,8 @@ def kpi_series(
         table, in_range = _lake(source, Table.SILVER, parameters, start_us, end_us)
         parameters["device"] = device_id
         query = (
-            f"SELECT date_trunc('second', \"timestamp\") AS bucket, {KPI_AGGREGATES} FROM {table} "
+            f"SELECT date_trunc('second', \"timestamp\") AS bucket, {KPI_AGGREGATES}, {_DEVICE_SECOND_HISTORY} "
+            f"FROM {table} "
             f"WHERE {in_range} AND device_id = $device GROUP BY bucket ORDER BY bucket"
         )
     elif source.snapshot.from_store:
@@ -125,7 +135,7 @@ def kpi_series(
             f'AND device_id IS NOT DISTINCT FROM $device AND {in_range} ORDER BY "timestamp"'
         )
     rows = _fetch(source.cursor, query + " LIMIT $limit", parameters)
-    return [Kpis(bucket_start_us=_us(row[0]), grain=grain, **dict(zip(KPI_FIELDS, row[1:]))) for row in rows]
+    return [Kpis(bucket_start_us=_us(row[0]), grain=grain, **dict(zip(_COLUMNS, row[1:]))) for row in rows]
 
 
 def _lake(source: Source, table: Table, parameters: dict[str, object], start_us: int, end_us: int) -> tuple[str, str]:

@@ -13,18 +13,28 @@ class Freshness(msgspec.Struct, kw_only=True):
     rollups_version: int | None  # null until the pipeline created the rollups table
     newest_event: str | None  # the newest second in gold
     last_gold_commit: str | None  # when the pipeline last committed to gold
+    # Buckets that end at or before it are final (see the README's "Late data"); null before the first reading.
+    watermark: str | None
     snapshot_loaded_at: str | None
     served_from: str  # "store": the service's store file; "lake": the Delta tables, while the store file is built
 
 
-class KpiResponse(KpiValues, kw_only=True, omit_defaults=True):
+class BucketKpis(KpiValues, kw_only=True):
+    """A bucket's KPIs, whether they can still change, and how they changed."""
+
+    final: bool  # the watermark has passed the bucket's end: only late readings can change it now
+    revision: int | None  # times its KPIs changed after their first commit; null for one device's second
+    late_readings: int  # readings that arrived after the bucket was final (they count in its KPIs)
+
+
+class KpiResponse(BucketKpis, kw_only=True, omit_defaults=True):
     timestamp: str
     grain: str
     device_id: str | None = None
     freshness: Freshness | None = None
 
 
-class KpiPoint(KpiValues, kw_only=True):
+class KpiPoint(BucketKpis, kw_only=True):
     timestamp: str
 
 

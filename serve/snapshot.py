@@ -43,7 +43,7 @@ from lake.settings import Settings, local_path
 from lake.tables import LakePaths, Table
 
 # Bumped whenever the store's tables change shape: a file of another format is built again.
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: gold and the rollups hold fingerprint, revision and late_readings
 TABLES = (Table.GOLD, Table.SILVER, Table.ROLLUPS)
 # Microseconds from 0001-01-01 to the Unix epoch: bucket keys count from year 1 so that they are never negative.
 _YEAR_ONE_US = 62_135_596_800_000_000

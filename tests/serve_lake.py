@@ -74,7 +74,7 @@ class LakeWriter:
         silver_rows = []
         for index, r in enumerate(readings):
             silver_rows.append(
-                (r.device_id, r.timestamp, r.value, "device-data", 0, self.offset + index, 0, r.timestamp, now)
+                (r.device_id, r.timestamp, r.value, "device-data", 0, self.offset + index, 0, r.timestamp, now, None)
             )
         self.offset += len(readings)
         # Merged on the reading's identity, as the pipeline does: sending a reading again with another value corrects
@@ -92,7 +92,8 @@ class LakeWriter:
         )
         touched = {r.timestamp.replace(microsecond=0) for r in readings}
         per_second = Reference.of(all_readings).buckets()
-        gold_rows = [(second, *per_second[second].values(), now) for second in sorted(touched)]
+        # No fingerprint: a test lake's gold is what the reference computes, not a recompute.
+        gold_rows = [(second, *per_second[second].values(), now, None, 0, 0) for second in sorted(touched)]
         updates = self._frame(Table.GOLD, gold_rows)
         gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD))
         (
@@ -111,7 +112,7 @@ class LakeWriter:
         from pipeline.stream.rollups import from_readings
 
         silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
-        rows = from_readings(silver.select("device_id", "timestamp", "value"))
+        rows = from_readings(silver.select("device_id", "timestamp", "value", "arrival_watermark"))
         rollups = DeltaTable.forPath(self.spark, self.paths.table(Table.ROLLUPS))
         (
             rollups.alias("r")

@@ -12,7 +12,7 @@ from tests.reference import Reference, assert_kpis_equal
 pytestmark = pytest.mark.spark
 
 T0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
-READINGS_DDL = "device_id STRING, `timestamp` TIMESTAMP, value DOUBLE, topic STRING, `partition` INT, `offset` BIGINT, reading_index INT, kafka_timestamp TIMESTAMP"
+READINGS_DDL = "device_id STRING, `timestamp` TIMESTAMP, value DOUBLE, topic STRING, `partition` INT, `offset` BIGINT, reading_index INT, kafka_timestamp TIMESTAMP, arrival_watermark TIMESTAMP"
 
 
 def test_later_record_wins(spark) -> None:  # type: ignore[no-untyped-def]
@@ -21,16 +21,16 @@ def test_later_record_wins(spark) -> None:  # type: ignore[no-untyped-def]
     k = T0 + timedelta(days=1)
     rows = [
         # same identity: offset 9 wins over offset 3 in partition 0
-        ("a", T0, 1.0, "t", 0, 3, 0, k),
-        ("a", T0, 2.0, "t", 0, 9, 0, k + timedelta(seconds=1)),
+        ("a", T0, 1.0, "t", 0, 3, 0, k, None),
+        ("a", T0, 2.0, "t", 0, 9, 0, k + timedelta(seconds=1), None),
         # inside one message (same offset) the later index wins
-        ("b", T0, 5.0, "t", 1, 4, 0, k),
-        ("b", T0, 6.0, "t", 1, 4, 7, k),
+        ("b", T0, 5.0, "t", 1, 4, 0, k, None),
+        ("b", T0, 6.0, "t", 1, 4, 7, k, None),
         # across partitions, the later broker append time wins
-        ("c", T0, 7.0, "t", 3, 100, 0, k + timedelta(seconds=5)),
-        ("c", T0, 8.0, "t", 2, 1, 0, k + timedelta(seconds=6)),
+        ("c", T0, 7.0, "t", 3, 100, 0, k + timedelta(seconds=5), None),
+        ("c", T0, 8.0, "t", 2, 1, 0, k + timedelta(seconds=6), None),
         # another microsecond is another reading
-        ("a", T0 + timedelta(microseconds=1), 3.0, "t", 0, 2, 0, k),
+        ("a", T0 + timedelta(microseconds=1), 3.0, "t", 0, 2, 0, k, None),
     ]
     frame = spark.createDataFrame(rows, READINGS_DDL)
     result = {
@@ -50,10 +50,33 @@ def test_kpis_per_second_match_python(spark) -> None:  # type: ignore[no-untyped
         moment = T0 + timedelta(microseconds=rng.randrange(20_000_000))
         readings.append((f"d{rng.randrange(7)}", moment, rng.uniform(-1e6, 1e6)))
     readings.append(("solo", T0 + timedelta(seconds=30, microseconds=5), 4.25))  # a second with one reading
-    frame = spark.createDataFrame(readings, "device_id STRING, `timestamp` TIMESTAMP, value DOUBLE")
+    # Half the readings arrived when the watermark stood at T0 + 10 s: late for the seconds before it.
+    marks = [T0 + timedelta(seconds=10) if i % 2 else None for i in range(len(readings))]
+    ddl = "device_id STRING, `timestamp` TIMESTAMP, value DOUBLE, arrival_watermark TIMESTAMP"
+    frame = spark.createDataFrame([(*r, m) for r, m in zip(readings, marks, strict=True)], ddl)
     got = {row.timestamp.replace(tzinfo=UTC): row for row in kpis_per_second(frame).collect()}
 
     expected = Reference.of(readings).buckets("second")
     assert set(got) == set(expected)
     for second, want in expected.items():
         assert_kpis_equal(got[second].asDict(), want, f"second {second}")
+        late = sum(
+            1
+            for (_, moment, _), mark in zip(readings, marks, strict=True)
+            if mark is not None and moment.replace(microsecond=0) == second and second + timedelta(seconds=1) <= mark
+        )
+        assert (got[second].late_readings, got[second].revision) == (late, 0), second
+    assert sum(row.late_readings for row in got.values()) > 0
+
+    # The fingerprint is the same for the same readings in any order and any partitioning, and another for another
+    # value: a recompute is not taken for a change, a correction is.
+    shuffled = readings[::-1]
+    again = spark.createDataFrame([(*r, None) for r in shuffled], ddl).repartition(5)
+    refingered = {row.timestamp.replace(tzinfo=UTC): row.fingerprint for row in kpis_per_second(again).collect()}
+    assert refingered == {second: row.fingerprint for second, row in got.items()}
+    corrected = [(d, t, v + 1.0 if i == 0 else v) for i, (d, t, v) in enumerate(readings)]
+    changed = spark.createDataFrame([(*r, None) for r in corrected], ddl)
+    second = readings[0][1].replace(microsecond=0)
+    moved = {row.timestamp.replace(tzinfo=UTC): row.fingerprint for row in kpis_per_second(changed).collect()}
+    assert moved[second] != got[second].fingerprint
+    assert all(moved[s] == got[s].fingerprint for s in got if s != second)

@@ -21,6 +21,7 @@ SILVER_COLUMNS = (
     "reading_index",
     "kafka_timestamp",
     "updated_at",
+    "arrival_watermark",
 )
 
 

@@ -21,6 +21,7 @@ from lake.kafka import security_problem
 from lake.rows import first_row
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
+from lake.watermark import Watermark
 from pipeline.errors import StreamStopped
 from pipeline.stream import offsets
 from pipeline.stream.crash import crash_point
@@ -75,9 +76,15 @@ class IngestJob:
     reports: list[BatchReport] = field(default_factory=list)
     offset_tracker: offsets.OffsetTracker = field(default_factory=offsets.OffsetTracker)
     writer: LakeWriter = field(init=False)
+    mark: Watermark | None = None  # the watermark after the last batch with readings; read from gold at first
 
     def __post_init__(self, app_id: str | None) -> None:
         self.writer = LakeWriter(self.spark, self.paths, app_id)
+
+    def _watermark(self) -> Watermark:
+        if self.mark is None:
+            self.mark = self.writer.recorded_watermark()
+        return self.mark
 
     def process_batch(self, records: DataFrame, batch_id: int) -> None:
         from pyspark import StorageLevel
@@ -107,6 +114,8 @@ class IngestJob:
                     F.count("reason_code").alias("quarantined"),
                     F.min(F.unix_micros("timestamp")).alias("lo"),
                     F.max(F.unix_micros("timestamp")).alias("hi"),
+                    # The newest reading time, each capped at its record's broker time (lake.watermark).
+                    F.max(F.least(F.unix_micros("timestamp"), F.unix_micros("kafka_timestamp"))).alias("event_high"),
                     # The seconds it touches, up to a bound (past it, a backlog's seconds are not told apart).
                     F.slice(F.collect_set(F.unix_micros(F.date_trunc("second", "timestamp"))), 1, SECONDS + 1).alias(
                         "seconds"
@@ -124,7 +133,13 @@ class IngestJob:
                 # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
                 lo, hi = f"timestamp_micros({counts['lo']})", f"timestamp_micros({counts['hi']})"
                 readings = parsed.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
-                self.writer.readings(readings, report.readings, lo, hi, counts["seconds"], committed)
+                mark = self._watermark().advanced(
+                    self.writer.app_id_of_query(), batch_id, counts["event_high"], self.settings.allowed_lateness_us
+                )
+                self.writer.readings(
+                    readings, report.readings, lo, hi, counts["seconds"], committed, mark, mark.before_us
+                )
+                self.mark = mark
 
             # Kafka is read twice (the parser, then bronze): a cache of the records would hold a partition's 5 MiB
             # messages in one columnar batch of up to 10,000 rows, which ran a 2 GiB driver out of heap.

@@ -27,7 +27,21 @@ if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
 
 _FINER = {"hour": "minute", "day": "hour"}
-COLUMNS = ("grain", "device_id", "timestamp", *KPI_FIELDS, "m2_value", "updated_at")
+COLUMNS = (
+    "grain",
+    "device_id",
+    "timestamp",
+    *KPI_FIELDS,
+    "m2_value",
+    "updated_at",
+    "fingerprint",
+    "revision",
+    "late_readings",
+    "late_for_hour",
+    "late_for_day",
+)
+# The column of finer rows that counts the readings late for a bucket of each grain.
+_LATE_FOR = {"minute": "late_readings", "hour": "late_for_hour", "day": "late_for_day"}
 
 
 def _stddev(count: Column, m2: Column) -> Column:
@@ -38,8 +52,10 @@ def _stddev(count: Column, m2: Column) -> Column:
 
 
 def device_minutes(readings: DataFrame) -> DataFrame:
-    """One row per device and minute of deduplicated readings (device_id, timestamp, value)."""
+    """One row per device and minute of deduplicated readings (device_id, timestamp, value, arrival_watermark)."""
     from pyspark.sql import functions as F
+
+    from pipeline.stream.kpi import fingerprint, late_for
 
     count = F.count("*")
     return (
@@ -53,9 +69,14 @@ def device_minutes(readings: DataFrame) -> DataFrame:
             F.sum("value").alias("sum_value"),
             F.stddev_samp("value").alias("stddev_value"),
             (F.var_pop("value") * count).alias("m2_value"),
+            fingerprint().alias("fingerprint"),
+            late_for("minute").alias("late_readings"),
+            late_for("hour").alias("late_for_hour"),
+            late_for("day").alias("late_for_day"),
         )
         .withColumn("grain", F.lit("minute"))
         .withColumn("updated_at", F.current_timestamp())
+        .withColumn("revision", F.lit(0).cast("bigint"))
         .select(*COLUMNS)
     )
 
@@ -76,6 +97,10 @@ def combine(parts: DataFrame, grain: str, per_device: bool) -> DataFrame:
         "min_value",
         "max_value",
         "m2_value",
+        "fingerprint",
+        "late_readings",
+        "late_for_hour",
+        "late_for_day",
     )
     by = ["device_id", "timestamp"] if per_device else ["timestamp"]
     window = Window.partitionBy(*by)
@@ -94,9 +119,14 @@ def combine(parts: DataFrame, grain: str, per_device: bool) -> DataFrame:
             F.sum("sum_value").alias("sum_value"),
             _stddev(count, m2).alias("stddev_value"),
             m2.alias("m2_value"),
+            F.sum("fingerprint").alias("fingerprint"),
+            F.sum(_LATE_FOR[grain]).alias("late_readings"),
+            (F.sum("late_for_hour") if grain != "day" else F.lit(None).cast("bigint")).alias("late_for_hour"),
+            F.sum("late_for_day").alias("late_for_day"),
         )
         .withColumn("grain", F.lit(grain))
         .withColumn("updated_at", F.current_timestamp())
+        .withColumn("revision", F.lit(0).cast("bigint"))
     )
     if not per_device:
         combined = combined.withColumn("device_id", F.lit(None).cast("string"))
@@ -137,7 +167,7 @@ def for_batch(silver: DataFrame, stored: DataFrame, readings: DataFrame, lo: str
     touched = readings.select("device_id", F.date_trunc("minute", "timestamp").alias("minute")).distinct()
     # Whole minutes: a touched minute also holds the device's earlier readings.
     in_minutes = silver.where(f"`timestamp` >= {minute_lo} AND `timestamp` < {minute_hi}").select(
-        "device_id", "timestamp", "value"
+        "device_id", "timestamp", "value", "arrival_watermark"
     )
     keyed = in_minutes.withColumn("minute", F.date_trunc("minute", "timestamp"))
     minutes = device_minutes(keyed.join(F.broadcast(touched), ["device_id", "minute"], "left_semi")).localCheckpoint()
@@ -176,7 +206,11 @@ def for_batch(silver: DataFrame, stored: DataFrame, readings: DataFrame, lo: str
     return result
 
 
-CHANGED = "NOT (" + " AND ".join(f"t.{c} <=> s.{c}" for c in (*KPI_FIELDS, "m2_value")) + ")"
+# A recomputed bucket differs from the stored one: other readings, or other late counts (a rounding difference
+# alone is no change, see kpi.fingerprint).
+CHANGED = (
+    "NOT (" + " AND ".join(f"t.{c} <=> s.{c}" for c in ("reading_count", "fingerprint", *_LATE_FOR.values())) + ")"
+)
 
 
 def merge_condition(lo: str, hi: str) -> str:

@@ -31,4 +31,9 @@ def create_tables(spark: SparkSession, paths: LakePaths) -> None:
             builder = builder.partitionedBy(*_PARTITIONS[table])
         for key, value in _PROPERTIES.get(table, {}).items():
             builder = builder.property(key, value)
-        builder.execute()
+        existing = builder.execute().toDF().schema.fieldNames()
+        # A table made by an earlier release gains the columns added since (nullable, null in its old rows).
+        missing = [f for f in schema.fields if f.name not in existing]
+        if missing:
+            columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+            spark.sql(f"ALTER TABLE delta.`{paths.table(table)}` ADD COLUMNS ({columns})")

@@ -13,14 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lake import checkpoint
+from lake import checkpoint, watermark
 from lake.conflicts import retry_on_conflict
 from lake.rows import first_row
 from lake.tables import LakePaths, Table
+from lake.watermark import Watermark
 from pipeline.stream import dedupe, kpi, rollups
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
 
 # Past this many distinct seconds in one batch (a backlog), all of them are treated as held by silver.
 CLASSIFIED_SECONDS = 10_000
@@ -44,6 +45,21 @@ class LakeWriter:
             self.app_id = "kpi-lakehouse-" + json.loads(line[0])["id"]
         return self.app_id
 
+    def app_id_of_query(self) -> str:
+        """The ingest query's stable id (see `append`)."""
+        return self._app_id()
+
+    def recorded_watermark(self) -> Watermark:
+        """The watermark of gold's newest commit that records one (lake.watermark)."""
+        from delta.tables import DeltaTable
+
+        history = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD)).history(watermark.LOOK_BACK)
+        for row in history.select("userMetadata").collect():
+            found = watermark.parse(row[0])
+            if found is not None:
+                return found
+        return watermark.NONE
+
     def append(self, frame: DataFrame, table: Table, batch_id: int) -> None:
         writer = (
             frame.write.format("delta").mode("append").option("txnAppId", self._app_id()).option("txnVersion", batch_id)
@@ -59,10 +75,14 @@ class LakeWriter:
         hi: str,
         touched: list[int] | None,
         committed: Callable[[str], None],
+        mark: Watermark = watermark.NONE,
+        arrival_us: int | None = None,
     ) -> None:
         """Write `count` valid readings into silver and their seconds' KPIs into gold; `committed(stage)` runs after
         each stage that wrote ("silver", "gold"). `touched` lists the readings' seconds (Unix
-        microseconds, up to CLASSIFIED_SECONDS + 1 of them) when the caller knows them already.
+        microseconds, up to CLASSIFIED_SECONDS + 1 of them) when the caller knows them already. Gold's commits
+        record the watermark `mark`; each reading records the one it arrived at, `arrival_us` (Unix microseconds,
+        None before the first).
 
         The seconds silver held before decide the work. In a second silver did not hold, every reading is a new
         identity and the second's KPIs are the batch's own: when the batch holds only such seconds, its readings go
@@ -82,6 +102,8 @@ class LakeWriter:
         # Not cached: the MERGE into silver materializes its source itself, and a second copy of a backlog batch
         # of a million readings ran a 1 GiB heap out of memory (tests/test_backlog.py). Gold's KPIs of new seconds
         # deduplicate the batch again, which costs little beside the MERGE for the batches that take that road.
+        arrived = None if arrival_us is None else F.timestamp_micros(F.lit(arrival_us))
+        readings = readings.withColumn("arrival_watermark", F.lit(arrived).cast("timestamp"))
         latest = dedupe.latest_per_identity(readings)
         if touched is None:
             second = F.unix_micros(F.date_trunc("second", "timestamp"))
@@ -91,10 +113,16 @@ class LakeWriter:
         # the recompute from silver took about 10.
         from_batch = count <= _GOLD_FROM_BATCH_READINGS
         seconds = touched
-        retry_on_conflict(
-            lambda: self._write_readings(readings, latest, from_batch, lo, hi, seconds, committed),
-            "write readings",
-        )
+        # Gold's commits carry the watermark; the session conf is unset again at once (the rollups query shares the
+        # session, and a commit of its that picks up the value meanwhile records it on the rollups table only).
+        self.spark.conf.set(watermark.USER_METADATA_CONF, mark.user_metadata())
+        try:
+            retry_on_conflict(
+                lambda: self._write_readings(readings, latest, from_batch, lo, hi, seconds, committed),
+                "write readings",
+            )
+        finally:
+            self.spark.conf.unset(watermark.USER_METADATA_CONF)
 
     def _write_readings(
         self,
@@ -148,10 +176,13 @@ class LakeWriter:
         from delta.tables import DeltaTable
 
         target = DeltaTable.forPath(self.spark, self.paths.table(table))
+        values: dict[str, str | Column] = {f"`{c}`": f"s.`{c}`" for c in fresh.columns if c != "revision"}
+        # One more revision of a row that changed; a row from before fingerprints were kept takes its first.
+        values["`revision`"] = "coalesce(t.revision, 0) + CASE WHEN t.fingerprint IS NULL THEN 0 ELSE 1 END"
         merge = (
             target.alias("t")
             .merge(fresh.alias("s"), condition)
-            .whenMatchedUpdateAll(condition=changed)
+            .whenMatchedUpdate(condition=changed, set=values)
             .whenNotMatchedInsertAll()
         )
         merge.execute()

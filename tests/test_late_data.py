@@ -1,0 +1,179 @@
+"""Late data end to end: a device held back for an hour sends its readings after the watermark passed them. Each
+bucket's `final`, `revision` and `late_readings` are checked against an independent replay of the batches
+(tests.reference.History) through the API and `lakehouse sql`, after two kill -9s in the late batch."""
+
+from __future__ import annotations
+
+import csv
+import io
+import signal
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.processes import lakehouse, running_api, start_lakehouse
+from lake.settings import Settings
+from lake.tables import LakePaths
+from tests.reference import GRAINS, History, Reference, assert_kpis_equal, expected_rollups, gold_kpis
+from tests.stream import Stream
+
+pytestmark = pytest.mark.spark
+
+T0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
+FLEET = ("f-1", "f-2", "f-3")
+LATENESS = timedelta(minutes=5)
+
+
+def fleet_stream() -> Stream:
+    """Three devices, a reading each every 20 s from 12:00 to 13:29:40 (the k-th device at +k/10 s), ten minutes to
+    a message."""
+    stream = Stream()
+    for k, device in enumerate(FLEET, start=1):
+        moments = [T0 + timedelta(seconds=20 * i, milliseconds=100 * k) for i in range(270)]
+        for first in range(0, len(moments), 30):
+            stream.batch(device, [(m, float(i % 17) + k) for i, m in enumerate(moments[first : first + 30], first)])
+    return stream
+
+
+def late_stream(fleet: Stream) -> Stream:
+    """The late batch: an hour of a held-back device, a duplicate, a correction and two on-time readings."""
+    stream = Stream()
+    held_back = [(T0 + timedelta(seconds=30 * j, milliseconds=500), 100.0 + j) for j in range(120)]
+    stream.batch("late-1", held_back)
+    stream.repeat(fleet.sent[0])  # sent again unchanged: changes nothing, counts nowhere
+    stream.single("f-1", T0 + timedelta(minutes=30, milliseconds=100), -5.0)  # corrects 12:30:00.1, which is final
+    # 13:24:40.9: in a second that is not final when it arrives, and is once it is in.
+    stream.single("f-3", T0 + timedelta(minutes=84, seconds=40, milliseconds=900), 7.0)
+    stream.single("f-2", T0 + timedelta(minutes=89, seconds=50, milliseconds=200), 8.0)  # 13:29:50.2: newest
+    return stream
+
+
+def stamp(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def api_state(base: str, grain: str, device: str | None, start: datetime) -> dict[str, object]:
+    query = {"grain": grain, **({"device_id": device} if device else {})}
+    answer = httpx.get(f"{base}/kpis/{stamp(start)}", params=query, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return answer.json()  # type: ignore[no-any-return]
+
+
+# Buckets asked of the API before and after the late batch.
+PROBES = [
+    ("second", None, T0 + timedelta(minutes=10)),  # a fleet second the late device shares
+    ("second", None, T0 + timedelta(minutes=30)),  # shared, and corrected
+    ("second", None, T0 + timedelta(minutes=84, seconds=40)),  # gets an on-time reading, final only after it
+    ("minute", "f-1", T0 + timedelta(minutes=30)),
+    ("hour", None, T0),  # final: every late reading is late for it
+    ("hour", None, T0 + timedelta(hours=1)),  # not final
+    ("day", None, T0.replace(hour=0)),
+]
+
+
+def test_late_readings_are_counted_and_final_buckets_revised_through_kill_9s(
+    lake_settings: Settings, topic: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    settings = lake_settings.model_copy(update={"allowed_lateness": "5 minutes"})
+    fleet = fleet_stream()
+    late = late_stream(fleet)
+    history = History(LATENESS)
+
+    assert lakehouse(settings, "produce", str(fleet.write(tmp_path / "fleet.ndjson"))).returncode == 0
+    first = lakehouse(settings, "pipeline", "--available-now")
+    assert first.returncode == 0, first.stderr[-3000:]
+    history.batch([r for m in fleet.sent for r in m.readings])
+    assert history.watermark == T0 + timedelta(minutes=89, seconds=40, milliseconds=300) - LATENESS
+
+    with running_api(settings) as base:
+        before = {probe: api_state(base, *probe) for probe in PROBES}
+    for probe, answer in before.items():
+        assert {k: answer[k] for k in ("final", "revision", "late_readings")} == history.state(*probe), probe
+    assert before[PROBES[2]]["final"] is False and before[PROBES[0]]["final"] is True
+
+    # The late batch, killed right after its silver commit, then right after its gold commit when run again.
+    assert lakehouse(settings, "produce", str(late.write(tmp_path / "late.ndjson"))).returncode == 0
+    for stage in ("silver:1", "gold:1"):
+        log = tmp_path / f"crash-{stage.replace(':', '-')}.log"
+        crashed = start_lakehouse(
+            settings, "pipeline", "--available-now", log=log, env_extra={"LAKEHOUSE_TEST_CRASH_AFTER": stage}
+        )
+        assert crashed.wait(timeout=600) == -signal.SIGKILL, log.read_text()[-3000:]
+    finished = lakehouse(settings, "pipeline", "--available-now")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    history.batch([r for m in late.sent for r in m.readings])
+    assert history.watermark == T0 + timedelta(minutes=89, seconds=50, milliseconds=200) - LATENESS
+    reference: Reference = history.reference
+
+    # Every second of gold and every rollup bucket, through `lakehouse sql` (the views add `final`).
+    listed = lakehouse(
+        settings,
+        "sql",
+        "--output",
+        "csv",
+        'SELECT "timestamp", reading_count, final, revision, late_readings FROM gold ORDER BY "timestamp"',
+    )
+    assert listed.returncode == 0, listed.stderr
+    gold = {
+        datetime.fromisoformat(row["timestamp"]).astimezone(UTC): row
+        for row in csv.DictReader(io.StringIO(listed.stdout))
+    }
+    want = reference.buckets("second")
+    assert set(gold) == set(want)
+    for second, row in gold.items():
+        state = history.state("second", None, second)
+        got = {
+            "final": row["final"] == "True",
+            "revision": int(row["revision"]),
+            "late_readings": int(row["late_readings"]),
+        }
+        assert (got, int(row["reading_count"])) == (state, want[second]["reading_count"]), second
+    assert sum(history.late.get(("second", None, s), 0) for s in want) == 121  # the held-back hour and the correction
+
+    from lake.duck import connect
+
+    lake = connect(LakePaths.from_settings(settings))
+    for second, values in gold_kpis(lake).items():
+        assert_kpis_equal(values, want[second], f"gold {second}")
+    rows = lake.sql(
+        'SELECT grain, device_id, "timestamp", reading_count, final, revision, late_readings FROM rollups'
+    ).fetchall()
+    rollups = {(g, d, t.astimezone(UTC)): rest for g, d, t, *rest in rows}
+    assert set(rollups) == set(expected_rollups(reference))
+    for key, (count, final, revision, late_readings) in rollups.items():
+        state = history.state(*key)
+        assert (count, {"final": final, "revision": revision, "late_readings": late_readings}) == (
+            expected_rollups(reference)[key]["reading_count"],
+            state,
+        ), key
+    assert lake.sql("SELECT watermark FROM watermark").fetchone()[0] == history.watermark  # type: ignore[index]
+    lake.close()
+
+    with running_api(settings) as base:
+        after = {probe: api_state(base, *probe) for probe in PROBES}
+        # A range, final buckets only, then only those that may still change: together, every bucket.
+        minutes = {"start": stamp(T0), "end": stamp(T0 + timedelta(hours=2)), "grain": "minute"}
+        done = httpx.get(f"{base}/kpis", params={**minutes, "final": "true"}, timeout=10).json()
+        open_ = httpx.get(f"{base}/kpis", params={**minutes, "final": "false"}, timeout=10).json()
+        freshness = done["freshness"]
+    for probe, answer in after.items():
+        grain, device, start = probe
+        assert {k: answer[k] for k in ("final", "revision", "late_readings")} == history.state(*probe), probe
+        assert_kpis_equal(answer, reference.buckets(grain, device)[start], f"API {probe}")
+    assert datetime.fromisoformat(freshness["watermark"]) == history.watermark
+    minute_starts = sorted(reference.buckets("minute"))
+    final_minutes = [m for m in minute_starts if m + GRAINS["minute"] <= history.watermark]  # type: ignore[operator]
+    assert [datetime.fromisoformat(i["timestamp"]) for i in done["items"]] == final_minutes
+    assert all(i["final"] for i in done["items"]) and not any(i["final"] for i in open_["items"])
+    assert len(done["items"]) + len(open_["items"]) == len(minute_starts)
+
+    print("\nlate data, the API before and after the late batch (final, revision, late_readings, reading_count):")
+    for probe in PROBES:
+        was, now = before[probe], after[probe]
+        print(
+            f"  {probe[0]:6} {probe[1] or 'fleet':5} {stamp(probe[2])}: "
+            f"{was['final']}, {was['revision']}, {was['late_readings']}, {was['reading_count']} -> "
+            f"{now['final']}, {now['revision']}, {now['late_readings']}, {now['reading_count']}"
+        )
