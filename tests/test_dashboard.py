@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from lake.tables import LakePaths
+from lake.watermark import USER_METADATA_CONF, Watermark
 from tests.conftest import REPO
 from tests.reference import Reference
 from tests.serve_lake import START, LakeWriter, Reading, api_settings, make_readings, serving
@@ -67,7 +68,13 @@ def test_dashboard_draws_the_api_values_and_follows_new_data(spark, tmp_path: Pa
     root = tmp_path / "lake"
     readings = make_readings(seed=3, seconds=90, stragglers=False)
     writer = LakeWriter(spark, LakePaths.from_settings(api_settings(root)))
-    writer.append(readings, readings)
+    # Gold's commit records a watermark 45 s into the readings, as the pipeline's do: the buckets before it are final.
+    mark = Watermark("test", 0, None, int((START + timedelta(seconds=45)).timestamp() * 1_000_000))
+    spark.conf.set(USER_METADATA_CONF, mark.user_metadata())
+    try:
+        writer.append(readings, readings)
+    finally:
+        spark.conf.unset(USER_METADATA_CONF)
     with serving(api_settings(root)) as base, sync_playwright() as playwright:
         profile = tempfile.mkdtemp(prefix="dashboard-profile-")
         browser = playwright.chromium.launch_persistent_context(
@@ -89,6 +96,13 @@ def test_dashboard_draws_the_api_values_and_follows_new_data(spark, tmp_path: Pa
             url = page.evaluate("() => window.kpiDashboard.url")
             chart = _chart_columns(page)
             assert chart == _api_columns(base, url)
+            # The buckets that may still change are drawn as series of their own.
+            final = page.evaluate("() => Array.from(window.kpiDashboard.final)")
+            assert final == [i["final"] for i in httpx.get(base + url).json()["items"]]
+            assert final == [x + 1 <= (START + timedelta(seconds=45)).timestamp() for x in chart[0]]
+            assert True in final and False in final
+            labels = page.evaluate("() => window.kpiDashboard.chart.series.map((s) => s.label)")
+            assert "readings, may still change" in labels and "average, may still change" in labels
             expected = Reference.of(readings).buckets("second")
             assert [int(x) for x in chart[0]] == [int(s.timestamp()) for s in expected]
             assert chart[4] == [k["reading_count"] for k in expected.values()]

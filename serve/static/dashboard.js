@@ -6,7 +6,7 @@ const DEFAULT_BUCKETS = 600; // a new view shows this many buckets up to the new
 const REFRESH_MS = 3000;
 const MAX_PAGES = 20; // at 10,000 buckets a page, enough for any range the chart can show legibly
 
-const state = { etag: null, url: null, chart: null, data: null, freshness: null, loads: 0, asked: 0 };
+const state = { etag: null, url: null, chart: null, data: null, final: null, freshness: null, loads: 0, asked: 0 };
 window.kpiDashboard = state; // read by the browser test and handy in the console
 
 const $ = (id) => document.getElementById(id);
@@ -82,6 +82,22 @@ function columns(items) {
   return [x, average, low, high, counts];
 }
 
+// What the chart draws: the API's columns, with the buckets that may still change (not final: the watermark has
+// not passed their end) in series of their own, so that they look provisional. The dashed average joins the last
+// final bucket, so the line stays continuous.
+function plotColumns(data, final) {
+  const [x, average, low, high, counts] = data;
+  const settled = [], open = [], settledCounts = [], openCounts = [];
+  for (let i = 0; i < x.length; i++) {
+    const joins = !final[i] || (i + 1 < x.length && !final[i + 1]);
+    settled.push(final[i] ? average[i] : null);
+    open.push(joins ? average[i] : null);
+    settledCounts.push(final[i] ? counts[i] : null);
+    openCounts.push(final[i] ? null : counts[i]);
+  }
+  return [x, settled, low, high, settledCounts, openCounts, open];
+}
+
 function makeChart(data) {
   const width = Math.max(600, $("chart").clientWidth - 16);
   const options = {
@@ -96,6 +112,9 @@ function makeChart(data) {
       { label: "max", stroke: "#8fb8f0", width: 1, scale: "value" },
       { label: "readings", stroke: "#b0711a", fill: "rgba(176,113,26,0.35)", scale: "count",
         paths: uPlot.paths.bars({ size: [0.7, 40] }), points: { show: false } },
+      { label: "readings, may still change", stroke: "#b0711a", dash: [4, 3], fill: "rgba(176,113,26,0.08)",
+        scale: "count", paths: uPlot.paths.bars({ size: [0.7, 40] }), points: { show: false } },
+      { label: "average, may still change", stroke: "#1f6feb", dash: [6, 4], width: 2, scale: "value" },
     ],
     bands: [{ series: [3, 2], fill: "rgba(31,111,235,0.15)" }],
     axes: [
@@ -111,6 +130,7 @@ function showFreshness(freshness) {
   state.freshness = freshness;
   $("freshness").textContent =
     `gold version ${freshness.gold_version} · newest event ${freshness.newest_event || "none"} · ` +
+    `final up to ${freshness.watermark || "nothing yet"} · ` +
     `last pipeline commit ${freshness.last_gold_commit || "never"}`;
   $("freshness").dataset.goldVersion = String(freshness.gold_version);
 }
@@ -123,13 +143,15 @@ async function draw({ force = false } = {}) {
   if (answer === null) return; // 304: the snapshot did not change
   if (ticket !== state.asked) return; // a newer view was asked for while this one loaded: it draws instead
   const data = columns(answer.items);
+  const final = answer.items.map((item) => item.final);
   state.url = url;
+  state.final = final;
   state.etag = answer.etag;
   state.data = data;
   state.loads += 1;
   showFreshness(answer.body.freshness);
   if (state.chart) state.chart.destroy();
-  state.chart = makeChart(data);
+  state.chart = makeChart(plotColumns(data, final));
   const total = data[4].reduce((a, b) => a + b, 0);
   $("summary").textContent =
     `${data[0].length} ${answer.body.grain} buckets with readings from ${answer.body.start} to ${answer.body.end}, ` +
