@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -95,3 +97,56 @@ totals = accounting[["records", "readings_in_silver", "readings_quarantined", "m
 totals.plot(kind="barh", figsize=(8, 3), title="records and what they became")
 plt.tight_layout()
 plt.show()
+
+# %% [markdown]
+# ## Lateness: event time against Kafka time
+#
+# A reading's delay is its Kafka record's time (the broker's append time) minus its own `timestamp`. A reading is
+# *late* when it arrived after the watermark had passed its second (README, "Late data"): it still counts, and its
+# buckets show `late_readings` and a higher `revision`. A negative delay means the device's clock runs ahead.
+
+# %%
+watermark = lake.sql("SELECT watermark FROM watermark").fetchone()[0]
+print(f"watermark (buckets ending at or before it are final): {watermark}")
+delays = lake.sql("""
+    SELECT device_id, epoch(kafka_timestamp - "timestamp") AS delay_s,
+           coalesce(arrival_watermark >= date_trunc('second', "timestamp") + INTERVAL 1 SECOND, false) AS late
+    FROM silver WHERE kafka_timestamp IS NOT NULL
+""").df()
+if delays.empty:
+    print("no readings with a Kafka time yet")
+else:
+    fig, axis = plt.subplots(figsize=(10, 4))
+    on_time, late = delays[~delays.late].delay_s, delays[delays.late].delay_s
+    bins = 50
+    axis.hist([on_time, late], bins=bins, stacked=True, label=["on time", "late"], color=["#8fb8f0", "#d9822b"])
+    axis.set_xlabel("delay: Kafka time - event time (s)")
+    axis.set_ylabel("readings")
+    axis.set_yscale("log")
+    axis.legend()
+    axis.set_title("how late readings reach Kafka")
+    plt.tight_layout()
+    plt.show()
+
+# %% [markdown]
+# The worst offenders: devices by late readings, with their median and worst delay.
+
+# %%
+offenders = lake.sql("""
+    SELECT device_id, count(*) AS readings,
+           count(*) FILTER (WHERE arrival_watermark >= date_trunc('second', "timestamp") + INTERVAL 1 SECOND) AS late,
+           round(100.0 * late / readings, 2) AS late_percent,
+           round(median(epoch(kafka_timestamp - "timestamp")), 3) AS median_delay_s,
+           round(max(epoch(kafka_timestamp - "timestamp")), 3) AS worst_delay_s
+    FROM silver WHERE kafka_timestamp IS NOT NULL GROUP BY ALL ORDER BY late DESC, worst_delay_s DESC LIMIT 15
+""").df()
+offenders
+
+# %% [markdown]
+# Buckets that changed after they were final, by how many late readings.
+
+# %%
+lake.sql("""
+    SELECT "timestamp", reading_count, revision, late_readings
+    FROM gold WHERE final AND late_readings > 0 ORDER BY late_readings DESC, "timestamp" LIMIT 20
+""").df()

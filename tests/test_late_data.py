@@ -15,7 +15,7 @@ import pytest
 
 from bench.processes import lakehouse, running_api, start_lakehouse
 from lake.settings import Settings
-from lake.tables import LakePaths
+from lake.tables import LakePaths, Table
 from tests.reference import GRAINS, History, Reference, assert_kpis_equal, expected_rollups, gold_kpis
 from tests.stream import Stream
 
@@ -43,6 +43,8 @@ def late_stream(fleet: Stream) -> Stream:
     held_back = [(T0 + timedelta(seconds=30 * j, milliseconds=500), 100.0 + j) for j in range(120)]
     stream.batch("late-1", held_back)
     stream.repeat(fleet.sent[0])  # sent again unchanged: changes nothing, counts nowhere
+    # Quarantined, and no reading time to move the watermark (its broker time, two years on, must not either).
+    stream.send(b"not json", quarantined=[("not_json", None)])
     stream.single("f-1", T0 + timedelta(minutes=30, milliseconds=100), -5.0)  # corrects 12:30:00.1, which is final
     # 13:24:40.9: in a second that is not final when it arrives, and is once it is in.
     stream.single("f-3", T0 + timedelta(minutes=84, seconds=40, milliseconds=900), 7.0)
@@ -177,3 +179,55 @@ def test_late_readings_are_counted_and_final_buckets_revised_through_kill_9s(
             f"{was['final']}, {was['revision']}, {was['late_readings']}, {was['reading_count']} -> "
             f"{now['final']}, {now['revision']}, {now['late_readings']}, {now['reading_count']}"
         )
+
+
+KAFKA_DDL = "topic STRING, `partition` INT, `offset` BIGINT, kafka_timestamp TIMESTAMP, key BINARY, value BINARY"
+
+
+def test_a_clock_running_ahead_moves_the_watermark_no_further_than_the_broker(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A reading dated years ahead (a device with a wrong clock) moves the watermark only as far as its record's
+    broker time minus the allowed lateness, so it finalizes nothing that has not arrived; a reading that comes after
+    that is late for its second and minute, not for its hour."""
+    from lake import watermark
+    from lake.deltalog import latest_version
+    from lake.duck import connect
+    from pipeline.stream.job import IngestJob, RollupsJob
+    from pipeline.stream.tables import create_tables
+    from tests.stream import dumps
+
+    settings = Settings(lake_root=str(tmp_path / "lake"), allowed_lateness="1 minute")
+    paths = LakePaths.from_settings(settings)
+    create_tables(spark, paths)
+    job = IngestJob(spark, settings, paths, app_id="clock-test")
+
+    def send(batch_id: int, broker_time: datetime, readings: list[tuple[str, datetime, float]]) -> None:
+        payloads = [dumps({"device_id": d, "timestamp": m.isoformat(), "value": v}) for d, m, v in readings]
+        rows = [("t", 0, batch_id * 10 + i, broker_time, None, bytearray(p)) for i, p in enumerate(payloads)]
+        job.process_batch(spark.createDataFrame(rows, KAFKA_DDL), batch_id)
+
+    broker = T0 + timedelta(minutes=10)
+    send(0, broker, [("f-1", T0 + timedelta(minutes=9), 1.0), ("fast", datetime(2030, 1, 1, tzinfo=UTC), 2.0)])
+    gold = paths.table(Table.GOLD)
+    found = latest_version(gold)
+    assert found is not None
+    expected_us = int((broker - timedelta(minutes=1)).timestamp() * 1_000_000)
+    assert watermark.at_version(gold, found.version).watermark_us == expected_us
+
+    late = T0 + timedelta(minutes=8, seconds=59, milliseconds=500)  # its second ended at 12:09:00, the watermark
+    send(1, broker + timedelta(seconds=1), [("f-2", late, 3.0)])
+    # The rollups query's batch over all of silver.
+    RollupsJob(spark, paths).process_batch(spark.read.format("delta").load(paths.table(Table.SILVER)), 0)
+    lake = connect(paths)
+    second = lake.sql(
+        'SELECT final, revision, late_readings FROM gold WHERE "timestamp" = $t', {"t": late.replace(microsecond=0)}
+    ).fetchone()
+    assert second == (True, 0, 1)
+    buckets = lake.sql(
+        "SELECT grain, final, late_readings, reading_count FROM rollups WHERE device_id IS NULL "
+        'AND "timestamp" <= $t AND "timestamp" + INTERVAL 1 DAY > $t ORDER BY 1',
+        {"t": late},
+    ).fetchall()
+    lake.close()
+    # The minute 12:08 ended when the watermark stood at 12:09: final, and the reading late for it; the hour and
+    # the day are still open.
+    assert buckets == [("day", False, 0, 2), ("hour", False, 0, 2), ("minute", True, 1, 1)]

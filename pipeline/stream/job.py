@@ -114,8 +114,14 @@ class IngestJob:
                     F.count("reason_code").alias("quarantined"),
                     F.min(F.unix_micros("timestamp")).alias("lo"),
                     F.max(F.unix_micros("timestamp")).alias("hi"),
-                    # The newest reading time, each capped at its record's broker time (lake.watermark).
-                    F.max(F.least(F.unix_micros("timestamp"), F.unix_micros("kafka_timestamp"))).alias("event_high"),
+                    # The newest valid reading's time, each capped at its record's broker time (lake.watermark);
+                    # a quarantined row has no time (and `least` would give its broker time alone).
+                    F.max(
+                        F.when(
+                            F.col("reason_code").isNull() & F.col("timestamp").isNotNull(),
+                            F.least(F.unix_micros("timestamp"), F.unix_micros("kafka_timestamp")),
+                        )
+                    ).alias("event_high"),
                     # The seconds it touches, up to a bound (past it, a backlog's seconds are not told apart).
                     F.slice(F.collect_set(F.unix_micros(F.date_trunc("second", "timestamp"))), 1, SECONDS + 1).alias(
                         "seconds"
