@@ -218,11 +218,11 @@ def test_a_clock_running_ahead_moves_the_watermark_no_further_than_the_broker(sp
     # The rollups query's batch over all of silver.
     RollupsJob(spark, paths).process_batch(spark.read.format("delta").load(paths.table(Table.SILVER)), 0)
     lake = connect(paths)
-    second = lake.sql(
+    second = lake.execute(
         'SELECT final, revision, late_readings FROM gold WHERE "timestamp" = $t', {"t": late.replace(microsecond=0)}
     ).fetchone()
     assert second == (True, 0, 1)
-    buckets = lake.sql(
+    buckets = lake.execute(
         "SELECT grain, final, late_readings, reading_count FROM rollups WHERE device_id IS NULL "
         'AND "timestamp" <= $t AND "timestamp" + INTERVAL 1 DAY > $t ORDER BY 1',
         {"t": late},
