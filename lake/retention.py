@@ -172,7 +172,7 @@ def begin(location: str, table: Table, cutoff: datetime, lines: dict[Partition, 
 
 
 def delete(location: str, table: Table, cutoff: datetime, lines: dict[Partition, Line]) -> int:
-    """Commit 2: the rows under the lines (none, and no commit, when there are none left); how many went."""
+    """Commit 2: the rows under the lines; how many went (none when a run being finished had deleted them)."""
     from deltalake import CommitProperties
 
     if not lines:
@@ -212,6 +212,8 @@ def repair(location: str, table: Table) -> bool:
     if state.pending is not None:
         log.warning("%s: finishing a retention run that was interrupted (cutoff %s)", table.value, state.pending_cutoff)
         assert state.pending_cutoff is not None
+        if table is Table.BRONZE and state.append_only is not False:  # set back meanwhile, by hand or by a writer
+            _set_properties(location, {APPEND_ONLY: "false"}, "bronze opened again to finish a retention run")
         delete(location, table, state.pending_cutoff, state.pending)
         finish(location, table)
         return True
