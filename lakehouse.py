@@ -581,15 +581,13 @@ def maintain(
         "version",
     )
     for r in reports:
-        kept = current.retention(r.table) if r.table in ("bronze", "quarantine") else None
-        removed = "" if r.table not in ("bronze", "quarantine") else f"{r.rows_removed:,}"
-        if r.table in ("bronze", "quarantine") and kept is None:
-            removed += " (kept forever)"
-        if r.retention_repaired:
-            removed += " (interrupted run finished)"
+        removed = ""
+        if Table(r.table) in row_retention:
+            removed = f"{r.rows_removed:,}" if row_retention[Table(r.table)] else "0 (kept forever)"
+            removed += " (interrupted run finished)" if r.retention_repaired else ""
         summary.add_row(
             r.table,
-            removed.strip(),
+            removed,
             str(r.live_files_before),
             str(r.files_compacted),
             str(r.live_files_after),

@@ -3,8 +3,9 @@ gold and the rollups, what is still invalid stays with its reason brought up to 
 
 The original bytes come from bronze (quarantine's `raw` of an unreadable message is not always the bytes Kafka
 held). Rows whose record bronze no longer holds (retention removed it, lake.retention) are left as they are and
-named in the report: without the bytes they can be neither read again nor told valid. Writes go silver, gold, rollups, then quarantine, each an idempotent MERGE: a replay stopped at any point and run
-again, or run twice, ends in the same tables as one complete run.
+named in the report: without the bytes they can be neither read again nor told valid. Writes go silver, gold,
+rollups, then quarantine, each an idempotent MERGE: a replay stopped at any point and run again, or run twice, ends
+in the same tables as one complete run.
 """
 
 from __future__ import annotations
