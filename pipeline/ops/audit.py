@@ -234,10 +234,12 @@ def _retention_lines(connection: duckdb.DuckDBPyConnection, bronze: RetentionSta
             "topic": pa.array([topic for topic, _ in keys], pa.string()),
             "partition": pa.array([partition for _, partition in keys], pa.int32()),
             "bronze_through": pa.array([bronze.lines().get(key) for key in keys], pa.int64()),
-            "bronze_rows": pa.array([bronze.removed[key].rows if key in bronze.removed else 0 for key in keys]),
+            "bronze_rows": pa.array(
+                [bronze.removed[key].rows if key in bronze.removed else 0 for key in keys], pa.int64()
+            ),
             "quarantine_through": pa.array([quarantine.lines().get(key) for key in keys], pa.int64()),
             "quarantine_rows": pa.array(
-                [quarantine.removed[key].rows if key in quarantine.removed else 0 for key in keys]
+                [quarantine.removed[key].rows if key in quarantine.removed else 0 for key in keys], pa.int64()
             ),
         }
     )
