@@ -379,8 +379,9 @@ def audit(
 ) -> None:
     """Account for every Kafka record and check that nothing was lost; exits 1 when a check fails.
 
-    Per partition: records in Kafka and bronze, readings accepted and quarantined. Each bronze record is re-read
-    with the current rules: each valid reading must be in silver, each invalid one in quarantine."""
+    Per partition: records in Kafka and bronze, readings accepted and quarantined, offsets missing from bronze and
+    records removed by retention. Each bronze record is re-read with the current rules: each valid reading must be
+    in silver, each invalid one in quarantine."""
     import json
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -407,6 +408,8 @@ def audit(
         "quar. readings",
         "quar. messages",
         "lost offsets",
+        "missing",
+        "removed by retention",
         title="accounting per partition",
     )
     for p in report.partitions:
@@ -422,6 +425,8 @@ def audit(
             f"{p.readings_quarantined:,}",
             f"{p.messages_quarantined:,}",
             f"{p.offsets_lost:,}",
+            f"{p.missing_from_bronze:,}",
+            _retention_cell(p.removed_by_retention, p.retention_through_offset, p.quarantine_removed_by_retention),
         )
     totals = report.totals()
     counts.add_row(
@@ -435,6 +440,8 @@ def audit(
         f"{totals['readings_quarantined']:,}",
         f"{totals['messages_quarantined']:,}",
         f"{totals['offsets_lost']:,}",
+        f"{totals['missing_from_bronze']:,}",
+        _retention_cell(totals["removed_by_retention"], None, totals["quarantine_removed_by_retention"]),
         style="bold",
     )
     out.print(counts)
@@ -446,6 +453,12 @@ def audit(
     out.print(checks)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _retention_cell(bronze_records: int, through: int | None, quarantine_rows: int) -> str:
+    """Bronze records (up to which offset) and quarantine rows that retention removed."""
+    up_to = f" (..{through:,})" if through is not None else ""
+    return f"{bronze_records:,}{up_to}, quar. {quarantine_rows:,}"
 
 
 @app.command()
@@ -496,8 +509,11 @@ def replay(
             report = run_replay(current, reason, since_at)
     except ValueError as exc:  # an unknown reason code
         _fail(str(exc))
+    if report.missing:
+        console.print(f"[yellow]warning:[/] {escape(report.missing_message())}")
     console.print(
-        f"replayed {report.quarantined_rows:,} quarantine rows from {report.records:,} Kafka records: "
+        f"replayed {report.quarantined_rows - report.missing_rows:,} quarantine rows from {report.records:,} Kafka "
+        "records: "
         f"{report.readings_accepted:,} readings now valid (merged into silver, gold and the rollups), "
         f"{report.still_invalid:,} rows still quarantined ({report.reasons_changed:,} with a new reason)"
     )
@@ -518,9 +534,12 @@ def maintain(
         bool, typer.Option(help="allow --retain-hours under 1; only when no pipeline or other writer is running")
     ] = False,
 ) -> None:
-    """Compact small files, write Delta checkpoints and VACUUM; safe while the pipeline runs (not on S3).
+    """Delete bronze and quarantine rows past their retention, compact small files, write Delta checkpoints and
+    VACUUM; safe while the pipeline runs (not on S3).
 
-    Runs on delta-rs, without Spark: seconds for a small lake. On S3, stop the pipeline first: Spark's S3 log store
+    Retention follows LAKEHOUSE_BRONZE_RETENTION and LAKEHOUSE_QUARANTINE_RETENTION (forever by default); bronze is
+    append-only again when a run ends, and a run that was interrupted is finished first. Runs on delta-rs, without
+    Spark: seconds for a small lake. On S3, stop the pipeline first: Spark's S3 log store
     and delta-rs do not coordinate their commits."""
     from rich.table import Table as RichTable
 
@@ -542,13 +561,33 @@ def maintain(
             f"[yellow]warning:[/] --retain-hours {retain_hours:g} is under 168: a reader on an older "
             "table version, or time travel to one, may fail"
         )
-    reports = run_maintenance(LakePaths.from_settings(current), chosen, retain_hours, vacuum, unsafe_retention)
+    row_retention = {t: current.retention(t.value) for t in (Table.BRONZE, Table.QUARANTINE)}
+    with console.status("maintaining the lake") as status:
+
+        def show(step: str) -> None:
+            status.update(step)
+            console.log(step)
+
+        reports = run_maintenance(
+            LakePaths.from_settings(current), chosen, retain_hours, vacuum, unsafe_retention, row_retention, show
+        )
     summary = RichTable(
-        "table", "live files before", "compacted", "live files after", "deleted from storage", "version"
+        "table",
+        "rows removed by retention",
+        "live files before",
+        "compacted",
+        "live files after",
+        "deleted from storage",
+        "version",
     )
     for r in reports:
+        removed = ""
+        if Table(r.table) in row_retention:
+            removed = f"{r.rows_removed:,}" if row_retention[Table(r.table)] else "0 (kept forever)"
+            removed += " (interrupted run finished)" if r.retention_repaired else ""
         summary.add_row(
             r.table,
+            removed,
             str(r.live_files_before),
             str(r.files_compacted),
             str(r.live_files_after),

@@ -18,6 +18,13 @@ def spark_conflicts() -> tuple[type[BaseException], ...]:
     return tuple(getattr(exceptions, name) for name in exceptions.__all__)
 
 
+def delta_rs_conflicts() -> tuple[type[BaseException], ...]:
+    """delta-rs's "a concurrent commit won" (CommitFailedError)."""
+    from deltalake.exceptions import CommitFailedError
+
+    return (CommitFailedError,)
+
+
 def retry_on_conflict(
     action: Callable[[], T], what: str, conflicts: tuple[type[BaseException], ...] | None = None, attempts: int = 8
 ) -> T:

@@ -1,5 +1,5 @@
-"""Table upkeep: compaction of small files, a Delta checkpoint of each table, VACUUM with a safe retention, and removal
-of expired log files.
+"""Table upkeep: retention of bronze and quarantine rows (lake.retention), compaction of small files, a Delta
+checkpoint of each table, VACUUM with a safe retention, and removal of expired log files.
 
 Runs on delta-rs (the `deltalake` package), not Spark: a Spark session takes longer to start than the upkeep of a
 small lake. It may run while the stream writes: delta-rs commits only if no concurrent commit removed a file it
@@ -12,17 +12,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from datetime import timedelta
 
 from lake import objectstore
-from lake.conflicts import retry_on_conflict
-from lake.errors import LakeError
+from lake.conflicts import delta_rs_conflicts, retry_on_conflict
+from lake.deltars import open_table
+from lake.retention import RETAINED_TABLES, apply_retention
 from lake.settings import MIB, local_path
 from lake.tables import LakePaths, Table
-
-if TYPE_CHECKING:
-    from deltalake import DeltaTable
 
 log = logging.getLogger("lakehouse.maintenance")
 
@@ -53,6 +52,8 @@ class TableReport:
     files_compacted: int  # live files that compaction replaced
     files_vacuumed: int  # files deleted from storage
     version: int  # the version checkpointed
+    rows_removed: int = 0  # rows older than the table's retention, deleted
+    retention_repaired: bool = False  # an interrupted retention run was finished first
 
 
 def data_files(path: str) -> int:
@@ -69,44 +70,32 @@ def maintain(
     retain_hours: float = SAFE_RETENTION_HOURS,
     vacuum: bool = True,
     allow_unsafe_retention: bool = False,
+    row_retention: Mapping[Table, timedelta | None] | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> list[TableReport]:
+    """Upkeep of `tables` (all by default); `row_retention` says how long bronze and quarantine keep rows (absent
+    or None: forever). `on_step` hears what is being done, for a progress line."""
     check_retention(retain_hours, allow_unsafe_retention)
     if objectstore.is_s3(paths.root):
         objectstore.check_access(paths.root)
-    return [_maintain_table(paths.table(table), table, retain_hours, vacuum) for table in tables or list(Table)]
-
-
-def _open(location: str) -> DeltaTable:
-    """The table at its newest version."""
-    from deltalake import DeltaTable
-    from deltalake.exceptions import DeltaError
-
-    try:
-        if objectstore.is_s3(location):  # the same AWS_* settings as Spark and DuckDB
-            return DeltaTable(objectstore.s3_uri(location), storage_options=objectstore.access().delta_rs_options())
-        return DeltaTable(location)
-    except (DeltaError, OSError) as exc:
-        where = (
-            ""
-            if local_path(location) is not None or objectstore.is_s3(location)
-            else (
-                "; on an object store delta-rs takes credentials and settings from its own environment variables "
-                "(AZURE_*, GOOGLE_*), not from spark.hadoop.* (DEPLOY.md, section 4)"
-            )
-        )
-        raise LakeError(f"cannot open the Delta table at {location}: {exc}{where}") from exc
-
-
-def _conflicts() -> tuple[type[BaseException], ...]:
-    from deltalake.exceptions import CommitFailedError
-
-    return (CommitFailedError,)
+    step = on_step or (lambda text: None)
+    reports = []
+    for table in tables or list(Table):
+        removed, repaired = 0, False
+        if table in RETAINED_TABLES:  # an interrupted run is repaired even when no retention is set any more
+            retained = apply_retention(paths, table, (row_retention or {}).get(table), on_step=step)
+            removed, repaired = retained.rows_removed, retained.repaired
+        step(f"{table.value}: compacting, checkpointing" + (", vacuuming" if vacuum else ""))
+        report = _maintain_table(paths.table(table), table, retain_hours, vacuum)
+        report.rows_removed, report.retention_repaired = removed, repaired
+        reports.append(report)
+    return reports
 
 
 def _compact(location: str) -> int:
     """Compact the newest version's small files (a commit of dataChange=false, which append-only tables allow); the
     number of files replaced, 0 (and no commit) when there is nothing to compact."""
-    delta = _open(location)
+    delta = open_table(location)
     own_target = "delta.targetFileSize" in delta.metadata().configuration
     metrics = delta.optimize.compact(target_size=None if own_target else TARGET_FILE_BYTES)
     return int(metrics["numFilesRemoved"])
@@ -114,7 +103,7 @@ def _compact(location: str) -> int:
 
 def _vacuum(location: str, retain_hours: float) -> int:
     """Delete files older than the retention that the newest version does not use; how many were deleted."""
-    deleted = _open(location).vacuum(
+    deleted = open_table(location).vacuum(
         retention_hours=math.ceil(retain_hours),  # whole hours; rounding up keeps more, never less
         # delta-rs refuses a retention under the table's deletedFileRetentionDuration (a week) unless told;
         # check_retention has already refused an unsafe one.
@@ -129,8 +118,8 @@ def _vacuum(location: str, retain_hours: float) -> int:
 
 def _maintain_table(location: str, table: Table, retain_hours: float, vacuum: bool) -> TableReport:
     started = time.monotonic()
-    before = len(_open(location).file_uris())
-    conflicts = _conflicts()
+    before = len(open_table(location).file_uris())
+    conflicts = delta_rs_conflicts()
     # Each try opens the newest version: the stream may have committed since the last one.
     compacted = retry_on_conflict(lambda: _compact(location), f"compaction of {table.value}", conflicts)
     vacuumed = 0
@@ -139,7 +128,7 @@ def _maintain_table(location: str, table: Table, retain_hours: float, vacuum: bo
     # A checkpoint of the newest version, so that readers replay a short log; it carries the stream's txn actions
     # (app id and batch) that keep a re-run micro-batch from writing twice. Log files older than the table's
     # logRetentionDuration (30 days) and covered by a checkpoint go, as Spark removes them when it checkpoints.
-    newest = _open(location)
+    newest = open_table(location)
     newest.create_checkpoint()
     newest.cleanup_metadata()
     _drop_stale_checksum(location)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -70,6 +72,18 @@ class Settings(BaseSettings):
         None,
         description="folder or URI of the streaming checkpoints",
         json_schema_extra=cli("Lake", default="<lake-root>/_checkpoints"),
+    )
+    bronze_retention: str | None = Field(
+        None,
+        description="how long bronze keeps raw Kafka records, by Kafka time, before `maintain` deletes them: "
+        "30d, 12h, 90m, 2w, or forever",
+        json_schema_extra=cli("Lake", default="forever"),
+    )
+    quarantine_retention: str | None = Field(
+        None,
+        description="how long quarantine keeps rows, by Kafka time, before `maintain` deletes them: 30d, 12h, "
+        "90m, 2w, or forever",
+        json_schema_extra=cli("Lake", default="forever"),
     )
     home: Path = Field(
         Path(".lakehouse"),
@@ -191,6 +205,18 @@ class Settings(BaseSettings):
             raise ValueError("starting_offsets must be 'earliest' or 'latest'")
         return value
 
+    @field_validator("bronze_retention", "quarantine_retention")
+    @classmethod
+    def _readable_retention(cls, value: str | None, info: ValidationInfo) -> str | None:
+        variable = f"{ENV_PREFIX}{str(info.field_name).upper()}"
+        parse_retention(value, variable)  # refuses what it cannot read, naming the setting
+        return value
+
+    def retention(self, table_name: str) -> timedelta | None:
+        """How long `bronze` or `quarantine` keeps rows; None keeps them forever."""
+        field = f"{table_name}_retention"
+        return parse_retention(getattr(self, field), f"{ENV_PREFIX}{field.upper()}")
+
     def as_env(self) -> dict[str, str]:
         """These settings as LAKEHOUSE_* variables, for a subprocess (lists as JSON, as pydantic-settings reads them)."""
         return {
@@ -291,6 +317,25 @@ def _shown_default(value: object) -> str:
     if isinstance(value, list):
         return json.dumps(value)
     return str(value) if value != "" else "empty"
+
+
+_DURATION = re.compile(r"\s*(\d+)\s*([smhdw])\s*")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_retention(text: str | None, setting: str) -> timedelta | None:
+    """A retention such as `30d`, `12h`, `90m`, `45s`, `2w`; None for `forever`, empty or unset (keep forever).
+
+    Spark's interval strings (the trigger settings) would need Spark to read; these are read here, without it."""
+    if text is None or text.strip().lower() in {"", "forever"}:
+        return None
+    match = _DURATION.fullmatch(text.lower())
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(
+            f"{setting}={text!r} is not a retention: give a positive whole number and a unit, s, m, h, d or w "
+            "(30d, 12h, 90m, 2w), or forever"
+        )
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
 
 def join_path(root: str, *parts: str) -> str:

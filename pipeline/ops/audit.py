@@ -4,6 +4,10 @@ that nothing was lost (contract section 2).
 Bronze holds the raw message of every record, so the audit re-reads each one with the current rules and checks
 that each reading is either in silver (by identity) or quarantined with its index, and each unreadable message
 has exactly one message-level quarantine row. It runs on DuckDB, without Spark.
+
+Records that retention removed (lake.retention: per partition every offset up to a line) are counted apart from
+records missing for any other reason, and the checks leave out what retention took away: the quarantine rows of
+records no longer in bronze cannot be re-read, nor can records whose quarantine rows are gone be matched to them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import duckdb
 import pyarrow as pa
 
 from lake import duck, kafka
+from lake.retention import RetentionState, retention_state
 from lake.rows import fetch_one
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
@@ -38,6 +43,10 @@ class PartitionCounts:
     readings_quarantined: int = 0
     messages_quarantined: int = 0
     offsets_lost: int = 0
+    removed_by_retention: int = 0  # bronze records that retention deleted
+    retention_through_offset: int | None = None  # retention removed every offset up to this one
+    quarantine_removed_by_retention: int = 0  # quarantine rows that retention deleted
+    missing_from_bronze: int = 0  # offsets above the retention line and below bronze's last that bronze lacks
 
     @property
     def not_yet_ingested(self) -> int | None:
@@ -72,6 +81,9 @@ class AuditReport:
             "readings_quarantined",
             "messages_quarantined",
             "offsets_lost",
+            "removed_by_retention",
+            "quarantine_removed_by_retention",
+            "missing_from_bronze",
         )
         return {name: sum(getattr(p, name) for p in self.partitions) for name in names}
 
@@ -132,7 +144,9 @@ def _reparse_bronze(connection: duckdb.DuckDBPyConnection, rules: Rules, on_prog
 
 _PER_PARTITION = """
 WITH records AS (
-    SELECT topic, "partition", count(*) AS records, max("offset") AS last_offset FROM bronze GROUP BY ALL
+    SELECT topic, "partition", count(*) AS records, max("offset") AS last_offset, min("offset") AS first_offset,
+           count(*) FILTER (WHERE "offset" > bronze_line(topic, "partition")) AS above_line
+    FROM bronze GROUP BY ALL
 ), readings AS (
     SELECT topic, "partition",
            count(*) FILTER (WHERE reading_index IS NOT NULL) AS in_messages,
@@ -146,8 +160,13 @@ WITH records AS (
     FROM quarantine GROUP BY ALL
 )
 SELECT topic, "partition", coalesce(r.records, 0), r.last_offset, coalesce(p.in_messages, 0), coalesce(p.accepted, 0),
-       coalesce(q.readings, 0), coalesce(q.messages, 0), coalesce(q.gaps, 0)
+       coalesce(q.readings, 0), coalesce(q.messages, 0), coalesce(q.gaps, 0),
+       coalesce(l.bronze_rows, 0), l.bronze_through, coalesce(l.quarantine_rows, 0),
+       -- the offsets from the first one retention did not remove (or bronze's first) to bronze's last
+       coalesce(r.last_offset - CASE WHEN l.bronze_through IS NULL THEN r.first_offset ELSE l.bronze_through + 1 END
+                + 1 - r.above_line, 0)
 FROM records r FULL JOIN readings p USING (topic, "partition") FULL JOIN quarantined q USING (topic, "partition")
+     FULL JOIN retention_lines l USING (topic, "partition")
 ORDER BY topic, "partition"
 """
 
@@ -166,14 +185,16 @@ _CHECKS: list[tuple[str, str, str]] = [
     ),
     (
         "every invalid reading or message is in quarantine",
-        """SELECT count(*) FROM (SELECT * FROM reparsed WHERE reason_code IS NOT NULL) r
+        """SELECT count(*) FROM (SELECT * FROM reparsed WHERE reason_code IS NOT NULL
+                                 AND "offset" > quarantine_line(topic, "partition")) r
            ANTI JOIN quarantine q ON q.topic = r.topic AND q."partition" = r."partition" AND q."offset" = r."offset"
                 AND q.reading_index IS NOT DISTINCT FROM r.reading_index""",
         "invalid readings or messages without a quarantine row",
     ),
     (
         "quarantine holds only what the current rules reject",
-        """SELECT count(*) FROM (SELECT * FROM quarantine WHERE reason_code <> $lost) q
+        """SELECT count(*) FROM (SELECT * FROM quarantine WHERE reason_code <> $lost
+                                 AND "offset" > bronze_line(topic, "partition")) q
            ANTI JOIN (SELECT * FROM reparsed WHERE reason_code IS NOT NULL) r
                 ON q.topic = r.topic AND q."partition" = r."partition" AND q."offset" = r."offset"
                 AND q.reading_index IS NOT DISTINCT FROM r.reading_index""",
@@ -191,7 +212,7 @@ _CHECKS: list[tuple[str, str, str]] = [
              SELECT topic, "partition", "offset", count(*) FILTER (WHERE reason_code IS NULL) AS accepted,
                     count(*) FILTER (WHERE reason_code IS NOT NULL AND reading_index IS NULL) AS message_level,
                     count(*) FILTER (WHERE reading_index IS NOT NULL) AS readings
-             FROM reparsed GROUP BY ALL
+             FROM reparsed WHERE "offset" > quarantine_line(topic, "partition") GROUP BY ALL
            ) r LEFT JOIN (
              SELECT topic, "partition", "offset", count(*) FILTER (WHERE reading_index IS NOT NULL) AS quarantined,
                     count(*) FILTER (WHERE reading_index IS NULL) AS message_level
@@ -202,6 +223,51 @@ _CHECKS: list[tuple[str, str, str]] = [
         "bronze records whose accepted and quarantined readings do not add up to the readings in the message",
     ),
 ]
+
+
+def _retention_lines(connection: duckdb.DuckDBPyConnection, bronze: RetentionState, quarantine: RetentionState) -> None:
+    """The table `retention_lines` (per partition what retention removed from bronze and quarantine) and the macros
+    `bronze_line` and `quarantine_line`: the partition's highest offset retention removed, -1 for none."""
+    keys = sorted(set(bronze.lines()) | set(quarantine.lines()))
+    lines = pa.table(
+        {
+            "topic": pa.array([topic for topic, _ in keys], pa.string()),
+            "partition": pa.array([partition for _, partition in keys], pa.int32()),
+            "bronze_through": pa.array([bronze.lines().get(key) for key in keys], pa.int64()),
+            "bronze_rows": pa.array(
+                [bronze.removed[key].rows if key in bronze.removed else 0 for key in keys], pa.int64()
+            ),
+            "quarantine_through": pa.array([quarantine.lines().get(key) for key in keys], pa.int64()),
+            "quarantine_rows": pa.array(
+                [quarantine.removed[key].rows if key in quarantine.removed else 0 for key in keys], pa.int64()
+            ),
+        }
+    )
+    connection.register("retention_lines_arrow", lines)
+    connection.execute("CREATE OR REPLACE TABLE retention_lines AS SELECT * FROM retention_lines_arrow")
+    connection.unregister("retention_lines_arrow")
+    # The macros' own copy names its key columns apart: in a macro's subquery, `topic` would bind to its own table.
+    connection.execute(
+        'CREATE OR REPLACE TABLE retention_lookup AS SELECT topic AS line_topic, "partition" AS line_partition, '
+        "bronze_through, quarantine_through FROM retention_lines"
+    )
+    for table in ("bronze", "quarantine"):
+        connection.execute(
+            f"""CREATE OR REPLACE MACRO {table}_line(t, p) AS coalesce((SELECT {table}_through FROM retention_lookup
+                WHERE line_topic = t AND line_partition = p), -1)"""
+        )
+
+
+def _unfinished_runs(states: dict[str, RetentionState]) -> Check:
+    unfinished = [name for name, state in states.items() if state.pending is not None]
+    if not unfinished:
+        return Check("retention runs finished", True, "ok")
+    return Check(
+        "retention runs finished",
+        False,
+        f"a retention run on {' and '.join(unfinished)} was interrupted (bronze may accept deletes until it is "
+        "finished); run `lakehouse maintain` to finish it",
+    )
 
 
 def _kafka_offsets(settings: Settings, partitions: dict[tuple[str, int], PartitionCounts]) -> str | None:
@@ -237,6 +303,8 @@ def audit(settings: Settings, on_progress: Callable[[int, int], None] | None = N
             on_progress(done, total)
 
     _reparse_bronze(connection, Rules.from_settings(settings), advance)
+    retained = {table.value: retention_state(paths, table) for table in (Table.BRONZE, Table.QUARANTINE)}
+    _retention_lines(connection, retained["bronze"], retained["quarantine"])
     report = AuditReport()
     partitions: dict[tuple[str, int], PartitionCounts] = {}
     for row in connection.execute(_PER_PARTITION, {"lost": OFFSETS_LOST}).fetchall():
@@ -250,6 +318,10 @@ def audit(settings: Settings, on_progress: Callable[[int, int], None] | None = N
             counts.readings_quarantined,
             counts.messages_quarantined,
             counts.offsets_lost,
+            counts.removed_by_retention,
+            counts.retention_through_offset,
+            counts.quarantine_removed_by_retention,
+            counts.missing_from_bronze,
         ) = numbers
         partitions[(topic, partition)] = counts
     if kafka:
@@ -259,5 +331,6 @@ def audit(settings: Settings, on_progress: Callable[[int, int], None] | None = N
         parameters = {"lost": OFFSETS_LOST} if "$lost" in query else {}
         failures = fetch_one(connection.execute(query, parameters), f"the check {name!r}")[0]
         report.checks.append(Check(name, failures == 0, "ok" if failures == 0 else f"{failures:,} {meaning}"))
+    report.checks.append(_unfinished_runs(retained))
     connection.close()
     return report

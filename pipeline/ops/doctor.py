@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lake import checkpoint, kafka, objectstore
-from lake.errors import ObjectStoreError
+from lake.errors import LakeError, ObjectStoreError
 from lake.settings import Settings, local_path
 from lake.tables import LakePaths
 
@@ -265,6 +265,46 @@ def _lake(settings: Settings) -> list[Finding]:
     return findings
 
 
+def _retention(settings: Settings) -> list[Finding]:
+    """No retention run was left unfinished: bronze is append-only, and what retention removed so far."""
+    from lake import duck
+    from lake.retention import retention_state
+    from lake.tables import Table
+
+    paths = LakePaths.from_settings(settings)
+    findings = []
+    for table in (Table.BRONZE, Table.QUARANTINE):
+        if not duck.table_exists(paths, table):
+            continue
+        try:
+            state = retention_state(paths, table)
+        except LakeError as exc:
+            findings.append(Finding(f"{table.value} retention", FAIL, str(exc), "see the lake finding above"))
+            continue
+        kept = settings.retention(table.value)
+        keeps = "kept forever" if kept is None else f"kept {getattr(settings, f'{table.value}_retention')}"
+        if state.pending is not None or state.append_only is False:
+            findings.append(
+                Finding(
+                    f"{table.value} retention",
+                    FAIL,
+                    f"a retention run (cutoff {state.pending_cutoff}) was interrupted"
+                    + (
+                        "; bronze accepts deletes (delta.appendOnly=false) until it is finished"
+                        if table is Table.BRONZE
+                        else ""
+                    ),
+                    "run `lakehouse maintain`: it finishes the run first",
+                )
+            )
+        else:
+            removed = f"{state.rows_removed:,} rows removed so far" + (
+                f", last cutoff {state.last_cutoff:%Y-%m-%d %H:%M:%S} UTC" if state.last_cutoff else ""
+            )
+            findings.append(Finding(f"{table.value} retention", OK, f"rows {keeps}; {removed}"))
+    return findings
+
+
 def _object_store(root: str) -> list[Finding]:
     """The bucket answers with these credentials, a probe object can be written, listed and deleted, and which
     writers the Delta log store allows."""
@@ -318,6 +358,7 @@ def diagnose(settings: Settings, on_step: Callable[[str], None] | None = None) -
         ("DuckDB", lambda: [_duckdb()]),
         ("Kafka", lambda: _kafka(settings)),
         ("lake", lambda: _lake(settings)),
+        ("retention", lambda: _retention(settings)),
         ("memory", lambda: [_memory(settings)]),
     ]
     findings: list[Finding] = []

@@ -2,18 +2,21 @@
 gold and the rollups, what is still invalid stays with its reason brought up to date.
 
 The original bytes come from bronze (quarantine's `raw` of an unreadable message is not always the bytes Kafka
-held). Writes go silver, gold, rollups, then quarantine, each an idempotent MERGE: a replay stopped at any point and run
-again, or run twice, ends in the same tables as one complete run.
+held). Rows whose record bronze no longer holds (retention removed it, lake.retention) are left as they are and
+named in the report: without the bytes they can be neither read again nor told valid. Writes go silver, gold,
+rollups, then quarantine, each an idempotent MERGE: a replay stopped at any point and run again, or run twice, ends
+in the same tables as one complete run.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from lake.conflicts import retry_on_conflict
+from lake.retention import retention_state
 from lake.rows import first_row
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
@@ -30,6 +33,30 @@ log = logging.getLogger("lakehouse.replay")
 RECORD = ("topic", "partition", "offset")
 
 
+@dataclass(frozen=True)
+class MissingRecords:
+    """Selected quarantine rows of one partition whose records bronze no longer holds."""
+
+    topic: str
+    partition: int
+    first_offset: int
+    last_offset: int
+    records: int
+    quarantine_rows: int
+    removed_by_retention: bool  # every one is at or below the partition's retention line
+
+    def describe(self) -> str:
+        why = (
+            "removed from bronze by retention (LAKEHOUSE_BRONZE_RETENTION)"
+            if self.removed_by_retention
+            else "not in bronze"
+        )
+        return (
+            f"{self.topic} partition {self.partition} offsets {self.first_offset}..{self.last_offset} "
+            f"({self.records} records, {self.quarantine_rows} quarantine rows): {why}"
+        )
+
+
 @dataclass
 class ReplayReport:
     quarantined_rows: int = 0  # rows selected for replay
@@ -37,6 +64,22 @@ class ReplayReport:
     readings_accepted: int = 0  # now valid, merged into silver
     still_invalid: int = 0  # quarantine rows after the replay for those records
     reasons_changed: int = 0
+    missing: list[MissingRecords] = field(default_factory=list)  # selected, not replayed: their bytes are gone
+
+    @property
+    def missing_rows(self) -> int:
+        return sum(m.quarantine_rows for m in self.missing)
+
+    def missing_message(self) -> str:
+        """What replay could not do and why, for the operator; empty when it could do everything asked."""
+        if not self.missing:
+            return ""
+        return (
+            f"{self.missing_rows:,} of the {self.quarantined_rows:,} selected quarantine rows cannot be replayed: "
+            "the raw messages they need are no longer in bronze, so they stay in quarantine as they are ("
+            + "; ".join(m.describe() for m in self.missing)
+            + "). The other rows were replayed; the readings these records held that were valid stay in silver."
+        )
 
 
 def _selected(spark: SparkSession, paths: LakePaths, reason: str | None, since: datetime | None) -> DataFrame:
@@ -48,6 +91,39 @@ def _selected(spark: SparkSession, paths: LakePaths, reason: str | None, since: 
     if since is not None:
         rows = rows.where(F.col("quarantined_at") >= F.lit(since))
     return rows.select(*RECORD, "reading_index", "reason_code", "reason")
+
+
+def _missing_records(paths: LakePaths, targets: DataFrame, bronze: DataFrame) -> list[MissingRecords]:
+    """The selected rows' records that bronze lacks, per partition, and whether retention removed them."""
+    from pyspark.sql import functions as F
+
+    absent = targets.join(bronze.select(*RECORD), list(RECORD), "left_anti")
+    per_partition = (
+        absent.groupBy("topic", "partition")
+        .agg(
+            F.min("offset").alias("first"),
+            F.max("offset").alias("last"),
+            F.countDistinct("offset").alias("records"),
+            F.count("*").alias("rows"),
+        )
+        .orderBy("topic", "partition")
+        .collect()
+    )
+    if not per_partition:
+        return []
+    retained = retention_state(paths, Table.BRONZE)
+    return [
+        MissingRecords(
+            row.topic,
+            row.partition,
+            row.first,
+            row.last,
+            row.records,
+            row.rows,
+            row.last <= retained.through(row.topic, row.partition),
+        )
+        for row in per_partition
+    ]
 
 
 def replay(
@@ -75,9 +151,16 @@ def replay(
     report.quarantined_rows = targets.count()
     if not report.quarantined_rows:
         return report
+    bronze = spark.read.format("delta").load(paths.table(Table.BRONZE))
+    # A row whose record is gone would otherwise read as "nothing invalid any more" and be deleted below.
+    report.missing = _missing_records(paths, targets, bronze)
+    if report.missing:
+        log.warning("replay: %s", report.missing_message())
+        targets = targets.join(bronze.select(*RECORD), list(RECORD), "left_semi").localCheckpoint(eager=True)
     records = targets.select(*RECORD).distinct()
     report.records = records.count()
-    bronze = spark.read.format("delta").load(paths.table(Table.BRONZE))
+    if not report.records:
+        return report
     reparsed = (
         bronze.join(records, list(RECORD), "left_semi")
         .select(*PASSTHROUGH, "value")

@@ -44,7 +44,8 @@ class OffsetTracker:
         ranges = {(r.topic, r.partition): (r.first, r.last) for r in batch_offsets.collect()}
         if self._last is None:
             bronze = spark.read.format("delta").load(bronze_path)
-            self._last = {}
+            # A partition whose every record retention removed goes on from the retention line.
+            self._last = {key: line for key, line in _retention_lines(bronze_path).items() if key in ranges}
             for (topic, partition), (first, _) in ranges.items():
                 row = (
                     bronze.where(
@@ -54,7 +55,7 @@ class OffsetTracker:
                     .first()
                 )
                 if row is not None and row[0] is not None:
-                    self._last[(topic, partition)] = row[0]
+                    self._last[(topic, partition)] = max(row[0], self._last.get((topic, partition), row[0]))
         found = []
         for key, (first, last) in sorted(ranges.items()):
             previous = self._last.get(key)
@@ -62,3 +63,16 @@ class OffsetTracker:
                 found.append(Gap(key[0], key[1], previous + 1, first - 1))
             self._last[key] = max(last, previous or last)
         return found
+
+
+def _retention_lines(bronze_path: str) -> dict[tuple[str, int], int]:
+    """Per partition the highest offset retention removed from bronze; none where delta-rs cannot open the table
+    (stores other than a local disk and S3 need delta-rs settings of their own)."""
+    from lake.deltars import open_table
+    from lake.errors import LakeError
+    from lake.retention import state_of
+
+    try:
+        return state_of(open_table(bronze_path)).lines()
+    except LakeError:
+        return {}
