@@ -119,7 +119,7 @@ class Settings(BaseSettings):
         "5 minutes",
         description=(
             "how long after the newest reading a bucket may still get readings before it is final; later readings "
-            "still count, as late ones (e.g. 30 seconds, 5 minutes, 2 hours, 1 day)"
+            "still count, as late ones (5m, 30s, 2h, 5 minutes, 1 day)"
         ),
         json_schema_extra=cli("Streaming job"),
     )
@@ -195,7 +195,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_lateness")
     @classmethod
     def _readable_lateness(cls, value: str) -> str:
-        duration_us(value)
+        parse_duration(value, f"{ENV_PREFIX}ALLOWED_LATENESS")
         return value
 
     @field_validator("starting_offsets")
@@ -236,7 +236,7 @@ class Settings(BaseSettings):
 
     @property
     def allowed_lateness_us(self) -> int:
-        return duration_us(self.allowed_lateness)
+        return parse_duration(self.allowed_lateness, f"{ENV_PREFIX}ALLOWED_LATENESS") // timedelta(microseconds=1)
 
     @property
     def checkpoints(self) -> str:
@@ -250,23 +250,6 @@ class Settings(BaseSettings):
     def kafka_limit_bytes(self) -> int:
         """Size limit for the Kafka layers: the value limit plus room for key, headers and batch framing."""
         return self.max_message_bytes + 64 * 1024
-
-
-_UNIT_US = {"second": 1_000_000, "minute": 60_000_000, "hour": 3_600_000_000, "day": 86_400_000_000}
-
-
-def duration_us(text: str) -> int:
-    """Microseconds of a duration written as Spark writes intervals: `<number> <unit>`, the unit one of second,
-    minute, hour or day (singular or plural)."""
-    parts = text.split()
-    unit = parts[1].lower().removesuffix("s") if len(parts) == 2 else ""
-    try:
-        amount = float(parts[0]) if unit in _UNIT_US else -1.0
-    except ValueError:
-        amount = -1.0
-    if not 0 <= amount < 1e6:
-        raise ValueError(f"{text!r} is not a duration such as '30 seconds', '5 minutes', '2 hours' or '1 day'")
-    return round(amount * _UNIT_US[unit])
 
 
 @dataclass(frozen=True)
@@ -319,23 +302,30 @@ def _shown_default(value: object) -> str:
     return str(value) if value != "" else "empty"
 
 
-_DURATION = re.compile(r"\s*(\d+)\s*([smhdw])\s*")
+# A duration: a whole number and a unit, short (`30d`, `12h`, `90m`, `45s`, `2w`) or spelled out as Spark writes
+# its intervals (`30 seconds`, `5 minutes`, `1 day`). Read here, without Spark.
+_DURATION = re.compile(r"\s*(\d+)\s*(s|m|h|d|w|seconds?|minutes?|hours?|days?|weeks?)\s*")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DURATION_FORMS = "a whole number and a unit: 30s, 5m, 12h, 30d, 2w, or 5 minutes, 1 day"
+
+
+def parse_duration(text: str, setting: str) -> timedelta:
+    """A duration in one of DURATION_FORMS; a ValueError naming `setting` otherwise."""
+    match = _DURATION.fullmatch(text.lower())
+    if match is None:
+        raise ValueError(f"{setting}={text!r} is not a duration: give {DURATION_FORMS}")
+    unit = match.group(2)
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[unit[0] if len(unit) > 1 else unit])
 
 
 def parse_retention(text: str | None, setting: str) -> timedelta | None:
-    """A retention such as `30d`, `12h`, `90m`, `45s`, `2w`; None for `forever`, empty or unset (keep forever).
-
-    Spark's interval strings (the trigger settings) would need Spark to read; these are read here, without it."""
+    """A retention (a positive duration); None for `forever`, empty or unset (keep forever)."""
     if text is None or text.strip().lower() in {"", "forever"}:
         return None
-    match = _DURATION.fullmatch(text.lower())
-    if match is None or int(match.group(1)) == 0:
-        raise ValueError(
-            f"{setting}={text!r} is not a retention: give a positive whole number and a unit, s, m, h, d or w "
-            "(30d, 12h, 90m, 2w), or forever"
-        )
-    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    kept = parse_duration(text, setting)
+    if not kept:
+        raise ValueError(f"{setting}={text!r} would keep nothing: give {DURATION_FORMS}, or forever")
+    return kept
 
 
 def join_path(root: str, *parts: str) -> str:

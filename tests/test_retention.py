@@ -47,8 +47,11 @@ RECORDS = [
 def test_a_retention_that_cannot_be_read_names_the_setting_and_the_forms() -> None:
     result = CliRunner().invoke(cli.app, ["--bronze-retention", "a month", "maintain"])
     assert result.exit_code == 1
-    assert "LAKEHOUSE_BRONZE_RETENTION='a month' is not a retention" in result.output
-    assert "30d, 12h, 90m, 2w" in result.output and "Traceback" not in result.output
+    assert "LAKEHOUSE_BRONZE_RETENTION='a month' is not a duration" in result.output
+    assert "30s, 5m, 12h, 30d, 2w" in result.output and "Traceback" not in result.output
+    lateness = CliRunner().invoke(cli.app, ["--allowed-lateness", "soon", "maintain"])
+    assert lateness.exit_code == 1
+    assert "LAKEHOUSE_ALLOWED_LATENESS='soon' is not a duration" in lateness.output
 
 
 @pytest.fixture(scope="module")
