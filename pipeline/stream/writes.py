@@ -3,7 +3,8 @@
 An append carries the ingest query's stable app id and the batch id (`txnAppId`/`txnVersion`), so a batch that
 Spark re-runs after a crash skips the appends that already committed. The MERGEs into silver, gold and the rollups
 are idempotent by their data (identity and record order in silver, recomputes elsewhere), in a micro-batch and in
-`lakehouse replay` alike; none sets a session conf, so the two queries sharing a session cannot mix them up.
+`lakehouse replay` alike. The one session conf set here is the commitInfo's `userMetadata` that records the
+watermark on gold's commits (lake.watermark), set and unset around them.
 """
 
 from __future__ import annotations
