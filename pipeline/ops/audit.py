@@ -116,7 +116,7 @@ def _reparse_bronze(connection: duckdb.DuckDBPyConnection, rules: Rules, on_prog
         'CREATE OR REPLACE TABLE reparsed (topic VARCHAR, "partition" INTEGER, "offset" BIGINT, '
         "reading_index INTEGER, device_id VARCHAR, timestamp_us BIGINT, reason_code VARCHAR)"
     )
-    reader = connection.execute('SELECT topic, "partition", "offset", value FROM bronze').fetch_record_batch(
+    reader = connection.execute('SELECT topic, "partition", "offset", value FROM bronze').to_arrow_reader(
         _SLICE_RECORDS
     )
     writer = connection.cursor()
