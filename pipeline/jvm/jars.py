@@ -40,11 +40,19 @@ def s3proxy_jar_dir(home: Path) -> Path:
 _SPARK_MARKERS = ("delta-spark", "spark-sql-kafka", "hadoop-aws")
 
 
-def spark_jars(home: Path) -> list[Path]:
+# What s3a needs (hadoop-aws and what it was built against), beside the jars every session needs. The AWS SDK's
+# bundle alone is 686 MB, and Spark copies each jar it is given into a temporary folder per session (left behind
+# by a killed driver), so a session is given them only when the lake or its checkpoints are on S3.
+_OBJECT_STORE_JARS = ("hadoop-aws-", "bundle-", "analyticsaccelerator-s3-", "wildfly-openssl-")
+
+
+def spark_jars(home: Path, object_store: bool = True) -> list[Path]:
+    """The jars a Spark session is given: all that `lakehouse setup` resolved, without s3a's unless
+    `object_store`."""
     jars = sorted(spark_jar_dir(home).glob("*.jar"))
     if not any(j.name.startswith("delta-spark") for j in jars) or not any("sql-kafka" in j.name for j in jars):
         raise SetupError(f"Spark's Delta and Kafka jars are missing under {spark_jar_dir(home)}; run `lakehouse setup`")
-    return jars
+    return [j for j in jars if object_store or not j.name.startswith(_OBJECT_STORE_JARS)]
 
 
 def log4j_config() -> Path:

@@ -73,7 +73,8 @@ def build_session(
     java_options, jvm_env = jvm_memory_bounds(settings)
     for name, value in jvm_env.items():  # read by the JVM pyspark is about to start (and its Python workers)
         os.environ.setdefault(name, value)
-    spark_jars = jars.spark_jars(settings.home)
+    on_object_store = any(objectstore.is_s3(root) for root in (settings.lake_root, settings.checkpoints))
+    spark_jars = jars.spark_jars(settings.home, object_store=on_object_store)
     jar_files = ",".join(str(j) for j in spark_jars)
     conf = {
         "spark.master": settings.spark_master,
