@@ -136,23 +136,21 @@ def _latest_remote_version(table_location: str, known: int | None) -> TableVersi
     return TableVersion(low, _remote_commit_time(table_location, low))
 
 
-@functools.lru_cache(maxsize=256)
 def _remote_commit_time(table_location: str, version: int) -> datetime | None:
-    """A commit file never changes once written: its time is read once per version, not at every refresh."""
-    commit = _remote_commit(table_location, version)
-    return _commit_time_of(commit.splitlines()) if commit is not None else None
+    """A commit file never changes once written: it is read once per version (with its commitInfo, which the
+    watermark's readers want too), not at every refresh."""
+    return _time_of(_remote_commit_info(table_location, version))
 
 
 def _commit_time_of(lines: Iterable[bytes]) -> datetime | None:
     """The commitInfo timestamp among a commit file's lines (actions)."""
-    for line in lines:
-        try:
-            action = json.loads(line)
-        except ValueError:
-            continue
-        if "commitInfo" in action and "timestamp" in action["commitInfo"]:
-            return datetime.fromtimestamp(action["commitInfo"]["timestamp"] / 1000, UTC)
-    return None
+    return _time_of(_commit_info_of(lines))
+
+
+def _time_of(info: dict | None) -> datetime | None:
+    if info is None or "timestamp" not in info:
+        return None
+    return datetime.fromtimestamp(info["timestamp"] / 1000, UTC)
 
 
 def commit_info(table_location: str, version: int) -> dict | None:
