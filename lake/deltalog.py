@@ -7,7 +7,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,23 +28,60 @@ class TableVersion:
 
 def latest_version(table_location: str, known: int | None = None) -> TableVersion | None:
     """The newest version in `_delta_log`, or None when the table does not exist (or is on another store than a
-    local disk or S3). `known`, a version the caller saw before, lets an object store's log be probed from there.
+    local disk or S3). `known`, a version the caller saw before, is where the search starts.
 
-    Listing the log folder finds the newest commit without replaying the log; a commit file appears whole (Delta
-    writes it with an atomic rename or put-if-absent), so the listed version is committed.
+    Commit files are asked for by name, from a version known to exist (the caller's, or the last checkpoint's)
+    onwards, doubling the step, then halving it: a reader that knows the current version pays one lookup per table
+    when nothing changed, however long the log. Listing the folder instead costs as much as the log is long (30
+    days of commits by default, more than a million files for a commit every few seconds), and on S3 pages through
+    all of it. A commit file appears whole (Delta writes it with an atomic rename or put-if-absent), so a version
+    found is committed.
     """
     folder = local_path(table_location)
-    if folder is None:
-        return _latest_remote_version(table_location, known) if objectstore.is_s3(table_location) else None
+    if folder is not None:
+        log = folder / "_delta_log"
+
+        def exists(version: int) -> bool:
+            return (log / f"{version:020d}.json").is_file()
+
+        # A stat is cheap here: the known version is checked too, so that a table made anew with fewer versions
+        # is not taken to be at the old one.
+        start = known if known is not None and exists(known) else None
+        found = _newest(exists, start, _local_checkpoint(log))
+        if found is None and log.is_dir():  # neither version 0 nor a checkpoint pointer: list the folder once
+            found = max(
+                (int(m.group(1)) for name in os.listdir(log) if (m := _COMMIT_FILE.fullmatch(name))), default=None
+            )
+        return None if found is None else TableVersion(found, _commit_time(log / f"{found:020d}.json"))
+    if not objectstore.is_s3(table_location):
+        return None
+    found = _newest(lambda version: _remote_exists(table_location, version), known, _last_checkpoint(table_location))
+    return None if found is None else TableVersion(found, _remote_commit_time(table_location, found))
+
+
+def _newest(exists: Callable[[int], bool], known: int | None, checkpoint: int | None) -> int | None:
+    """The newest version for which `exists`, searched from `known` (or `checkpoint`, or 0) on: versions are
+    contiguous, and the start is taken to exist."""
+    start = known if known is not None else checkpoint
+    if start is None:
+        start = 0
+        if not exists(start):
+            return None
+    low, step = start, 1
+    while exists(low + step):
+        low, step = low + step, step * 2
+    high = low + step  # does not exist
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if exists(middle) else (low, middle)
+    return low
+
+
+def _local_checkpoint(log: Path) -> int | None:
     try:
-        names = os.listdir(folder / "_delta_log")
-    except FileNotFoundError:
+        return int(json.loads((log / "_last_checkpoint").read_bytes())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    versions = [int(m.group(1)) for name in names if (m := _COMMIT_FILE.fullmatch(name))]
-    if not versions:
-        return None
-    version = max(versions)
-    return TableVersion(version, _commit_time(folder / "_delta_log" / f"{version:020d}.json"))
 
 
 def _commit_time(commit_file: Path) -> datetime | None:
@@ -74,12 +111,6 @@ def created_at(table_location: str) -> datetime | None:
         return _commit_time_of(commit.splitlines()) if commit is not None else None
     first = folder / "_delta_log" / f"{0:020d}.json"
     return _commit_time(first) if first.is_file() else None
-
-
-# On an object store a listing of `_delta_log` pages through every log file kept (30 days of commits by default),
-# and S3 lists no folder from a given name on through pyarrow: the newest version is found by asking for commit
-# files by name instead, from a version known to exist (the caller's, or the last checkpoint's) onwards, doubling the
-# step, then halving it. A reader that knows the current version pays one HEAD per table when nothing changed.
 
 
 def exists(table_location: str) -> bool:
@@ -118,22 +149,6 @@ def _last_checkpoint(table_location: str) -> int | None:
             return int(json.loads(pointer.read())["version"])
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
-
-
-def _latest_remote_version(table_location: str, known: int | None) -> TableVersion | None:
-    start = known if known is not None else _last_checkpoint(table_location)
-    if start is None:
-        start = 0
-        if not _remote_exists(table_location, start):
-            return None
-    low, step = start, 1  # low exists; versions are contiguous
-    while _remote_exists(table_location, low + step):
-        low, step = low + step, step * 2
-    high = low + step  # does not exist
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if _remote_exists(table_location, middle) else (low, middle)
-    return TableVersion(low, _remote_commit_time(table_location, low))
 
 
 def _remote_commit_time(table_location: str, version: int) -> datetime | None:
