@@ -26,6 +26,7 @@ from pipeline.errors import StreamStopped
 from pipeline.stream import offsets
 from pipeline.stream.crash import crash_point
 from pipeline.stream.parse import OUTPUT_DDL, PASSTHROUGH, Rules, arrow_parser
+from pipeline.stream.spark import fit_codegen
 from pipeline.stream.writes import CLASSIFIED_SECONDS as SECONDS
 from pipeline.stream.writes import LakeWriter
 
@@ -135,6 +136,8 @@ class IngestJob:
                 counts["quarantined"],
             )
             stage("parse")
+            # For this batch's writes, and the next batch's parse (a live stream's batches are alike in size).
+            fit_codegen((self.spark, records.sparkSession), max(report.records, report.readings))
             if report.readings:
                 # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
                 lo, hi = f"timestamp_micros({counts['lo']})", f"timestamp_micros({counts['hi']})"
@@ -226,6 +229,7 @@ class RollupsJob:
             "the rollups batch's bounds",
         )
         if bounds[0]:
+            fit_codegen((self.spark, changes.sparkSession), bounds[0])
             lo, hi = f"timestamp_micros({bounds[1]})", f"timestamp_micros({bounds[2]})"
             self.writer.rollups(keys, lo, hi)
             crash_point("rollups", batch_id)
@@ -234,7 +238,10 @@ class RollupsJob:
 
 
 def start_rollups(spark: SparkSession, settings: Settings, paths: LakePaths, available_now: bool) -> StreamingQuery:
-    """Start the rollups query on silver's Delta log."""
+    """Start the rollups query on silver's Delta log, in a session of its own (same Spark context, its own SQL
+    conf), so that what one query sets for its batches (code generation, the watermark's commit metadata) never
+    reaches the other's."""
+    spark = spark.newSession()
     job = RollupsJob(spark, paths)
     # A MERGE that updates rows rewrites their files; `ignoreChanges` streams the rewritten files' rows again (a
     # superset of the changed rows, which only recomputes a few more buckets) instead of stopping the query.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,28 @@ def _object_store_conf(settings: Settings, spark_jars: list[Path]) -> dict[str, 
         objectstore.check_access(root)
     access = objectstore.access()  # also keeps the AWS SDK's checksums to what S3-compatible servers take
     return {f"spark.hadoop.{key}": value for key, value in access.hadoop_conf().items()}
+
+
+# Spark generates Java code for a plan (whole stages, and each operator's projections in every task) and compiles it
+# with Janino, cached by the code's text. A micro-batch's plans miss that cache: the batch's time bounds and
+# `current_timestamp()` are literals written into the code. And the text is made again for every task before the
+# cache is asked, which for Delta's wide log actions is itself costly. For a micro-batch of a few readings, making
+# and compiling code took about 40 % of the driver's CPU samples (JFR, `lakehouse bench --part freshness`), where
+# running the same plans interpreted costs next to nothing. For a backlog batch of millions of readings, the
+# compiled code pays for itself.
+CODEGEN_FROM_ROWS = 100_000
+
+
+def fit_codegen(sessions: Iterable[SparkSession], rows: int) -> None:
+    """Generate code for the plans that follow only when they handle `rows` rows or more. These are session confs,
+    read when a plan is made and passed on to its tasks; a streaming query runs its batches in a clone of the session
+    it was started from (the batch DataFrame's), and Delta's own jobs in a batch use that clone, so both are set."""
+    compiled = rows >= CODEGEN_FROM_ROWS
+    for spark in sessions:
+        spark.conf.set("spark.sql.codegen.wholeStage", "true" if compiled else "false")
+        # NO_CODEGEN: projections and predicates interpreted; FALLBACK (Spark's default): compiled, interpreted when
+        # compiling fails.
+        spark.conf.set("spark.sql.codegen.factoryMode", "FALLBACK" if compiled else "NO_CODEGEN")
 
 
 def build_session(

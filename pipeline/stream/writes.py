@@ -114,8 +114,8 @@ class LakeWriter:
         # the recompute from silver took about 10.
         from_batch = count <= _GOLD_FROM_BATCH_READINGS
         seconds = touched
-        # Gold's commits carry the watermark; the session conf is unset again at once (the rollups query shares the
-        # session, and a commit of its that picks up the value meanwhile records it on the rollups table only).
+        # Gold's commits carry the watermark; the session conf is unset again at once, before bronze's append (the
+        # rollups query runs in a session of its own).
         self.spark.conf.set(watermark.USER_METADATA_CONF, mark.user_metadata())
         try:
             retry_on_conflict(
