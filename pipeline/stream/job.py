@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ from pipeline.errors import StreamStopped
 from pipeline.stream import offsets
 from pipeline.stream.crash import crash_point
 from pipeline.stream.parse import OUTPUT_DDL, PASSTHROUGH, Rules, arrow_parser
-from pipeline.stream.spark import fit_codegen
+from pipeline.stream.spark import SMALL_BATCH_ROWS, fit_codegen
 from pipeline.stream.writes import CLASSIFIED_SECONDS as SECONDS
 from pipeline.stream.writes import LakeWriter
 
@@ -62,6 +63,31 @@ class _StageClock:
         now = time.monotonic()
         self.stages[name] = now - self.last
         self.last = now
+
+
+class _Beside:
+    """A write run in a thread of its own beside the caller's; `wait()` joins it and raises what it raised. Its
+    Spark jobs keep the batch's local properties (scheduler pool, query and batch ids), copied as pyspark's
+    InheritableThread does."""
+
+    def __init__(self, spark: SparkSession, write: Callable[[], None]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        context = spark.sparkContext._jsc.sc()  # type: ignore[union-attr]
+        properties = context.getLocalProperties().clone()
+
+        def run() -> None:
+            context.setLocalProperties(properties)
+            write()
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lakehouse-beside")
+        self._done = self._pool.submit(run)
+
+    def wait(self, raise_error: bool = True) -> None:
+        error = self._done.exception()  # waits for the write to end
+        self._pool.shutdown()
+        if raise_error and error is not None:
+            raise error
 
 
 @dataclass
@@ -100,8 +126,19 @@ class IngestJob:
             stage(name)
             crash_point(name, batch_id)
 
-        # Silver and gold first: they are what answers wait for. Each table's writes are idempotent on their own,
-        # so the order does not change what a batch run again after a crash ends with.
+        # Silver and gold first: they are what answers wait for. Bronze follows, or, in a small batch, is written
+        # beside them in a thread of its own, so that its commit (a Kafka read, a Parquet file, a log replay)
+        # overlaps theirs instead of delaying the next batch; a large batch writes it after them, so that its
+        # memory is not added to theirs. Each table's writes are idempotent on their own, so the order in which
+        # they commit does not change what a batch run again after a crash ends with, and the batch ends (Spark
+        # commits its offsets) only once every write has.
+        # Kafka is read twice (the parser, then bronze): a cache of the records would hold a partition's 5 MiB
+        # messages in one columnar batch of up to 10,000 rows, which ran a 2 GiB driver out of heap.
+        def write_bronze() -> None:
+            self.writer.append(records.withColumn("ingested_at", F.current_timestamp()), Table.BRONZE, batch_id)
+            crash_point("bronze", batch_id)
+
+        bronze: _Beside | None = None
         parsed = records.select(*PASSTHROUGH, "value").mapInArrow(
             arrow_parser(Rules.from_settings(self.settings)), OUTPUT_DDL
         )
@@ -136,8 +173,11 @@ class IngestJob:
                 counts["quarantined"],
             )
             stage("parse")
+            size = max(report.records, report.readings)
             # For this batch's writes, and the next batch's parse (a live stream's batches are alike in size).
-            fit_codegen((self.spark, records.sparkSession), max(report.records, report.readings))
+            fit_codegen((self.spark, records.sparkSession), size)
+            if size < SMALL_BATCH_ROWS:
+                bronze = _Beside(self.spark, write_bronze)
             if report.readings:
                 # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
                 lo, hi = f"timestamp_micros({counts['lo']})", f"timestamp_micros({counts['hi']})"
@@ -150,10 +190,6 @@ class IngestJob:
                 )
                 self.mark = mark
 
-            # Kafka is read twice (the parser, then bronze): a cache of the records would hold a partition's 5 MiB
-            # messages in one columnar batch of up to 10,000 rows, which ran a 2 GiB driver out of heap.
-            self.writer.append(records.withColumn("ingested_at", F.current_timestamp()), Table.BRONZE, batch_id)
-            committed("bronze")
             bad = parsed.where("reason_code IS NOT NULL").select(
                 "topic",
                 "partition",
@@ -175,7 +211,14 @@ class IngestJob:
                 self.writer.append(bad.withColumn("quarantined_at", F.current_timestamp()), Table.QUARANTINE, batch_id)
                 stage("quarantine")
             crash_point("quarantine", batch_id)
+            if bronze is None:
+                write_bronze()
+            else:
+                bronze.wait()
+            stage("bronze")  # beside: only the time the batch waited for it past its own writes
         finally:
+            if bronze is not None:
+                bronze.wait(raise_error=False)
             parsed.unpersist()
         report.seconds = time.monotonic() - started
         report.finished_at = time.time()

@@ -70,14 +70,16 @@ def _object_store_conf(settings: Settings, spark_jars: list[Path]) -> dict[str, 
 # and compiling code took about 40 % of the driver's CPU samples (JFR, `lakehouse bench --part freshness`), where
 # running the same plans interpreted costs next to nothing. For a backlog batch of millions of readings, the
 # compiled code pays for itself.
-CODEGEN_FROM_ROWS = 100_000
+# Below this many rows a micro-batch is small: its plans run interpreted, and bronze is written beside silver and
+# gold (pipeline.stream.job).
+SMALL_BATCH_ROWS = 100_000
 
 
 def fit_codegen(sessions: Iterable[SparkSession], rows: int) -> None:
     """Generate code for the plans that follow only when they handle `rows` rows or more. These are session confs,
     read when a plan is made and passed on to its tasks; a streaming query runs its batches in a clone of the session
     it was started from (the batch DataFrame's), and Delta's own jobs in a batch use that clone, so both are set."""
-    compiled = rows >= CODEGEN_FROM_ROWS
+    compiled = rows >= SMALL_BATCH_ROWS
     for spark in sessions:
         spark.conf.set("spark.sql.codegen.wholeStage", "true" if compiled else "false")
         # NO_CODEGEN: projections and predicates interpreted; FALLBACK (Spark's default): compiled, interpreted when
