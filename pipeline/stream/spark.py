@@ -67,8 +67,8 @@ def _object_store_conf(settings: Settings, spark_jars: list[Path]) -> dict[str, 
 # with Janino, cached by the code's text. A micro-batch's plans miss that cache: the batch's time bounds and
 # `current_timestamp()` are literals written into the code. And the text is made again for every task before the
 # cache is asked, which for Delta's wide log actions is itself costly. For a micro-batch of a few readings, making
-# and compiling code took about 40 % of the driver's CPU samples (JFR, `lakehouse bench --part freshness`), where
-# running the same plans interpreted costs next to nothing. For a backlog batch of millions of readings, the
+# and compiling code took about 40 % of the pipeline JVM's CPU samples (JFR, `lakehouse bench --part freshness`),
+# where running the same plans interpreted costs next to nothing. For a backlog batch of millions of readings, the
 # compiled code pays for itself.
 # Below this many rows a micro-batch is small: its plans run interpreted, and bronze is written beside silver and
 # gold (pipeline.stream.job).

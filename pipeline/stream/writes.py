@@ -114,8 +114,9 @@ class LakeWriter:
         # the recompute from silver took about 10.
         from_batch = count <= _GOLD_FROM_BATCH_READINGS
         seconds = touched
-        # Gold's commits carry the watermark; the session conf is unset again at once, before bronze's append (the
-        # rollups query runs in a session of its own).
+        # Gold's commits carry the watermark; the session conf is unset again at once. The rollups query runs in a
+        # session of its own; bronze's append, beside these writes in a small batch, may carry the value too, on
+        # bronze's commit, where nothing reads it.
         self.spark.conf.set(watermark.USER_METADATA_CONF, mark.user_metadata())
         try:
             retry_on_conflict(
