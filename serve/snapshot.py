@@ -8,13 +8,12 @@ as of given Delta versions, synced per version; memory is bounded by DuckDB's `m
 - Until its file holds a complete copy (a never-seen lake, or a rebuild), the store answers straight from the lake:
   `delta_scan` of gold, rollups and silver at versions pinned per snapshot, while a background thread builds the file
   in one transaction; then it switches.
-- `refresh()` lists each table's `_delta_log` (on S3, where a listing pages through the whole log, it asks for the
-  commit after the version it holds by name instead: one HEAD per table when nothing changed, see lake.deltalog, and
-  reads the tables' first commits only when a version moved); when a version moved on, it reads from that pinned
-  version only the
-  rows updated since the last load (the pipeline never deletes rows: a change updates a row and its `updated_at`)
-  and applies them, with the new versions, in one transaction. A reader queries inside its own transaction, so the
-  versions it reports are those of the rows it read.
+- `refresh()` asks for the commit after the version it holds by name, on a local disk as on S3, rather than listing
+  `_delta_log` (whose listing is as long as the log: see lake.deltalog): one lookup per table when nothing changed
+  (on S3 a HEAD; there it reads the tables' first commits only when a version moved); when a version moved on, it
+  reads from that pinned version only the rows updated since the last load (the pipeline never deletes rows: a
+  change updates a row and its `updated_at`) and applies them, with the new versions, in one transaction. A reader
+  queries inside its own transaction, so the versions it reports are those of the rows it read.
 - A device's seconds are the only answers still read from readings: from silver in the lake at the snapshot's
   version, with a time filter so that DuckDB skips the other files.
 """
