@@ -47,7 +47,7 @@ def latest_version(table_location: str, known: int | None = None) -> TableVersio
         # A stat is cheap here: the known version is checked too, so that a table made anew with fewer versions
         # is not taken to be at the old one.
         start = known if known is not None and exists(known) else None
-        found = _newest(exists, start, _local_checkpoint(log))
+        found = _newest(exists, start, lambda: _local_checkpoint(log))
         if found is None and log.is_dir():  # neither version 0 nor a checkpoint pointer: list the folder once
             found = max(
                 (int(m.group(1)) for name in os.listdir(log) if (m := _COMMIT_FILE.fullmatch(name))), default=None
@@ -55,14 +55,16 @@ def latest_version(table_location: str, known: int | None = None) -> TableVersio
         return None if found is None else TableVersion(found, _commit_time(log / f"{found:020d}.json"))
     if not objectstore.is_s3(table_location):
         return None
-    found = _newest(lambda version: _remote_exists(table_location, version), known, _last_checkpoint(table_location))
+    found = _newest(
+        lambda version: _remote_exists(table_location, version), known, lambda: _last_checkpoint(table_location)
+    )
     return None if found is None else TableVersion(found, _remote_commit_time(table_location, found))
 
 
-def _newest(exists: Callable[[int], bool], known: int | None, checkpoint: int | None) -> int | None:
-    """The newest version for which `exists`, searched from `known` (or `checkpoint`, or 0) on: versions are
-    contiguous, and the start is taken to exist."""
-    start = known if known is not None else checkpoint
+def _newest(exists: Callable[[int], bool], known: int | None, checkpoint: Callable[[], int | None]) -> int | None:
+    """The newest version for which `exists`, searched from `known` (or else the last checkpoint's version, read
+    only then, or 0) on: versions are contiguous, and the start is taken to exist."""
+    start = known if known is not None else checkpoint()
     if start is None:
         start = 0
         if not exists(start):

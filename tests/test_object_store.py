@@ -168,7 +168,7 @@ def test_every_part_works_on_an_s3a_lake_through_a_kill_9(
 
 def refresh_cost_before_replay(s3, settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
     """The API's refresh of an unchanged lake: one HEAD per served table on S3; the same lake copied to local disk
-    for comparison (three directory listings there). Returns both stores, to measure a refresh that loads a change."""
+    for comparison (a few file lookups there). Returns both stores, to measure a refresh that loads a change."""
     from serve.snapshot import SnapshotStore
 
     on_s3 = SnapshotStore.from_settings(settings)
