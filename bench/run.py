@@ -301,9 +301,8 @@ def _batch_medians(report: Path) -> str:
     batches = [json.loads(line) for line in report.read_text().splitlines()][1:] if report.exists() else []
     if not batches:
         return "no micro-batch reported after the first"
-    stages = {
-        name: statistics.median(b["stages"].get(name, 0.0) for b in batches) for b in batches for name in b["stages"]
-    }
+    names = dict.fromkeys(name for b in batches for name in b["stages"])  # in the order the batches ran them
+    stages = {name: statistics.median(b["stages"].get(name, 0.0) for b in batches) for name in names}
     spent = ", ".join(f"{name} {seconds:.2f}" for name, seconds in stages.items())
     readings = statistics.median(b["readings"] for b in batches)
     return (
