@@ -26,6 +26,8 @@ from tests.stream import Message, Stream, dumps, stamp
 pytestmark = [pytest.mark.kafka, pytest.mark.spark, pytest.mark.faults]
 
 T0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
+# Kills at random moments of a running stream, each after new data arrived (beside the six at crash points).
+RANDOM_KILLS = 3
 
 
 def build_stream(rng: random.Random) -> Stream:
@@ -108,9 +110,9 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
     messages, reference, expected_quarantine = stream.messages, stream.reference(), stream.quarantine()
     log = tmp_path / "pipeline.log"
     half = len(messages) // 2
-    step = -(-(len(messages) - half) // 6)
+    step = -(-(len(messages) - half) // (RANDOM_KILLS + 1))
     # Contiguous slices, sent in order: the reference was built in this order.
-    chunks = [messages[:half]] + [messages[half + i * step : half + (i + 1) * step] for i in range(6)]
+    chunks = [messages[:half]] + [messages[half + i * step : half + (i + 1) * step] for i in range(RANDOM_KILLS + 1)]
     assert sum(len(c) for c in chunks) == len(messages)
 
     def produce(chunk: list[bytes]) -> None:
@@ -144,7 +146,7 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
         reader.start()
 
         # SIGKILL at random moments of a running stream, with new data arriving before each run.
-        for chunk in chunks[1:6]:
+        for chunk in chunks[1:-1]:
             produce(chunk)
             running.append(start_lakehouse(settings, "pipeline", log=log))
             wait_for_new_commit(paths, Table.BRONZE, running[-1])
@@ -153,7 +155,7 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
             kills += 1
 
         # The broker stops and comes back while the stream runs.
-        produce(chunks[6])
+        produce(chunks[-1])
         running.append(start_lakehouse(settings, "pipeline", log=log))
         wait_for_new_commit(paths, Table.BRONZE, running[-1])
         broker.stop()
