@@ -184,22 +184,14 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more
 
 @app.command()
 def setup(force: Annotated[bool, typer.Option(help="resolve again even if the jars are there")] = False) -> None:
-    """Resolve the JVM jars (Delta, Spark's Kafka source and s3a, the Kafka broker, S3Proxy) with Maven into <home>/jars,
-    and save the Spark driver's classes in an archive that makes every later start faster."""
-    from pipeline.jvm import classes, jars
+    """Resolve the JVM jars (Delta, Spark's Kafka source and s3a, the Kafka broker, S3Proxy) with Maven into <home>/jars."""
+    from pipeline.jvm import jars
 
-    home = settings().home
     with console.status("resolving JVM jars with Maven"):
-        counts = jars.resolve(home, force=force)
+        counts = jars.resolve(settings().home, force=force)
     console.print(
         f"jars ready: {counts['spark']} for Spark, {counts['kafka']} for the Kafka broker, {counts['s3proxy']} for S3Proxy"
     )
-    with console.status("saving the Spark driver's classes (a pipeline batch on a throwaway lake, once)"):
-        archive = classes.make(home, force=force)
-    if archive is None:
-        console.print("no java on PATH or in JAVA_HOME: the Spark driver's class archive was not made")
-    else:
-        console.print(f"Spark driver's class archive ready: {archive} ({archive.stat().st_size / 2**20:,.0f} MiB)")
 
 
 @kafka_app.command("start")

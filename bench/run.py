@@ -350,7 +350,7 @@ def bench_freshness(ctx: Context) -> None:
     note = (
         f"{len(ours)} of {ctx.plan.freshness_readings} readings seen through `GET /kpis?grain=second` (floor: "
         f"{len(floor)} through its Delta log); trigger {settings.trigger_interval}, API refresh "
-        f"{settings.api_refresh_seconds:g} s; {_batch_medians(report)}"
+        f"{settings.api_refresh_interval:g} s; {_batch_medians(report)}"
     )
     floor_name = "Kafka → Delta append stream"
     ctx.figures.append(

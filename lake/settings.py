@@ -149,12 +149,15 @@ class Settings(BaseSettings):
     http_port: int = Field(
         8000, ge=1, le=65535, description="port of the HTTP API", json_schema_extra=cli("API", serve_flag="--port")
     )
-    api_refresh_seconds: float = Field(
-        1.0,
+    api_refresh_seconds: float | None = Field(
+        None,
         gt=0,
         le=3600,
-        description="how often the API looks for a new gold/silver version to load",
-        json_schema_extra=cli("API", serve_flag="--refresh-seconds"),
+        description=(
+            "how often the API looks for new table versions to load; a look costs a file lookup per table on a "
+            "local disk, a request per table on S3"
+        ),
+        json_schema_extra=cli("API", serve_flag="--refresh-seconds", default="0.25 (1 on S3)"),
     )
     api_rate_limit: int = Field(
         0,
@@ -241,6 +244,14 @@ class Settings(BaseSettings):
     @property
     def checkpoints(self) -> str:
         return self.checkpoint_root or join_path(self.lake_root, "_checkpoints")
+
+    @property
+    def api_refresh_interval(self) -> float:
+        """Seconds between the API's looks for new versions: the setting, else 0.25 s with the lake on a local disk
+        (about a millisecond of work each) and 1 s on an object store (requests that are billed)."""
+        if self.api_refresh_seconds is not None:
+            return self.api_refresh_seconds
+        return 0.25 if local_path(self.lake_root) is not None else 1.0
 
     @property
     def store_dir(self) -> Path:

@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         observability.track_snapshot(lambda: store.current)
         refresher = Refresher(
             store,
-            settings.api_refresh_seconds,
+            settings.api_refresh_interval,
             on_refresh=lambda report: observability.record_refresh(report, store.current),
             on_error=observability.record_refresh_error,
             at_start=store.current.from_store,

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import lakehouse
 from bench.processes import LAKEHOUSE
-from lake.settings import setting_flags
+from lake.settings import Settings, setting_flags
 
 # flags that the Makefile, README, DEPLOY.md, the benchmark and the tests give
 EXISTING_FLAGS = {
@@ -112,7 +112,14 @@ def test_flags_win_over_variables_which_win_over_defaults(monkeypatch: pytest.Mo
     assert exported["LAKEHOUSE_API_RATE_LIMIT"] == "5"  # serve's flag over variable
     assert exported["LAKEHOUSE_FAIL_ON_DATA_LOSS"] == "False"
     assert exported["LAKEHOUSE_EXTRA_TIMESTAMP_FORMATS"] == '["%d/%m/%Y %H:%M", "%Y%m%d"]'
-    assert exported["LAKEHOUSE_API_REFRESH_SECONDS"] == "1.0"  # the default
+    assert "LAKEHOUSE_API_REFRESH_SECONDS" not in exported  # unset: the API picks it by where the lake is
+
+
+def test_the_api_refresh_follows_the_lake_store_unless_set() -> None:
+    assert Settings(lake_root="/data/lake").api_refresh_interval == 0.25  # a lookup per table: about 1 ms
+    assert Settings(lake_root="file:///data/lake").api_refresh_interval == 0.25
+    assert Settings(lake_root="s3a://bucket/lake").api_refresh_interval == 1.0  # a billed request per table
+    assert Settings(lake_root="s3a://bucket/lake", api_refresh_seconds=5).api_refresh_interval == 5
 
 
 def test_a_bad_setting_is_one_error_naming_it() -> None:

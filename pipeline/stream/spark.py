@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from lake import objectstore
 from lake.settings import MIB, Settings
 from pipeline.errors import SetupError
-from pipeline.jvm import classes, jars
+from pipeline.jvm import jars
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -127,10 +127,7 @@ def build_session(
         "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",
         # Delta rebuilds table state with this many partitions (default 50): far too many for a few log files.
         "spark.databricks.delta.snapshotPartitions": str(max(1, settings.shuffle_partitions)),
-        # The class archive `lakehouse setup` made (pipeline.jvm.classes): seconds off every driver's start.
-        "spark.driver.extraJavaOptions": " ".join(
-            ["-Dio.netty.tryReflectionSetAccessible=true", *java_options, *classes.java_options(settings.home)]
-        ),
+        "spark.driver.extraJavaOptions": " ".join(["-Dio.netty.tryReflectionSetAccessible=true", *java_options]),
         **{f"spark.executorEnv.{name}": value for name, value in jvm_env.items()},
     }
     if settings.spark_executor_memory:
