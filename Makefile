@@ -48,7 +48,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: install lint
-	$(BIN)/python -m pytest -p no:cacheprovider --timeout=1200 --durations=10 $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -p no:cacheprovider --timeout=1200 --durations=25 $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 quick: $(STAMP) lint

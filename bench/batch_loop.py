@@ -1,0 +1,77 @@
+"""The cost of one small micro-batch, without Kafka or a stream around it: `IngestJob.process_batch` on batches of
+a few new readings (Kafka-shaped rows made in the driver), one after another in one Spark session, as a live stream
+of a few readings per trigger makes them. Prints the median seconds and Spark jobs per batch, per window of ten
+batches and overall (after the first three), with the median seconds of each stage.
+
+    .venv/bin/python -m bench.batch_loop --batches 40 --readings 5
+
+A tool for changes to the hot path (issue 14 in BENCHMARKS.md): quicker and steadier than `lakehouse bench --part
+freshness`, which measures the whole path from produce to the API, and which stays the figure of record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+KAFKA_DDL = "topic STRING, `partition` INT, `offset` BIGINT, kafka_timestamp TIMESTAMP, key BINARY, value BINARY"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--readings", type=int, default=5, help="new readings per batch, one per device")
+    parser.add_argument("--spark-master", default="local[2]")
+    parser.add_argument("--home", type=Path, default=Path(".lakehouse"), help="where `lakehouse setup` put the jars")
+    args = parser.parse_args()
+
+    from lake.settings import Settings
+    from lake.tables import LakePaths
+    from pipeline.stream.job import IngestJob
+    from pipeline.stream.spark import build_session
+    from pipeline.stream.tables import create_tables
+
+    with tempfile.TemporaryDirectory(prefix="batch-loop-") as folder:
+        settings = Settings(home=args.home, lake_root=str(Path(folder) / "lake"), spark_master=args.spark_master)
+        spark = build_session(settings, "kpi-lakehouse-batch-loop")
+        paths = LakePaths.from_settings(settings)
+        create_tables(spark, paths)
+        job = IngestJob(spark, settings, paths, None, "kpi-lakehouse-batch-loop")
+        scheduler = spark.sparkContext._jsc.sc().dagScheduler()  # type: ignore[union-attr]
+        offset, rows = 0, []
+        for batch in range(args.batches):
+            now = datetime.now(UTC)
+            records = []
+            for device in range(args.readings):
+                at = (now - timedelta(milliseconds=100 * device)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                value = json.dumps({"device_id": f"d-{device}", "timestamp": at, "value": float(device)})
+                records.append(("loop", device % 4, offset, now, f"d-{device}".encode(), value.encode()))
+                offset += 1
+            frame = spark.createDataFrame(records, KAFKA_DDL)
+            first_job = scheduler.nextJobId()
+            job.process_batch(frame, batch)
+            report = job.reports[-1]
+            rows.append((report.seconds, scheduler.nextJobId() - first_job, report.stages))
+            time.sleep(0.3)
+        spark.stop()
+
+    def medians(window: list[tuple[float, int, dict[str, float]]]) -> str:
+        stages = {name: statistics.median(r[2].get(name, 0.0) for r in window) for name in window[-1][2]}
+        return (
+            f"{statistics.median(r[0] for r in window):.2f} s, {statistics.median(r[1] for r in window):g} jobs "
+            f"({', '.join(f'{name} {s:.2f}' for name, s in stages.items())})"
+        )
+
+    for start in range(0, len(rows), 10):
+        print(f"batches {start}-{min(start + 10, len(rows)) - 1}: {medians(rows[start : start + 10])}")
+    if len(rows) > 3:
+        print(f"median of batches 3-{len(rows) - 1}: {medians(rows[3:])}")
+
+
+if __name__ == "__main__":
+    main()
