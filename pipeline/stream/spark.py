@@ -70,21 +70,26 @@ def _object_store_conf(settings: Settings, spark_jars: list[Path]) -> dict[str, 
 # and compiling code took about 40 % of the pipeline JVM's CPU samples (JFR, `lakehouse bench --part freshness`),
 # where running the same plans interpreted costs next to nothing. For a backlog batch of millions of readings, the
 # compiled code pays for itself.
-# Below this many rows a micro-batch is small: its plans run interpreted, and bronze is written beside silver and
-# gold (pipeline.stream.job).
+# Below this many rows a micro-batch is small: its plans run interpreted, on one shuffle partition, and bronze is
+# written beside silver and gold (pipeline.stream.job).
 SMALL_BATCH_ROWS = 100_000
 
 
-def fit_codegen(sessions: Iterable[SparkSession], rows: int) -> None:
-    """Generate code for the plans that follow only when they handle `rows` rows or more. These are session confs,
-    read when a plan is made and passed on to its tasks; a streaming query runs its batches in a clone of the session
-    it was started from (the batch DataFrame's), and Delta's own jobs in a batch use that clone, so both are set."""
-    compiled = rows >= SMALL_BATCH_ROWS
+def fit_to_batch(sessions: Iterable[SparkSession], rows: int, partitions: int) -> None:
+    """Fit the plans that follow to a batch of `rows` rows. A small one runs interpreted (no generated code) on one
+    shuffle partition, and Delta rebuilds a table's state on one: fewer, smaller tasks, whose fixed costs (Java
+    serialization of each task took about a fifth of the JVM's samples) dominate a batch of a few readings. A large
+    one compiles its code and uses `partitions` (LAKEHOUSE_SHUFFLE_PARTITIONS). These are session confs, read when a
+    plan is made; a streaming query runs its batches in a clone of the session it was started from (the batch
+    DataFrame's), and Delta's own jobs in a batch use that clone, so both are set."""
+    small = rows < SMALL_BATCH_ROWS
     for spark in sessions:
-        spark.conf.set("spark.sql.codegen.wholeStage", "true" if compiled else "false")
+        spark.conf.set("spark.sql.codegen.wholeStage", "false" if small else "true")
         # NO_CODEGEN: projections and predicates interpreted; FALLBACK (Spark's default): compiled, interpreted when
         # compiling fails.
-        spark.conf.set("spark.sql.codegen.factoryMode", "FALLBACK" if compiled else "NO_CODEGEN")
+        spark.conf.set("spark.sql.codegen.factoryMode", "NO_CODEGEN" if small else "FALLBACK")
+        spark.conf.set("spark.sql.shuffle.partitions", "1" if small else str(partitions))
+        spark.conf.set("spark.databricks.delta.snapshotPartitions", "1" if small else str(max(1, partitions)))
 
 
 def build_session(
