@@ -131,3 +131,22 @@ def test_new_seconds_are_inserted_and_held_seconds_corrected(spark, tmp_path: Pa
     for batch_id, (payloads, offset) in enumerate([(first, 0), (new_only, 2), (mixed, 4)]):
         job.process_batch(records(spark, payloads, offset), batch_id)  # as Spark re-runs a batch after a crash
     assert snapshot(spark, paths) == before
+
+
+def test_a_small_batch_plans_on_one_partition_and_a_large_one_on_the_launched_ones(spark) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.stream.spark import SMALL_BATCH_ROWS, BatchFit
+
+    session = spark.newSession()  # the fit changes a session's confs; the shared one is left alone
+    fit = BatchFit.of(session)
+    assert (fit.shuffle_partitions, fit.snapshot_partitions) == ("2", "2")  # what the test session was started with
+    keys = (
+        "spark.sql.shuffle.partitions",
+        "spark.databricks.delta.snapshotPartitions",
+        "spark.sql.codegen.wholeStage",
+        "spark.sql.codegen.factoryMode",
+    )
+    fit.apply([session], SMALL_BATCH_ROWS - 1)
+    assert [session.conf.get(k) for k in keys] == ["1", "1", "false", "NO_CODEGEN"]
+    fit.apply([session], SMALL_BATCH_ROWS)
+    assert [session.conf.get(k) for k in keys] == ["2", "2", "true", "FALLBACK"]
+    assert BatchFit.of(session) == fit  # read from the launch conf, which the changes do not touch

@@ -216,7 +216,7 @@ def test_a_clock_running_ahead_moves_the_watermark_no_further_than_the_broker(sp
     late = T0 + timedelta(minutes=8, seconds=59, milliseconds=500)  # its second ended at 12:09:00, the watermark
     send(1, broker + timedelta(seconds=1), [("f-2", late, 3.0)])
     # The rollups query's batch over all of silver.
-    RollupsJob(spark, paths, 2).process_batch(spark.read.format("delta").load(paths.table(Table.SILVER)), 0)
+    RollupsJob(spark, paths).process_batch(spark.read.format("delta").load(paths.table(Table.SILVER)), 0)
     lake = connect(paths)
     second = lake.execute(
         'SELECT final, revision, late_readings FROM gold WHERE "timestamp" = $t', {"t": late.replace(microsecond=0)}

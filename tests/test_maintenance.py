@@ -58,7 +58,7 @@ def test_maintain_keeps_rows_and_exactly_once(spark, tmp_path: Path) -> None:  #
     create_tables(spark, paths)
     batches = [records(spark, batch(7 * n), 10 * n) for n in range(BATCHES)]
     job = IngestJob(spark, settings, paths, app_id="test-app")
-    rollups_job = RollupsJob(spark, paths, 2)
+    rollups_job = RollupsJob(spark, paths)
 
     def write(batch_id: int, ingest: IngestJob, rollups: RollupsJob) -> None:
         """A micro-batch of the ingest query, then one of the rollups query (over all of silver's rows)."""
@@ -128,7 +128,7 @@ def test_maintain_keeps_rows_and_exactly_once(spark, tmp_path: Path) -> None:  #
 
     # A restarted stream re-runs committed batches: their txn actions, now in delta-rs's checkpoint, skip them.
     restarted = IngestJob(spark, settings, paths, app_id="test-app")
-    restarted_rollups = RollupsJob(spark, paths, 2)
+    restarted_rollups = RollupsJob(spark, paths)
     for batch_id in range(BATCHES):
         write(batch_id, restarted, restarted_rollups)
     assert snapshot(spark, paths) == before

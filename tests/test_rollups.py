@@ -83,7 +83,7 @@ def test_rollups_match_the_readings_batch_after_batch(spark, tmp_path: Path) -> 
     assert_rollups_equal(rebuilt, expected_rollups(reference))
 
     # A rollups batch run again (as after a crash between its commit and the checkpoint's) changes no row.
-    rerun = RollupsJob(spark, paths, 2)
+    rerun = RollupsJob(spark, paths)
     before = stored(spark, paths)
     rerun.process_batch(silver, 0)
     last = spark.sql(f"DESCRIBE HISTORY delta.`{paths.table(Table.ROLLUPS)}` LIMIT 1").first()

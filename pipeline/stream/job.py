@@ -27,7 +27,7 @@ from pipeline.errors import StreamStopped
 from pipeline.stream import offsets
 from pipeline.stream.crash import crash_point
 from pipeline.stream.parse import OUTPUT_DDL, PASSTHROUGH, Rules, arrow_parser
-from pipeline.stream.spark import SMALL_BATCH_ROWS, fit_to_batch
+from pipeline.stream.spark import SMALL_BATCH_ROWS, BatchFit
 from pipeline.stream.writes import CLASSIFIED_SECONDS as SECONDS
 from pipeline.stream.writes import LakeWriter
 
@@ -103,10 +103,12 @@ class IngestJob:
     reports: list[BatchReport] = field(default_factory=list)
     offset_tracker: offsets.OffsetTracker = field(default_factory=offsets.OffsetTracker)
     writer: LakeWriter = field(init=False)
+    fit: BatchFit = field(init=False)
     mark: Watermark | None = None  # the watermark after the last batch with readings; read from gold at first
 
     def __post_init__(self, app_id: str | None) -> None:
         self.writer = LakeWriter(self.spark, self.paths, app_id)
+        self.fit = BatchFit.of(self.spark)
 
     def _watermark(self) -> Watermark:
         if self.mark is None:
@@ -175,7 +177,7 @@ class IngestJob:
             stage("parse")
             size = max(report.records, report.readings)
             # For this batch's writes, and the next batch's parse (a live stream's batches are alike in size).
-            fit_to_batch((self.spark, records.sparkSession), size, self.settings.shuffle_partitions)
+            self.fit.apply((self.spark, records.sparkSession), size)
             if size < SMALL_BATCH_ROWS:
                 bronze = _Beside(self.spark, write_bronze)
             if report.readings:
@@ -255,12 +257,13 @@ class RollupsJob:
 
     spark: SparkSession
     paths: LakePaths
-    shuffle_partitions: int  # for a large batch (pipeline.stream.spark.fit_to_batch)
     writer: LakeWriter = field(init=False)
+    fit: BatchFit = field(init=False)
     batches: int = 0
 
     def __post_init__(self) -> None:
         self.writer = LakeWriter(self.spark, self.paths)
+        self.fit = BatchFit.of(self.spark)
 
     def process_batch(self, changes: DataFrame, batch_id: int) -> None:
         from pyspark.sql import functions as F
@@ -273,7 +276,7 @@ class RollupsJob:
             "the rollups batch's bounds",
         )
         if bounds[0]:
-            fit_to_batch((self.spark, changes.sparkSession), bounds[0], self.shuffle_partitions)
+            self.fit.apply((self.spark, changes.sparkSession), bounds[0])
             lo, hi = f"timestamp_micros({bounds[1]})", f"timestamp_micros({bounds[2]})"
             self.writer.rollups(keys, lo, hi)
             crash_point("rollups", batch_id)
@@ -286,7 +289,7 @@ def start_rollups(spark: SparkSession, settings: Settings, paths: LakePaths, ava
     conf), so that what one query sets for its batches (code generation, the watermark's commit metadata) never
     reaches the other's."""
     spark = spark.newSession()
-    job = RollupsJob(spark, paths, settings.shuffle_partitions)
+    job = RollupsJob(spark, paths)
     # A MERGE that updates rows rewrites their files; `ignoreChanges` streams the rewritten files' rows again (a
     # superset of the changed rows, which only recomputes a few more buckets) instead of stopping the query.
     changes = spark.readStream.format("delta").option("ignoreChanges", "true").load(paths.table(Table.SILVER))

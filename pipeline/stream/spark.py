@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,21 +76,36 @@ def _object_store_conf(settings: Settings, spark_jars: list[Path]) -> dict[str, 
 SMALL_BATCH_ROWS = 100_000
 
 
-def fit_to_batch(sessions: Iterable[SparkSession], rows: int, partitions: int) -> None:
-    """Fit the plans that follow to a batch of `rows` rows. A small one runs interpreted (no generated code) on one
+@dataclass(frozen=True)
+class BatchFit:
+    """Fits the plans that follow to a micro-batch's size. A small one runs interpreted (no generated code) on one
     shuffle partition, and Delta rebuilds a table's state on one: fewer, smaller tasks, whose fixed costs (Java
     serialization of each task took about a fifth of the JVM's samples) dominate a batch of a few readings. A large
-    one compiles its code and uses `partitions` (LAKEHOUSE_SHUFFLE_PARTITIONS). These are session confs, read when a
-    plan is made; a streaming query runs its batches in a clone of the session it was started from (the batch
-    DataFrame's), and Delta's own jobs in a batch use that clone, so both are set."""
-    small = rows < SMALL_BATCH_ROWS
-    for spark in sessions:
-        spark.conf.set("spark.sql.codegen.wholeStage", "false" if small else "true")
-        # NO_CODEGEN: projections and predicates interpreted; FALLBACK (Spark's default): compiled, interpreted when
-        # compiling fails.
-        spark.conf.set("spark.sql.codegen.factoryMode", "NO_CODEGEN" if small else "FALLBACK")
-        spark.conf.set("spark.sql.shuffle.partitions", "1" if small else str(partitions))
-        spark.conf.set("spark.databricks.delta.snapshotPartitions", "1" if small else str(max(1, partitions)))
+    one compiles its code and uses the partitions Spark was started with (LAKEHOUSE_SHUFFLE_PARTITIONS, or what
+    spark-submit was given).
+
+    These are session confs, read when a plan is made; a streaming query runs its batches in a clone of the session
+    it was started from (the batch DataFrame's), and Delta's own jobs in a batch use that clone, so both are set."""
+
+    shuffle_partitions: str
+    snapshot_partitions: str
+
+    @classmethod
+    def of(cls, spark: SparkSession) -> BatchFit:
+        """The partitions the Spark context was started with (its SparkConf, which these changes do not touch)."""
+        launched = spark.sparkContext.getConf()
+        shuffle = launched.get("spark.sql.shuffle.partitions", "200") or "200"
+        return cls(shuffle, launched.get("spark.databricks.delta.snapshotPartitions", shuffle) or shuffle)
+
+    def apply(self, sessions: Iterable[SparkSession], rows: int) -> None:
+        small = rows < SMALL_BATCH_ROWS
+        for spark in sessions:
+            spark.conf.set("spark.sql.codegen.wholeStage", "false" if small else "true")
+            # NO_CODEGEN: projections and predicates interpreted; FALLBACK (Spark's default): compiled, interpreted
+            # when compiling fails.
+            spark.conf.set("spark.sql.codegen.factoryMode", "NO_CODEGEN" if small else "FALLBACK")
+            spark.conf.set("spark.sql.shuffle.partitions", "1" if small else self.shuffle_partitions)
+            spark.conf.set("spark.databricks.delta.snapshotPartitions", "1" if small else self.snapshot_partitions)
 
 
 def build_session(
