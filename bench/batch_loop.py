@@ -19,8 +19,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-KAFKA_DDL = "topic STRING, `partition` INT, `offset` BIGINT, kafka_timestamp TIMESTAMP, key BINARY, value BINARY"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,6 +31,7 @@ def main() -> None:
     from lake.settings import Settings
     from lake.tables import LakePaths
     from pipeline.stream.job import IngestJob
+    from pipeline.stream.source import RECORD_DDL
     from pipeline.stream.spark import build_session
     from pipeline.stream.tables import create_tables
 
@@ -52,7 +51,7 @@ def main() -> None:
                 value = json.dumps({"device_id": f"d-{device}", "timestamp": at, "value": float(device)})
                 records.append(("loop", device % 4, offset, now, f"d-{device}".encode(), value.encode()))
                 offset += 1
-            frame = spark.createDataFrame(records, KAFKA_DDL)
+            frame = spark.createDataFrame(records, RECORD_DDL)
             first_job = scheduler.nextJobId()
             job.process_batch(frame, batch)
             report = job.reports[-1]

@@ -10,16 +10,15 @@ import pytest
 
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
+from pipeline.stream.source import RECORD_DDL
 
 pytestmark = pytest.mark.spark
-
-KAFKA_DDL = "topic STRING, `partition` INT, `offset` BIGINT, kafka_timestamp TIMESTAMP, key BINARY, value BINARY"
 
 
 def records(spark, payloads: list[bytes], first_offset: int):  # type: ignore[no-untyped-def]
     now = datetime(2026, 1, 1, tzinfo=UTC)
     rows = [("t", 0, first_offset + i, now, None, bytearray(p)) for i, p in enumerate(payloads)]
-    return spark.createDataFrame(rows, KAFKA_DDL)
+    return spark.createDataFrame(rows, RECORD_DDL)
 
 
 def snapshot(spark, paths: LakePaths) -> dict[str, list[tuple[object, ...]]]:  # type: ignore[no-untyped-def]

@@ -16,6 +16,7 @@ import pytest
 from bench.processes import lakehouse, running_api, start_lakehouse
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
+from pipeline.stream.source import RECORD_DDL
 from tests.reference import GRAINS, History, Reference, assert_kpis_equal, expected_rollups, gold_kpis
 from tests.stream import Stream
 
@@ -181,9 +182,6 @@ def test_late_readings_are_counted_and_final_buckets_revised_through_kill_9s(
         )
 
 
-KAFKA_DDL = "topic STRING, `partition` INT, `offset` BIGINT, kafka_timestamp TIMESTAMP, key BINARY, value BINARY"
-
-
 def test_a_clock_running_ahead_moves_the_watermark_no_further_than_the_broker(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A reading dated years ahead (a device with a wrong clock) moves the watermark only as far as its record's
     broker time minus the allowed lateness, so it finalizes nothing that has not arrived; a reading that comes after
@@ -203,7 +201,7 @@ def test_a_clock_running_ahead_moves_the_watermark_no_further_than_the_broker(sp
     def send(batch_id: int, broker_time: datetime, readings: list[tuple[str, datetime, float]]) -> None:
         payloads = [dumps({"device_id": d, "timestamp": m.isoformat(), "value": v}) for d, m, v in readings]
         rows = [("t", 0, batch_id * 10 + i, broker_time, None, bytearray(p)) for i, p in enumerate(payloads)]
-        job.process_batch(spark.createDataFrame(rows, KAFKA_DDL), batch_id)
+        job.process_batch(spark.createDataFrame(rows, RECORD_DDL), batch_id)
 
     broker = T0 + timedelta(minutes=10)
     send(0, broker, [("f-1", T0 + timedelta(minutes=9), 1.0), ("fast", datetime(2030, 1, 1, tzinfo=UTC), 2.0)])

@@ -26,8 +26,13 @@ def kafka_options(settings: Settings) -> dict[str, str]:
     }
 
 
+# The records `read_kafka` gives, as the ingest job's micro-batches hold them (tests and bench/batch_loop.py make such
+# batches without Kafka).
+RECORD_DDL = "topic STRING, `partition` INT, `offset` BIGINT, kafka_timestamp TIMESTAMP, key BINARY, value BINARY"
+
+
 def read_kafka(spark: SparkSession, settings: Settings) -> DataFrame:
-    """Kafka records as (topic, partition, offset, kafka_timestamp, key, value)."""
+    """Kafka records as (topic, partition, offset, kafka_timestamp, key, value): RECORD_DDL."""
     reader = spark.readStream.format("kafka")
     for key, value in kafka_options(settings).items():
         reader = reader.option(key, value)
