@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 import lakehouse as cli
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
+from pipeline.stream.source import RECORD_DDL
 from tests.conftest import HOME
-from tests.test_exactly_once import KAFKA_DDL
 
 NOW = datetime.now(UTC)
 OLD, OLDER = NOW - timedelta(days=40), NOW - timedelta(days=90)  # past bronze's 30 days; and quarantine's 60
@@ -66,7 +66,7 @@ def built_lake(spark, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type
     create_tables(spark, paths)
     job = IngestJob(spark, settings, paths, app_id="retention-test")
     rows = [("device-data", p, o, at, None, bytearray(value)) for p, o, at, value in RECORDS]
-    job.process_batch(spark.createDataFrame(rows, KAFKA_DDL), 0)
+    job.process_batch(spark.createDataFrame(rows, RECORD_DDL), 0)
     return folder
 
 
