@@ -132,6 +132,58 @@ def test_new_seconds_are_inserted_and_held_seconds_corrected(spark, tmp_path: Pa
     assert snapshot(spark, paths) == before
 
 
+def test_a_write_between_the_classification_and_silvers_commit_is_counted(  # type: ignore[no-untyped-def]
+    spark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer (as `lakehouse replay` is) commits to silver after a batch took its second as new and put
+    its KPIs into gold, before the batch's silver MERGE: Delta sees no conflict, yet gold must count both writers'
+    readings and silver keep the later record's value."""
+    from lake import duck
+    from pipeline.stream import job as job_module
+    from pipeline.stream.job import IngestJob
+    from pipeline.stream.tables import create_tables
+    from tests.reference import Reference, assert_kpis_equal, gold_kpis
+
+    settings = Settings(lake_root=str(tmp_path / "lake"))
+    paths = LakePaths.from_settings(settings)
+    create_tables(spark, paths)
+    pipeline = IngestJob(spark, settings, paths, app_id="pipeline")
+    other_session = spark.newSession()  # its own session confs, as another process would have
+    other = IngestJob(other_session, settings, paths, app_id="replay")
+
+    def reading(device: str, at: str, value: float) -> bytes:
+        return json.dumps({"device_id": device, "timestamp": f"2024-07-30T12:00:{at}Z", "value": value}).encode()
+
+    # The other writer's records are later: its value for ("a", 00.1) is a correction of the batch's.
+    others = records(other_session, [reading("a", "00.1", 5.0), reading("b", "00.3", 10.0)], 10)
+    interleaved: list[str] = []
+    crash_point = job_module.crash_point
+
+    def commit_in_between(stage: str, batch_id: int) -> None:
+        if stage == "gold" and not interleaved:
+            interleaved.append(stage)
+            other.process_batch(others, 0)
+        crash_point(stage, batch_id)
+
+    monkeypatch.setattr(job_module, "crash_point", commit_in_between)
+    pipeline.process_batch(records(spark, [reading("a", "00.1", 1.0), reading("c", "01.5", 3.0)], 0), 0)
+    assert interleaved == ["gold"], "the batch took no second as new"
+
+    reference = Reference()
+    t0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
+    for device, offset, value in [("a", 0.1, 5.0), ("b", 0.3, 10.0), ("c", 1.5, 3.0)]:
+        reference.add(device, t0 + timedelta(seconds=offset), value)
+    silver = spark.read.format("delta").load(paths.table(Table.SILVER)).collect()
+    assert {(r.device_id, r.timestamp.replace(tzinfo=UTC)): r.value for r in silver} == reference.readings
+    lake = duck.connect(paths)
+    got = gold_kpis(lake)
+    lake.close()
+    want = reference.buckets("second")
+    assert set(got) == set(want)
+    for second, kpis in want.items():
+        assert_kpis_equal(got[second], kpis, f"second {second}")
+
+
 def test_a_small_batch_plans_on_one_partition_and_a_large_one_on_the_launched_ones(spark) -> None:  # type: ignore[no-untyped-def]
     from pipeline.stream.spark import SMALL_BATCH_ROWS, BatchFit
 

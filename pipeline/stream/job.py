@@ -53,7 +53,8 @@ class BatchReport:
 
 
 class _StageClock:
-    """Records the seconds since the previous call under each stage's name."""
+    """Adds the seconds since the previous call to the stage's name (a stage may come twice: gold's new seconds go
+    before silver, its held ones after)."""
 
     def __init__(self, stages: dict[str, float]) -> None:
         self.stages = stages
@@ -61,7 +62,7 @@ class _StageClock:
 
     def __call__(self, name: str) -> None:
         now = time.monotonic()
-        self.stages[name] = now - self.last
+        self.stages[name] = self.stages.get(name, 0.0) + now - self.last
         self.last = now
 
 

@@ -10,11 +10,12 @@ watermark on gold's commits (lake.watermark), set and unset around them.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lake import checkpoint, watermark
+from lake import checkpoint, deltalog, watermark
 from lake.conflicts import retry_on_conflict
 from lake.rows import first_row
 from lake.tables import LakePaths, Table
@@ -24,6 +25,7 @@ from pipeline.stream import dedupe, kpi, rollups
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
 
+log = logging.getLogger("lakehouse.pipeline")
 # Past this many distinct seconds in one batch (a backlog), all of them are treated as held by silver.
 CLASSIFIED_SECONDS = 10_000
 _GOLD_FROM_BATCH_READINGS = 1_000_000
@@ -86,17 +88,21 @@ class LakeWriter:
         None before the first).
 
         The seconds silver held before decide the work. In a second silver did not hold, every reading is a new
-        identity and the second's KPIs are the batch's own: when the batch holds only such seconds, its readings go
-        in by an insert-only MERGE (an anti-join and an append, no file rewritten) and its KPIs by another. Only a
-        second silver held can hold a duplicate or a correction: a batch with one MERGEs its readings with an
-        update clause too (a row changes only for a later record with another value, though Delta rewrites every
-        file holding a matched row), and the KPIs of the seconds silver held are recomputed from silver.
+        identity and the second's KPIs are the batch's own: they go into gold first, by an insert-only MERGE, since
+        answers wait for gold; when the batch holds only such seconds, its readings then go into silver by another
+        (an anti-join and an append, no file rewritten). Only a second silver held can hold a duplicate or a
+        correction: a batch with one MERGEs its readings with an update clause too (a row changes only for a later
+        record with another value, though Delta rewrites every file holding a matched row), and the KPIs of the
+        seconds silver held are recomputed from silver after that.
 
         Every MERGE here is idempotent by its data (identity and record order in silver, a recompute from silver in
         gold), so none carries a `txnVersion`, whose check costs a replay of the table's log per commit. A batch
-        run again after a crash finds its readings in silver and takes the second road for all of them. A commit
-        that conflicts with another writer's (`lakehouse replay`, `maintain`) starts the whole again from the
-        classification, which the other writer's readings may have changed.
+        run again after a crash finds the seconds it inserted into gold still new in silver (cut before silver's
+        commit), or its readings in silver (cut after), and takes the second road for all of them. A commit that
+        conflicts with another writer's (`lakehouse replay`, `maintain`) starts the whole again from the
+        classification, which the other writer's readings may have changed; another writer's commit to silver
+        between the classification and silver's MERGE, which Delta does not see as a conflict, makes every second
+        held (`_write_readings`).
         """
         from pyspark.sql import functions as F
 
@@ -141,6 +147,10 @@ class LakeWriter:
 
         second = F.unix_micros(F.date_trunc("second", "timestamp"))
         silver_path = self.paths.table(Table.SILVER)
+        # Silver's version before the classification, looked up by commit file name (a stat or two): the query
+        # below is a plain read outside the MERGE's transaction, so another writer's commit after it (see below)
+        # is told by the version the MERGE lands on.
+        before = deltalog.latest_version(silver_path)
         if len(touched) > CLASSIFIED_SECONDS:  # treating a second as held is always exact, only slower
             held, any_new, any_held = F.lit(True), False, True
         else:
@@ -150,20 +160,33 @@ class LakeWriter:
             held = second.isin(held_seconds)
             any_new, any_held = len(held_seconds) < len(touched), bool(held_seconds)
 
-        target = DeltaTable.forPath(self.spark, silver_path).alias("t")
-        merge = target.merge(latest.alias("s"), dedupe.merge_condition(lo, hi))
-        if any_held:
-            # A held second is shared by many devices' new readings as often as it holds a re-sent one (a fleet's
-            # batches overlap in time): one MERGE that inserts the new and corrects the changed. A second MERGE
-            # for the corrections alone took 35 s of a 96 s batch of a million readings that had none.
-            merge = merge.whenMatchedUpdateAll(condition=dedupe.newer_and_different())
-        merge.whenNotMatchedInsertAll().execute()
-        committed("silver")
-
         if any_new and from_batch:
+            # Before silver: the KPIs of a second silver did not hold are the batch's own, and answers wait for
+            # gold, not silver. Cut between the two commits, the batch run again finds the same seconds new and
+            # its insert-only MERGE finds their rows in gold already.
             gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD)).alias("t")
             new = kpi.kpis_per_second(latest.where(~held)).localCheckpoint(eager=True)
             gold.merge(new.alias("s"), kpi.gold_merge_condition(lo, hi)).whenNotMatchedInsertAll().execute()
+            committed("gold")
+
+        self._merge_silver(latest, lo, hi, corrections=any_held)
+        committed("silver")
+
+        after = None if before is None else deltalog.latest_version(silver_path, before.version)
+        if after is not None and before is not None and after.version > before.version + 1:
+            # Another writer (`lakehouse replay`) committed to silver between the classification and this MERGE:
+            # a second taken as new may hold its readings, and a correction of one of them was not applied. Every
+            # second is then taken as held, which is always exact: silver MERGEd again with corrections, and every
+            # second's KPIs recomputed from silver.
+            log.info(
+                "silver went from version %d to %d under a write: every second is recomputed",
+                before.version,
+                after.version,
+            )
+            if not any_held:
+                self._merge_silver(latest, lo, hi, corrections=True)
+            any_held, held = True, F.lit(True)
+
         if any_held or not from_batch:
             recompute = readings if not from_batch else readings.where(held)
             seconds = recompute.select(F.date_trunc("second", "timestamp").alias("second")).distinct()
@@ -171,7 +194,21 @@ class LakeWriter:
             # MERGE reads its source more than once; compute the held seconds' KPIs once (a row per second).
             recomputed = kpi.kpis_for_seconds(silver, seconds, lo, hi).localCheckpoint(eager=True)
             self._upsert(Table.GOLD, recomputed, kpi.gold_merge_condition(lo, hi), kpi.GOLD_CHANGED)
-        committed("gold")
+            committed("gold")
+
+    def _merge_silver(self, latest: DataFrame, lo: str, hi: str, corrections: bool) -> None:
+        """MERGE the batch's newest reading per identity into silver: new identities inserted, and with
+        `corrections` a stored reading replaced by a later record's other value."""
+        from delta.tables import DeltaTable
+
+        target = DeltaTable.forPath(self.spark, self.paths.table(Table.SILVER)).alias("t")
+        merge = target.merge(latest.alias("s"), dedupe.merge_condition(lo, hi))
+        if corrections:
+            # A held second is shared by many devices' new readings as often as it holds a re-sent one (a fleet's
+            # batches overlap in time): one MERGE that inserts the new and corrects the changed. A second MERGE
+            # for the corrections alone took 35 s of a 96 s batch of a million readings that had none.
+            merge = merge.whenMatchedUpdateAll(condition=dedupe.newer_and_different())
+        merge.whenNotMatchedInsertAll().execute()
 
     def _upsert(self, table: Table, fresh: DataFrame, condition: str, changed: str) -> None:
         """MERGE recomputed rows into `table`: a row whose values changed is updated, a new one inserted."""
