@@ -24,9 +24,9 @@ def late_for(grain: str) -> Column:
     return F.count_if(F.col("arrival_watermark") >= end)
 
 
-def kpis_per_second(readings: DataFrame) -> DataFrame:
+def kpis_per_second(readings: DataFrame, *more: Column) -> DataFrame:
     """Gold rows for deduplicated readings (device_id, timestamp, value, arrival_watermark), at revision 0 (a
-    MERGE that updates a row counts its revisions)."""
+    MERGE that updates a row counts its revisions); `more` are aggregates of the readings put beside them."""
     from pyspark.sql import functions as F
 
     return (
@@ -42,6 +42,7 @@ def kpis_per_second(readings: DataFrame) -> DataFrame:
             F.stddev_samp("value").alias("stddev_value"),
             fingerprint().alias("fingerprint"),
             late_for("second").alias("late_readings"),
+            *more,
         )
         .withColumn("updated_at", F.current_timestamp())
         .withColumn("revision", F.lit(0).cast("bigint"))
@@ -67,6 +68,31 @@ def kpis_for_seconds(silver: DataFrame, seconds: DataFrame, lo_literal: str, hi_
         F.broadcast(seconds), F.date_trunc("second", in_range["timestamp"]) == seconds["second"], "left_semi"
     )
     return kpis_per_second(touched)
+
+
+def kpis_after_merge(stored: DataFrame, latest: DataFrame, seconds: list[int]) -> DataFrame:
+    """The KPIs of the given seconds (Unix microseconds) as silver will hold them once the batch's newest reading
+    per identity (`latest`) is MERGEd into `stored` (silver, or the part of it around the batch) by
+    `dedupe.newer_and_different`: a stored reading stays unless the batch's is a later record with another value.
+    Beside them, `held`: whether silver held a reading in the second before."""
+    from pyspark.sql import functions as F
+
+    from pipeline.stream import dedupe
+
+    second = F.unix_micros(F.date_trunc("second", "timestamp"))
+    columns = ("device_id", "timestamp", "value", "arrival_watermark", *dedupe.ORDER)
+    t = stored.where(second.isin(seconds)).select(*columns).alias("t")
+    s = latest.select(*columns).alias("s")
+    on = (F.col("t.device_id") == F.col("s.device_id")) & (F.col("t.timestamp") == F.col("s.timestamp"))
+    joined = t.join(s, on, "full_outer")
+    batch_wins = F.col("t.device_id").isNull() | (
+        F.col("s.device_id").isNotNull() & F.expr(dedupe.newer_and_different())
+    )
+    after = joined.select(
+        *[F.when(batch_wins, F.col(f"s.{c}")).otherwise(F.col(f"t.{c}")).alias(c) for c in columns[:4]],
+        F.col("t.device_id").isNotNull().alias("held"),
+    )
+    return kpis_per_second(after, F.max("held").alias("held"))
 
 
 # A recomputed second differs from the stored one: other readings, or the same ones arriving late. A stored row

@@ -87,28 +87,29 @@ class LakeWriter:
         record the watermark `mark`; each reading records the one it arrived at, `arrival_us` (Unix microseconds,
         None before the first).
 
-        The seconds silver held before decide the work. In a second silver did not hold, every reading is a new
-        identity and the second's KPIs are the batch's own: they go into gold first, by an insert-only MERGE, since
-        answers wait for gold; when the batch holds only such seconds, its readings then go into silver by another
-        (an anti-join and an append, no file rewritten). Only a second silver held can hold a duplicate or a
-        correction: a batch with one MERGEs its readings with an update clause too (a row changes only for a later
-        record with another value, though Delta rewrites every file holding a matched row), and the KPIs of the
-        seconds silver held are recomputed from silver after that.
+        Gold goes first, since answers wait for it: the KPIs of each second the batch touched are computed from
+        silver's readings in it with the batch's MERGEd in as silver's MERGE will (`kpi.kpis_after_merge`), and
+        MERGEd into gold; then the readings go into silver. A second silver did not hold holds only new
+        identities: when the batch holds only such seconds, both MERGEs are insert-only (an anti-join and an
+        append, no file rewritten). Only a second silver held can hold a duplicate or a correction: a batch with
+        one MERGEs gold with an update clause, and silver too (a row changes only for a later record with another
+        value, though Delta rewrites every file holding a matched row). A backlog's batch (past a million readings
+        or CLASSIFIED_SECONDS seconds) writes silver first, then recomputes its seconds' KPIs from silver.
 
-        Every MERGE here is idempotent by its data (identity and record order in silver, a recompute from silver in
-        gold), so none carries a `txnVersion`, whose check costs a replay of the table's log per commit. A batch
-        run again after a crash finds the seconds it inserted into gold still new in silver (cut before silver's
-        commit), or its readings in silver (cut after), and takes the second road for all of them. A commit that
-        conflicts with another writer's (`lakehouse replay`, `maintain`) starts the whole again from the
-        classification, which the other writer's readings may have changed; another writer's commit to silver
-        between the classification and silver's MERGE, which Delta does not see as a conflict, makes every second
-        held (`_write_readings`).
+        Every MERGE here is idempotent by its data (identity and record order in silver, KPIs of silver's readings
+        in gold), so none carries a `txnVersion`, whose check costs a replay of the table's log per commit. A batch
+        run again after a crash between gold's commit and silver's computes the same KPIs from the same silver;
+        after silver's, it finds its readings there and changes nothing. A commit that conflicts with another
+        writer's (`lakehouse replay`, `maintain`) starts the whole again from silver's read, which the other
+        writer's readings may have changed; another writer's commit to silver between that read and silver's
+        MERGE, which Delta does not see as a conflict, is told by silver's version and makes the batch recompute
+        gold from silver (`_write_readings`).
         """
         from pyspark.sql import functions as F
 
         # Not cached: the MERGE into silver materializes its source itself, and a second copy of a backlog batch
-        # of a million readings ran a 1 GiB heap out of memory (tests/test_backlog.py). Gold's KPIs of new seconds
-        # deduplicate the batch again, which costs little beside the MERGE for the batches that take that road.
+        # of a million readings ran a 1 GiB heap out of memory (tests/test_backlog.py). Gold's KPIs deduplicate
+        # the batch again, which costs little beside the MERGE for the batches that take that road.
         arrived = None if arrival_us is None else F.timestamp_micros(F.lit(arrival_us))
         readings = readings.withColumn("arrival_watermark", F.lit(arrived).cast("timestamp"))
         latest = dedupe.latest_per_identity(readings)
@@ -145,56 +146,56 @@ class LakeWriter:
         from delta.tables import DeltaTable
         from pyspark.sql import functions as F
 
-        second = F.unix_micros(F.date_trunc("second", "timestamp"))
         silver_path = self.paths.table(Table.SILVER)
-        # Silver's version before the classification, looked up by commit file name (a stat or two): the query
-        # below is a plain read outside the MERGE's transaction, so another writer's commit after it (see below)
-        # is told by the version the MERGE lands on.
+        # Silver's version before its read, looked up by commit file name (a stat or two): the read is outside the
+        # MERGE's transaction, so another writer's commit after it (see below) is told by the version the MERGE
+        # lands on.
         before = deltalog.latest_version(silver_path)
-        if len(touched) > CLASSIFIED_SECONDS:  # treating a second as held is always exact, only slower
-            held, any_new, any_held = F.lit(True), False, True
-        else:
-            stored = kpi.whole_seconds(self.spark.read.format("delta").load(silver_path), lo, hi)
-            found = stored.select(second.alias("second")).where(F.col("second").isin(touched)).distinct()
-            held_seconds = [row[0] for row in found.collect()]
-            held = second.isin(held_seconds)
-            any_new, any_held = len(held_seconds) < len(touched), bool(held_seconds)
-
-        if any_new and from_batch:
-            # Before silver: the KPIs of a second silver did not hold are the batch's own, and answers wait for
-            # gold, not silver. Cut between the two commits, the batch run again finds the same seconds new and
-            # its insert-only MERGE finds their rows in gold already.
-            gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD)).alias("t")
-            new = kpi.kpis_per_second(latest.where(~held)).localCheckpoint(eager=True)
-            gold.merge(new.alias("s"), kpi.gold_merge_condition(lo, hi)).whenNotMatchedInsertAll().execute()
+        classified = len(touched) <= CLASSIFIED_SECONDS  # past it, every second is taken as held: exact, slower
+        gold_first = from_batch and classified
+        if gold_first:
+            # Gold first, for every second the batch touched: answers wait for gold, not silver. A second's KPIs
+            # are those of silver's readings in it as the MERGE below leaves them, computed before it.
+            silver = self.spark.read.format("delta").load(silver_path)
+            fresh = kpi.kpis_after_merge(kpi.whole_seconds(silver, lo, hi), latest, touched)
+            fresh = fresh.localCheckpoint(eager=True)  # a row per second, which MERGE reads more than once
+            corrections = bool(fresh.where("held").limit(1).collect())
+            fresh, condition = fresh.drop("held"), kpi.gold_merge_condition(lo, hi)
+            if corrections:
+                self._upsert(Table.GOLD, fresh, condition, kpi.GOLD_CHANGED)
+            else:  # seconds silver did not hold: an insert-only MERGE, an anti-join and an append
+                gold = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD)).alias("t")
+                gold.merge(fresh.alias("s"), condition).whenNotMatchedInsertAll().execute()
             committed("gold")
-
-        self._merge_silver(latest, lo, hi, corrections=any_held)
+        else:  # a backlog's batch: silver first, then gold from silver's new files
+            corrections = not classified or self._holds_any(silver_path, touched, lo, hi)
+        self._merge_silver(latest, lo, hi, corrections)
         committed("silver")
 
         after = None if before is None else deltalog.latest_version(silver_path, before.version)
-        if after is not None and before is not None and after.version > before.version + 1:
-            # Another writer (`lakehouse replay`) committed to silver between the classification and this MERGE:
-            # a second taken as new may hold its readings, and a correction of one of them was not applied. Every
-            # second is then taken as held, which is always exact: silver MERGEd again with corrections, and every
-            # second's KPIs recomputed from silver.
-            log.info(
-                "silver went from version %d to %d under a write: every second is recomputed",
-                before.version,
-                after.version,
-            )
-            if not any_held:
+        raced = after is not None and before is not None and after.version > before.version + 1
+        if raced:
+            # Another writer (`lakehouse replay`) committed to silver between the read and this MERGE: a second
+            # may hold its readings, and a correction of one of them may not have been applied. Every second is
+            # then taken as held: silver MERGEd again with corrections, and gold recomputed from silver.
+            log.info("silver went from version %s to %s under a write: gold is recomputed", before, after)
+            if not corrections:
                 self._merge_silver(latest, lo, hi, corrections=True)
-            any_held, held = True, F.lit(True)
-
-        if any_held or not from_batch:
-            recompute = readings if not from_batch else readings.where(held)
-            seconds = recompute.select(F.date_trunc("second", "timestamp").alias("second")).distinct()
+        if raced or not gold_first:
+            seconds = readings.select(F.date_trunc("second", "timestamp").alias("second")).distinct()
             silver = self.spark.read.format("delta").load(silver_path)
-            # MERGE reads its source more than once; compute the held seconds' KPIs once (a row per second).
+            # MERGE reads its source more than once; compute the seconds' KPIs once (a row per second).
             recomputed = kpi.kpis_for_seconds(silver, seconds, lo, hi).localCheckpoint(eager=True)
             self._upsert(Table.GOLD, recomputed, kpi.gold_merge_condition(lo, hi), kpi.GOLD_CHANGED)
             committed("gold")
+
+    def _holds_any(self, silver_path: str, seconds: list[int], lo: str, hi: str) -> bool:
+        """Whether silver holds a reading in one of the given seconds (Unix microseconds)."""
+        from pyspark.sql import functions as F
+
+        stored = kpi.whole_seconds(self.spark.read.format("delta").load(silver_path), lo, hi)
+        second = F.unix_micros(F.date_trunc("second", "timestamp"))
+        return bool(stored.where(second.isin(seconds)).limit(1).collect())
 
     def _merge_silver(self, latest: DataFrame, lo: str, hi: str, corrections: bool) -> None:
         """MERGE the batch's newest reading per identity into silver: new identities inserted, and with
