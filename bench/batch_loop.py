@@ -4,6 +4,7 @@ of a few readings per trigger makes them. Prints the median seconds and Spark jo
 batches and overall (after the first three), with the median seconds of each stage.
 
     .venv/bin/python -m bench.batch_loop --batches 40 --readings 5
+    .venv/bin/python -m bench.batch_loop --batches 20 --step 0.5   # batches that share seconds
 
 A tool for changes to the hot path (issue 14 in BENCHMARKS.md): quicker and steadier than `lakehouse bench --part
 freshness`, which measures the whole path from produce to the API, and which stays the figure of record.
@@ -24,6 +25,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--readings", type=int, default=5, help="new readings per batch, one per device")
+    parser.add_argument(
+        "--step",
+        type=float,
+        default=None,
+        help="event time between batches, in seconds (default: each batch's readings are stamped with the clock); "
+        "under 1, consecutive batches share seconds, as a live stream's do",
+    )
     parser.add_argument("--spark-master", default="local[2]")
     parser.add_argument("--home", type=Path, default=Path(".lakehouse"), help="where `lakehouse setup` put the jars")
     args = parser.parse_args()
@@ -43,8 +51,9 @@ def main() -> None:
         job = IngestJob(spark, settings, paths, None, "kpi-lakehouse-batch-loop")
         scheduler = spark.sparkContext._jsc.sc().dagScheduler()  # type: ignore[union-attr]
         offset, rows = 0, []
+        first = datetime.now(UTC).replace(microsecond=0)  # the same seconds shared from run to run
         for batch in range(args.batches):
-            now = datetime.now(UTC)
+            now = datetime.now(UTC) if args.step is None else first + timedelta(seconds=args.step * batch)
             records = []
             for device in range(args.readings):
                 at = (now - timedelta(milliseconds=100 * device)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -129,7 +129,7 @@ class IngestJob:
             stage(name)
             crash_point(name, batch_id)
 
-        # Silver and gold first: they are what answers wait for. Bronze follows, or, in a small batch, is written
+        # Gold and silver first: they are what answers wait for. Bronze follows, or, in a small batch, is written
         # beside them in a thread of its own, so that its commit (a Kafka read, a Parquet file, a log replay)
         # overlaps theirs instead of delaying the next batch; a large batch writes it after them, so that its
         # memory is not added to theirs. Each table's writes are idempotent on their own, so the order in which
