@@ -247,7 +247,7 @@ def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_
     reference.add("eu-1", T0 + timedelta(seconds=7), 7.5)
     reference.add("batch-1", T0 + timedelta(seconds=9), 90.0)
 
-    # A replay killed after its silver commit (before gold and quarantine), then run to the end, then again.
+    # A replay killed after its silver commit (gold's came before it, quarantine's after), then run to the end, then again.
     crashed = lakehouse(
         new_rules.model_copy(),
         "replay",

@@ -125,10 +125,10 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
     cleanup, reader = ExitStack(), None
     kills, rode_through = 0, False
     try:
-        # Crashes inside micro-batches: right after a Delta commit, before Spark's checkpoint commit. A batch run
-        # again after a crash finds its readings in silver, so it takes the MERGE that updates as well as inserts
-        # ("silver:*" kills the re-run of batch 3 after it); the rollups query's first commit of its run, whatever
-        # its batch id.
+        # Crashes inside micro-batches: right after a Delta commit, before Spark's checkpoint commit. Gold commits
+        # before silver: "gold:3" cuts batch 3 between the two, "silver:*" cuts its re-run after silver's commit,
+        # and the next run finds the batch's readings in silver and changes nothing; the rollups query's first
+        # commit of its run, whatever its batch id.
         for crash_after in ["bronze:0", "quarantine:1", "silver:2", "gold:3", "silver:*", "rollups:*"]:
             crash = {"LAKEHOUSE_TEST_CRASH_AFTER": crash_after}
             running.append(start_lakehouse(settings, "pipeline", log=log, env_extra=crash))
