@@ -132,12 +132,12 @@ def test_new_seconds_are_inserted_and_held_seconds_corrected(spark, tmp_path: Pa
     assert snapshot(spark, paths) == before
 
 
-def test_a_write_between_the_classification_and_silvers_commit_is_counted(  # type: ignore[no-untyped-def]
+def test_a_write_between_silvers_read_and_its_merge_is_counted(  # type: ignore[no-untyped-def]
     spark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another writer (as `lakehouse replay` is) commits to silver after a batch took its second as new and put
-    its KPIs into gold, before the batch's silver MERGE: Delta sees no conflict, yet gold must count both writers'
-    readings and silver keep the later record's value."""
+    """Another writer (as `lakehouse replay` is) commits to silver after a batch read silver, found its second new
+    and put its KPIs into gold, before the batch's silver MERGE: Delta sees no conflict, yet gold must count both
+    writers' readings and silver keep the later record's value."""
     from lake import duck
     from pipeline.stream import job as job_module
     from pipeline.stream.job import IngestJob

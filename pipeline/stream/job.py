@@ -53,8 +53,8 @@ class BatchReport:
 
 
 class _StageClock:
-    """Adds the seconds since the previous call to the stage's name (a stage may come twice: gold's new seconds go
-    before silver, its held ones after)."""
+    """Adds the seconds since the previous call to the stage's name (a stage may come twice: gold again after
+    silver when another writer's commit to silver made the batch recompute it)."""
 
     def __init__(self, stages: dict[str, float]) -> None:
         self.stages = stages
