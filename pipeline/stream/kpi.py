@@ -59,6 +59,15 @@ def whole_seconds(silver: DataFrame, lo_literal: str, hi_literal: str) -> DataFr
     )
 
 
+def in_seconds(silver: DataFrame, seconds: list[int], lo_literal: str, hi_literal: str) -> DataFrame:
+    """Silver's readings in the given seconds (Unix microseconds), all of them between `lo`'s and `hi`'s."""
+    from pyspark.sql import functions as F
+
+    return whole_seconds(silver, lo_literal, hi_literal).where(
+        F.unix_micros(F.date_trunc("second", "timestamp")).isin(seconds)
+    )
+
+
 def kpis_for_seconds(silver: DataFrame, seconds: DataFrame, lo_literal: str, hi_literal: str) -> DataFrame:
     """Recompute the KPIs of the given seconds (a `second` column) from all of silver's readings in them."""
     from pyspark.sql import functions as F
@@ -70,18 +79,19 @@ def kpis_for_seconds(silver: DataFrame, seconds: DataFrame, lo_literal: str, hi_
     return kpis_per_second(touched)
 
 
-def kpis_after_merge(stored: DataFrame, latest: DataFrame, seconds: list[int]) -> DataFrame:
-    """The KPIs of the given seconds (Unix microseconds) as silver will hold them once the batch's newest reading
-    per identity (`latest`) is MERGEd into `stored` (silver, or the part of it around the batch) by
-    `dedupe.newer_and_different`: a stored reading stays unless the batch's is a later record with another value.
-    Beside them, `held`: whether silver held a reading in the second before."""
+def kpis_after_merge(
+    silver: DataFrame, latest: DataFrame, seconds: list[int], lo_literal: str, hi_literal: str
+) -> DataFrame:
+    """The KPIs of the given seconds (Unix microseconds, between `lo`'s and `hi`'s) as silver will hold them once
+    the batch's newest reading per identity (`latest`) is MERGEd into it by `dedupe.newer_and_different`: a stored
+    reading stays unless the batch's is a later record with another value. Beside them, `held`: whether silver
+    held a reading in the second before."""
     from pyspark.sql import functions as F
 
     from pipeline.stream import dedupe
 
-    second = F.unix_micros(F.date_trunc("second", "timestamp"))
     columns = ("device_id", "timestamp", "value", "arrival_watermark", *dedupe.ORDER)
-    t = stored.where(second.isin(seconds)).select(*columns).alias("t")
+    t = in_seconds(silver, seconds, lo_literal, hi_literal).select(*columns).alias("t")
     s = latest.select(*columns).alias("s")
     on = (F.col("t.device_id") == F.col("s.device_id")) & (F.col("t.timestamp") == F.col("s.timestamp"))
     joined = t.join(s, on, "full_outer")

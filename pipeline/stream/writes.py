@@ -157,7 +157,7 @@ class LakeWriter:
             # Gold first, for every second the batch touched: answers wait for gold, not silver. A second's KPIs
             # are those of silver's readings in it as the MERGE below leaves them, computed before it.
             silver = self.spark.read.format("delta").load(silver_path)
-            fresh = kpi.kpis_after_merge(kpi.whole_seconds(silver, lo, hi), latest, touched)
+            fresh = kpi.kpis_after_merge(silver, latest, touched, lo, hi)
             fresh = fresh.localCheckpoint(eager=True)  # a row per second, which MERGE reads more than once
             corrections = bool(fresh.where("held").limit(1).collect())
             fresh, condition = fresh.drop("held"), kpi.gold_merge_condition(lo, hi)
@@ -191,11 +191,8 @@ class LakeWriter:
 
     def _holds_any(self, silver_path: str, seconds: list[int], lo: str, hi: str) -> bool:
         """Whether silver holds a reading in one of the given seconds (Unix microseconds)."""
-        from pyspark.sql import functions as F
-
-        stored = kpi.whole_seconds(self.spark.read.format("delta").load(silver_path), lo, hi)
-        second = F.unix_micros(F.date_trunc("second", "timestamp"))
-        return bool(stored.where(second.isin(seconds)).limit(1).collect())
+        silver = self.spark.read.format("delta").load(silver_path)
+        return bool(kpi.in_seconds(silver, seconds, lo, hi).limit(1).collect())
 
     def _merge_silver(self, latest: DataFrame, lo: str, hi: str, corrections: bool) -> None:
         """MERGE the batch's newest reading per identity into silver: new identities inserted, and with
