@@ -99,6 +99,15 @@ class Settings(BaseSettings):
         description="heap of each Spark executor on a cluster",
         json_schema_extra=cli("Spark", default="Spark's (1g)"),
     )
+    spark_driver_java_options: str = Field(
+        "",
+        description=(
+            "more JVM options for the Spark driver (in local mode, the whole engine), after the project's own; "
+            "e.g. `-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=240m` (the C1 compiler alone) for short runs "
+            "on little data, which start about a quarter sooner but compute a backlog about half as fast"
+        ),
+        json_schema_extra=cli("Spark", default="none"),
+    )
     shuffle_partitions: int = Field(
         4, ge=1, description="spark.sql.shuffle.partitions of the job", json_schema_extra=cli("Spark")
     )

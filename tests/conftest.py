@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
 HOME = REPO / ".lakehouse"  # jars resolved by `lakehouse setup` (make test runs it first)
 # Another port when 19092 is taken on the machine (its controller listens on the next port).
 TEST_KAFKA_PORT = int(os.environ.get("LAKEHOUSE_TEST_KAFKA_PORT", "19092"))
+# The pipelines the tests start hold a few thousand readings and start dozens of times: with the C1 compiler alone
+# their JVM starts about a quarter sooner (README, LAKEHOUSE_SPARK_DRIVER_JAVA_OPTIONS). A test that measures the
+# engine on a backlog (tests/test_backlog.py) sets the default back.
+QUICK_START_JIT = "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=240m"
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +45,7 @@ def lake_settings(tmp_path: Path) -> Settings:
         spark_master="local[2]",
         shuffle_partitions=2,
         spark_driver_memory="2g",
+        spark_driver_java_options=QUICK_START_JIT,
     )
 
 

@@ -148,7 +148,10 @@ def build_session(
         "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",
         # Delta rebuilds table state with this many partitions (default 50): far too many for a few log files.
         "spark.databricks.delta.snapshotPartitions": str(max(1, settings.shuffle_partitions)),
-        "spark.driver.extraJavaOptions": " ".join(["-Dio.netty.tryReflectionSetAccessible=true", *java_options]),
+        # The user's options last (Spark splits the string as a shell would, quotes included).
+        "spark.driver.extraJavaOptions": " ".join(
+            ["-Dio.netty.tryReflectionSetAccessible=true", *java_options, settings.spark_driver_java_options]
+        ).strip(),
         **{f"spark.executorEnv.{name}": value for name, value in jvm_env.items()},
     }
     if settings.spark_executor_memory:
