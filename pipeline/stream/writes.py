@@ -26,8 +26,7 @@ if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
 
 log = logging.getLogger("lakehouse.pipeline")
-# Past this many distinct seconds in one batch (a backlog), its seconds are not listed: silver is asked whether it
-# holds anything in the batch's time range instead, and if it does, every second is treated as held.
+# Past this many distinct seconds in one batch (a backlog), all of them are treated as held by silver.
 CLASSIFIED_SECONDS = 10_000
 _GOLD_FROM_BATCH_READINGS = 1_000_000
 
@@ -95,8 +94,7 @@ class LakeWriter:
         append, no file rewritten). Only a second silver held can hold a duplicate or a correction: a batch with
         one MERGEs gold with an update clause, and silver too (a row changes only for a later record with another
         value, though Delta rewrites every file holding a matched row). A backlog's batch (past a million readings
-        or CLASSIFIED_SECONDS seconds) writes silver first, insert-only when silver held none of its seconds (or,
-        past CLASSIFIED_SECONDS, nothing in its time range), then recomputes its seconds' KPIs from silver.
+        or CLASSIFIED_SECONDS seconds) writes silver first, then recomputes its seconds' KPIs from silver.
 
         Every MERGE here is idempotent by its data (identity and record order in silver, KPIs of silver's readings
         in gold), so none carries a `txnVersion`, whose check costs a replay of the table's log per commit. A batch
@@ -153,7 +151,7 @@ class LakeWriter:
         # MERGE's transaction, so another writer's commit after it (see below) is told by the version the MERGE
         # lands on.
         before = deltalog.latest_version(silver_path)
-        classified = len(touched) <= CLASSIFIED_SECONDS  # past it, the batch's time range is asked about instead
+        classified = len(touched) <= CLASSIFIED_SECONDS  # past it, every second is taken as held: exact, slower
         gold_first = from_batch and classified
         if gold_first:
             # Gold first, for every second the batch touched: answers wait for gold, not silver. A second's KPIs
@@ -170,7 +168,7 @@ class LakeWriter:
                 gold.merge(fresh.alias("s"), condition).whenNotMatchedInsertAll().execute()
             committed("gold")
         else:  # a backlog's batch: silver first, then gold from silver's new files
-            corrections = self._holds_any(silver_path, touched if classified else None, lo, hi)
+            corrections = not classified or self._holds_any(silver_path, touched, lo, hi)
         self._merge_silver(latest, lo, hi, corrections)
         committed("silver")
 
@@ -191,13 +189,10 @@ class LakeWriter:
             self._upsert(Table.GOLD, recomputed, kpi.gold_merge_condition(lo, hi), kpi.GOLD_CHANGED)
             committed("gold")
 
-    def _holds_any(self, silver_path: str, seconds: list[int] | None, lo: str, hi: str) -> bool:
-        """Whether silver holds a reading in one of the given seconds (Unix microseconds), or, for a batch whose
-        seconds were too many to list (None), in the seconds from `lo`'s to `hi`'s: a backlog that silver holds
-        nothing of in its time range (a first load, a catch-up after an outage) holds only new identities."""
+    def _holds_any(self, silver_path: str, seconds: list[int], lo: str, hi: str) -> bool:
+        """Whether silver holds a reading in one of the given seconds (Unix microseconds)."""
         silver = self.spark.read.format("delta").load(silver_path)
-        held = kpi.whole_seconds(silver, lo, hi) if seconds is None else kpi.in_seconds(silver, seconds, lo, hi)
-        return bool(held.limit(1).collect())
+        return bool(kpi.in_seconds(silver, seconds, lo, hi).limit(1).collect())
 
     def _merge_silver(self, latest: DataFrame, lo: str, hi: str, corrections: bool) -> None:
         """MERGE the batch's newest reading per identity into silver: new identities inserted, and with
