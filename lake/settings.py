@@ -193,6 +193,16 @@ class Settings(BaseSettings):
         json_schema_extra=cli("API", serve_flag="--kafka-timeout-seconds"),
     )
 
+    api_catch_up_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description=(
+            "at start, how long the API waits for an existing store file to catch up with the lake before it "
+            "answers; past it, it answers at the versions the file holds until the catch-up ends"
+        ),
+        json_schema_extra=cli("API", serve_flag="--catch-up-seconds"),
+    )
     api_store_dir: Path | None = Field(
         None,
         description="folder of the API's serving store: one DuckDB file per worker, rebuildable from the lake",

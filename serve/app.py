@@ -3,9 +3,11 @@ middleware, problem details and routes (`serve.controllers`), the dashboard at `
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
@@ -24,6 +26,7 @@ from serve.snapshot import SnapshotStore
 
 # Requests carry no body (every route is GET); anything bigger than this is refused before it is read.
 MAX_BODY_BYTES = 16 * 1024
+log = logging.getLogger("kpi_lakehouse.serve")
 
 
 def provide_store(state: State) -> SnapshotStore:
@@ -48,7 +51,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         store = SnapshotStore(paths, settings.store_dir, settings.api_memory_limit)
         if not store.current.from_store:
             # A never-seen lake (or one made anew): pin its versions and answer from it while the file is built.
-            # A store file that exists serves at once; the refresher catches it up in the background.
+            # A store file that exists is caught up by the refresher's first tick, which start waits for (below).
             try:
                 observability.record_refresh(store.refresh(), store.current)
             except Exception as exc:  # noqa: BLE001 (served as 503 until a refresh succeeds)
@@ -65,6 +68,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.store, app.state.kafka_watch, app.state.settings = store, watch, settings
         refresher.start()
         watch.start()
+        if store.current.from_store:
+            # Answer at the lake's versions from the first request: the catch-up reads only what changed since the
+            # file's versions. A file far behind (a long stop) answers at its own versions past the bound instead.
+            caught_up = await anyio.to_thread.run_sync(refresher.first_tick_done.wait, settings.api_catch_up_seconds)
+            if not caught_up:
+                log.warning(
+                    "the serving store is still catching up after %.0f s; answering at gold version %s meanwhile",
+                    settings.api_catch_up_seconds,
+                    store.current.gold_version,
+                )
         try:
             yield
         finally:

@@ -21,6 +21,7 @@ class Periodic:
         self._tick = tick
         self._at_start = at_start
         self._stop = threading.Event()
+        self.first_tick_done = threading.Event()  # set once the first tick has returned (or raised)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -28,7 +29,10 @@ class Periodic:
 
     def _run(self) -> None:
         if self._at_start:
-            self._tick()
+            try:
+                self._tick()
+            finally:
+                self.first_tick_done.set()
         while not self._stop.wait(self._interval_s):
             self._tick()
 

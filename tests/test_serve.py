@@ -385,6 +385,58 @@ def test_a_store_file_is_reopened_or_rebuilt(lake, tmp_path: Path) -> None:  # t
             rebuilt.close()
 
 
+def test_a_restarted_service_answers_what_the_lake_gained_while_it_was_down(  # type: ignore[no-untyped-def]
+    spark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service restarted on a store file that the lake has moved past answers its first request at the lake's
+    newest versions, even when the catch-up is slow; past `api_catch_up_seconds` it answers at the file's own
+    versions instead, and catches up in the background."""
+    root = tmp_path / "lake"
+    readings = make_readings(seed=7, seconds=10)
+    writer = LakeWriter(spark, LakePaths.from_settings(api_settings(root)))
+    writer.append(readings, readings)
+    with TestClient(create_app(api_settings(root))) as client:  # builds the store file at these versions
+        deadline = time.monotonic() + 60
+        while client.get(f"/kpis/{iso(START)}").json()["freshness"]["served_from"] != "store":
+            assert time.monotonic() < deadline, "the store file was not built"
+            time.sleep(0.1)
+    built = Reference.of(readings).buckets("second")[START]
+
+    # While the service is down, a correction of a reading in the first second.
+    at = next(i for i, r in enumerate(readings) if r.timestamp.replace(microsecond=0) == START)
+    changed = readings[at]
+    readings[at] = Reading(changed.device_id, changed.timestamp, changed.value + 1000.0)
+    writer.append([readings[at]], readings)
+    now = Reference.of(readings).buckets("second")[START]
+    assert now["sum_value"] != built["sum_value"]
+
+    refresh = SnapshotStore.refresh
+
+    def slow_refresh(store: SnapshotStore):  # type: ignore[no-untyped-def]
+        time.sleep(1.5)  # a catch-up that takes its time, as on a loaded machine
+        return refresh(store)
+
+    monkeypatch.setattr(SnapshotStore, "refresh", slow_refresh)
+    # No periodic refresh in the test's time: only the start's catch-up can bring the change in.
+    with TestClient(create_app(api_settings(root, api_refresh_seconds=3600))) as client:
+        first = client.get(f"/kpis/{iso(START)}").json()
+    assert first["freshness"]["served_from"] == "store"
+    assert_kpis_equal(first, now, "first answer after a restart")
+
+    readings[at] = Reading(changed.device_id, changed.timestamp, changed.value + 2000.0)
+    writer.append([readings[at]], readings)
+    later = Reference.of(readings).buckets("second")[START]
+    settings = api_settings(root, api_refresh_seconds=3600, api_catch_up_seconds=0.1)
+    with TestClient(create_app(settings)) as client:
+        stale = client.get(f"/kpis/{iso(START)}").json()
+        assert_kpis_equal(stale, now, "answered at the file's versions during a long catch-up")
+        deadline = time.monotonic() + 30
+        while (answer := client.get(f"/kpis/{iso(START)}").json())["sum_value"] == stale["sum_value"]:
+            assert time.monotonic() < deadline, "the background catch-up never came"
+            time.sleep(0.1)
+        assert_kpis_equal(answer, later, "after the background catch-up")
+
+
 def test_each_store_in_a_process_claims_its_own_slot(lake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     first, second = _store(lake[0], api_store_dir=tmp_path), _store(lake[0], api_store_dir=tmp_path)
     try:
