@@ -47,7 +47,7 @@ def main() -> None:
         settings = Settings(home=args.home, lake_root=str(Path(folder) / "lake"), spark_master=args.spark_master)
         spark = build_session(settings, "kpi-lakehouse-batch-loop")
         paths = LakePaths.from_settings(settings)
-        create_tables(spark, paths)
+        create_tables(spark, paths, settings.delta_checkpoint_interval)
         job = IngestJob(spark, settings, paths, None, "kpi-lakehouse-batch-loop")
         scheduler = spark.sparkContext._jsc.sc().dagScheduler()  # type: ignore[union-attr]
         offset, rows = 0, []

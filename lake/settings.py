@@ -85,6 +85,14 @@ class Settings(BaseSettings):
         "90m, 2w, or forever",
         json_schema_extra=cli("Lake", default="forever"),
     )
+    delta_checkpoint_interval: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="commits between the Delta checkpoints that the pipeline's own commits write (each table's "
+        "delta.checkpointInterval, set when the pipeline starts); `maintain` also writes one",
+        json_schema_extra=cli("Lake"),
+    )
     home: Path = Field(
         Path(".lakehouse"),
         description="local state: resolved JVM jars, the local broker's data and logs",

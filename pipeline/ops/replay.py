@@ -143,7 +143,7 @@ def replay(
         raise ValueError(f"unknown reason code {reason!r}; known: {', '.join(r.value for r in Reason)}")
     spark = spark or build_session(settings, app_name="kpi-lakehouse-replay")
     paths = LakePaths.from_settings(settings)
-    create_tables(spark, paths)
+    create_tables(spark, paths, settings.delta_checkpoint_interval)
     report = ReplayReport()
 
     # Fixed before any write: the quarantine table changes below.

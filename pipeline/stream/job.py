@@ -339,7 +339,7 @@ def run(
 
     spark = spark or build_session(settings)
     paths = LakePaths.from_settings(settings)
-    create_tables(spark, paths)
+    create_tables(spark, paths, settings.delta_checkpoint_interval)
     job = IngestJob(spark, settings, paths, report_file)
     writer = (
         read_kafka(spark, settings)

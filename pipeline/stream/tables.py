@@ -18,18 +18,27 @@ _PROPERTIES: dict[Table, dict[str, str]] = {
 _PARTITIONS: dict[Table, tuple[str, ...]] = {Table.ROLLUPS: ("grain",)}
 
 
-def create_tables(spark: SparkSession, paths: LakePaths) -> None:
-    """Create each table that is missing, and add the columns a table made by an earlier release lacks. The tables
-    are independent, so they are made or checked at once, in threads of their own (the driver's planning and log
-    reads overlap)."""
+# Delta's table property: a commit whose version is a multiple of it writes a checkpoint of the table's state
+# before the commit returns (Delta's default is every 10 commits).
+CHECKPOINT_INTERVAL = "delta.checkpointInterval"
+
+
+def create_tables(spark: SparkSession, paths: LakePaths, checkpoint_interval: int | None = None) -> None:
+    """Create each table that is missing, and add the columns a table made by an earlier release lacks; with
+    `checkpoint_interval`, give each table that checkpoint interval (a table that has another is altered). The
+    tables are independent, so they are made or checked at once, in threads of their own (the driver's planning and
+    log reads overlap)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=len(SCHEMAS), thread_name_prefix="lakehouse-tables") as pool:
-        for done in [pool.submit(_create_table, spark, paths, table, ddl) for table, ddl in SCHEMAS.items()]:
+        made = [pool.submit(_create_table, spark, paths, t, ddl, checkpoint_interval) for t, ddl in SCHEMAS.items()]
+        for done in made:
             done.result()
 
 
-def _create_table(spark: SparkSession, paths: LakePaths, table: Table, ddl: str) -> None:
+def _create_table(
+    spark: SparkSession, paths: LakePaths, table: Table, ddl: str, checkpoint_interval: int | None
+) -> None:
     from delta.tables import DeltaTable
     from pyspark.sql.types import StructType
 
@@ -39,9 +48,21 @@ def _create_table(spark: SparkSession, paths: LakePaths, table: Table, ddl: str)
     builder = DeltaTable.createIfNotExists(spark).location(paths.table(table)).addColumns(schema)
     if table in _PARTITIONS:
         builder = builder.partitionedBy(*_PARTITIONS[table])
-    for key, value in _PROPERTIES.get(table, {}).items():
+    properties = dict(_PROPERTIES.get(table, {}))
+    if checkpoint_interval is not None:
+        properties[CHECKPOINT_INTERVAL] = str(checkpoint_interval)
+    for key, value in properties.items():
         builder = builder.property(key, value)
-    existing = builder.execute().toDF().schema.fieldNames()
+    made = builder.execute()
+    existing = made.toDF().schema.fieldNames()
+    if checkpoint_interval is not None:
+        # A table made before, or with another interval: one metadata commit, when the setting changed.
+        shown = spark.sql(f"SHOW TBLPROPERTIES delta.`{paths.table(table)}` ({CHECKPOINT_INTERVAL})").collect()
+        if not shown or shown[0]["value"] != str(checkpoint_interval):
+            spark.sql(
+                f"ALTER TABLE delta.`{paths.table(table)}` "
+                f"SET TBLPROPERTIES ('{CHECKPOINT_INTERVAL}' = '{checkpoint_interval}')"
+            )
     # A table made by an earlier release gains the columns added since (nullable, null in its old rows).
     missing = [f for f in schema.fields if f.name not in existing]
     if missing:
