@@ -3,11 +3,11 @@ middleware, problem details and routes (`serve.controllers`), the dashboard at `
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio.to_thread
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         store = SnapshotStore(paths, settings.store_dir, settings.api_memory_limit)
         if not store.current.from_store:
             # A never-seen lake (or one made anew): pin its versions and answer from it while the file is built.
-            # A store file that exists is caught up by the refresher's first tick, which start waits for (below).
+            # A store file that exists is caught up by the refresher's first tick instead, which start waits for.
             try:
                 observability.record_refresh(store.refresh(), store.current)
             except Exception as exc:  # noqa: BLE001 (served as 503 until a refresh succeeds)
@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         if store.current.from_store:
             # Answer at the lake's versions from the first request: the catch-up reads only what changed since the
             # file's versions. A file far behind (a long stop) answers at its own versions past the bound instead.
-            caught_up = await anyio.to_thread.run_sync(refresher.first_tick_done.wait, settings.api_catch_up_seconds)
+            caught_up = await asyncio.to_thread(refresher.first_tick_done.wait, settings.api_catch_up_seconds)
             if not caught_up:
                 log.warning(
                     "the serving store is still catching up after %.0f s; answering at gold version %s meanwhile",
