@@ -68,17 +68,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.store, app.state.kafka_watch, app.state.settings = store, watch, settings
         refresher.start()
         watch.start()
-        if store.current.from_store:
-            # Answer at the lake's versions from the first request: the catch-up reads only what changed since the
-            # file's versions. A file far behind (a long stop) answers at its own versions past the bound instead.
-            caught_up = await asyncio.to_thread(refresher.first_tick_done.wait, settings.api_catch_up_seconds)
-            if not caught_up:
-                log.warning(
-                    "the serving store is still catching up after %.0f s; answering at gold version %s meanwhile",
-                    settings.api_catch_up_seconds,
-                    store.current.gold_version,
-                )
         try:
+            if store.current.from_store:
+                # Answer at the lake's versions from the first request: the catch-up reads only what changed since
+                # the file's versions. A file far behind (a long stop) answers at its own versions past the bound.
+                caught_up = await asyncio.to_thread(refresher.first_tick_done.wait, settings.api_catch_up_seconds)
+                if not caught_up:
+                    log.warning(
+                        "the serving store is still catching up after %.0f s; answering at gold version %s meanwhile",
+                        settings.api_catch_up_seconds,
+                        store.current.gold_version,
+                    )
             yield
         finally:
             watch.stop(wait=False)  # a Kafka request in flight ends within its timeout; nothing waits for it
