@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -57,8 +58,9 @@ class Plan:
     freshness_rate: float = 2.0
     # Sent at the same rate just before the measured readings, not measured: the stream's JVM compiles its hot code
     # in its first minute (a small micro-batch took 4.0 s over the first ten and 3.0 s after, bench/batch_loop.py),
-    # and a stream runs for days.
-    freshness_warmup: int = 60
+    # and a stream runs for days. A minute, so that the pipeline's first rollups batch with readings (30 s in, 8-11 s
+    # long where a warm one takes 3-4 s) is behind it too.
+    freshness_warmup: int = 120
     lookup_seconds: int = 1_000_000
     lookup_rate: float = 500
     lookup_duration_s: float = 10
@@ -319,6 +321,13 @@ def _batch_medians(report: Path) -> str:
     )
 
 
+def _rollups_batches(log: Path) -> str:
+    """The rollups batches with readings in the pipeline's log (`rollups batch N: R silver rows, S s`), in order."""
+    found = re.findall(r"rollups batch \d+: (\d+) silver rows, ([\d.]+) s", log.read_text() if log.exists() else "")
+    runs = [f"{seconds} s ({rows} rows)" for rows, seconds in found if int(rows)]
+    return f"rollups batches beside them: {', '.join(runs) or 'none'}"
+
+
 def bench_freshness(ctx: Context) -> None:
     import httpx
 
@@ -365,7 +374,7 @@ def bench_freshness(ctx: Context) -> None:
         f"{len(ours)} of {ctx.plan.freshness_readings} readings seen through `GET /kpis?grain=second` after "
         f"{ctx.plan.freshness_warmup} not measured (floor: "
         f"{len(floor)} through its Delta log); trigger {settings.trigger_interval}, API refresh "
-        f"{settings.api_refresh_interval:g} s; {_batch_medians(report)}"
+        f"{settings.api_refresh_interval:g} s; {_batch_medians(report)}; {_rollups_batches(log)}"
     )
     floor_name = "Kafka → Delta append stream"
     ctx.figures.append(

@@ -50,10 +50,21 @@ def stored(spark, paths: LakePaths) -> dict[RollupKey, dict[str, object]]:  # ty
     return {(r.grain, r.device_id, r.timestamp.astimezone(UTC)): {f: r[f] for f in KPI_FIELDS} for r in rows}
 
 
-def test_rollups_match_the_readings_batch_after_batch(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_rollups_match_the_readings_batch_after_batch(spark, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from pipeline.stream import rollups
     from pipeline.stream.job import IngestJob, RollupsJob, start_rollups
     from pipeline.stream.tables import create_tables
+
+    # Batches of a short time range read the stored buckets once, the second (hours back, a day ahead) step by
+    # step: both ways are checked against the reference below.
+    read_once: list[bool] = []
+    for_batch = rollups.for_batch
+
+    def recorded(silver, stored, readings, lo, hi, read_stored_once=False):  # type: ignore[no-untyped-def]
+        read_once.append(read_stored_once)
+        return for_batch(silver, stored, readings, lo, hi, read_stored_once)
+
+    monkeypatch.setattr(rollups, "for_batch", recorded)
 
     settings = Settings(lake_root=str(tmp_path / "lake"))
     paths = LakePaths.from_settings(settings)
@@ -70,6 +81,7 @@ def test_rollups_match_the_readings_batch_after_batch(spark, tmp_path: Path) -> 
         # The rollups query catches up with silver's new commits (corrections rewrite files: read again).
         start_rollups(spark, settings, paths, available_now=True).awaitTermination()
         assert_rollups_equal(stored(spark, paths), expected_rollups(reference))
+    assert read_once == [True, False, True, True]
     assert ("day", "d", (START + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)) in stored(
         spark, paths
     )

@@ -251,6 +251,11 @@ class IngestJob:
         return gaps
 
 
+# A rollups batch of readings within this time span (a live stream's, every 30 s by default) reads the stored buckets
+# it needs once (rollups.for_batch).
+_ONE_READ_SPAN_US = 3600 * 1_000_000
+
+
 @dataclass
 class RollupsJob:
     """The rollups query's state: each micro-batch holds the (device_id, timestamp) of silver rows that silver's new
@@ -279,7 +284,7 @@ class RollupsJob:
         if bounds[0]:
             self.fit.apply((self.spark, changes.sparkSession), bounds[0])
             lo, hi = f"timestamp_micros({bounds[1]})", f"timestamp_micros({bounds[2]})"
-            self.writer.rollups(keys, lo, hi)
+            self.writer.rollups(keys, lo, hi, read_stored_once=bounds[2] - bounds[1] <= _ONE_READ_SPAN_US)
             crash_point("rollups", batch_id)
         self.batches += 1
         log.info("rollups batch %d: %d silver rows, %.1f s", batch_id, bounds[0], time.monotonic() - started)

@@ -154,9 +154,15 @@ def _replaced(stored: DataFrame, fresh: DataFrame) -> DataFrame:
     return kept.unionByName(fresh)
 
 
-def for_batch(silver: DataFrame, stored: DataFrame, readings: DataFrame, lo: str, hi: str) -> DataFrame:
+def for_batch(
+    silver: DataFrame, stored: DataFrame, readings: DataFrame, lo: str, hi: str, read_stored_once: bool = False
+) -> DataFrame:
     """The rollup rows the batch's readings change, recomputed from silver (which holds them already) and from the
-    stored rollups (`stored`: the table as it was before this batch) for everything coarser."""
+    stored rollups (`stored`: the table as it was before this batch) for everything coarser.
+
+    With `read_stored_once` (for a batch of a short time range: a live stream's), the stored device buckets all
+    steps read are read from the table once and kept (each read of a Delta table filters its files and plans a scan
+    anew); a batch of a long range (a replay's) reads them step by step, so as not to keep a device's every minute."""
     from pyspark.sql import functions as F
 
     def span(grain: str) -> tuple[str, str]:
@@ -172,12 +178,17 @@ def for_batch(silver: DataFrame, stored: DataFrame, readings: DataFrame, lo: str
     keyed = in_minutes.withColumn("minute", F.date_trunc("minute", "timestamp"))
     minutes = device_minutes(keyed.join(F.broadcast(touched), ["device_id", "minute"], "left_semi")).localCheckpoint()
 
-    def stored_devices(grain: str, within: str) -> DataFrame:
-        """Stored device buckets of `grain` inside the batch's buckets of grain `within`."""
-        start, end = span(within)
-        return stored.where(
-            f"grain = '{grain}' AND device_id IS NOT NULL AND `timestamp` >= {start} AND `timestamp` < {end}"
-        )
+    def within(grain: str, coarser: str) -> str:
+        """Device buckets of `grain` inside the batch's buckets of grain `coarser`."""
+        start, end = span(coarser)
+        return f"grain = '{grain}' AND device_id IS NOT NULL AND `timestamp` >= {start} AND `timestamp` < {end}"
+
+    if read_stored_once:  # per device: its minutes in the batch's hours, its hours and its day in the batch's days
+        needed = [("minute", "hour"), ("hour", "day"), ("day", "day")]
+        stored = stored.where(" OR ".join(f"({within(g, c)})" for g, c in needed)).localCheckpoint()
+
+    def stored_devices(grain: str, coarser: str) -> DataFrame:
+        return stored.where(within(grain, coarser))
 
     def touching(rows: DataFrame, changed: DataFrame, grain: str, per_device: bool) -> DataFrame:
         """Rows that lie in a bucket of `grain` holding one of the changed rows (of the same device, if per device)."""

@@ -224,14 +224,16 @@ class LakeWriter:
         )
         merge.execute()
 
-    def rollups(self, readings: DataFrame, lo: str, hi: str) -> None:
-        """Recompute the rollup buckets these readings fall into (silver holds them already), and MERGE them."""
+    def rollups(self, readings: DataFrame, lo: str, hi: str, read_stored_once: bool = False) -> None:
+        """Recompute the rollup buckets these readings fall into (silver holds them already), and MERGE them
+        (`read_stored_once`: see `rollups.for_batch`)."""
 
         def recompute_and_merge() -> None:
             silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
             stored = self.spark.read.format("delta").load(self.paths.table(Table.ROLLUPS))
             # Computed once from the table as it stands, before the MERGE reads its source; again after a conflict.
-            fresh = rollups.for_batch(silver, stored, readings, lo, hi).localCheckpoint(eager=True)
+            fresh = rollups.for_batch(silver, stored, readings, lo, hi, read_stored_once).localCheckpoint(eager=True)
             self._upsert(Table.ROLLUPS, fresh, rollups.merge_condition(lo, hi), rollups.CHANGED)
 
         retry_on_conflict(recompute_and_merge, "MERGE into rollups")
+
