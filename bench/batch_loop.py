@@ -5,6 +5,7 @@ batches and overall (after the first three), with the median seconds of each sta
 
     .venv/bin/python -m bench.batch_loop --batches 40 --readings 5
     .venv/bin/python -m bench.batch_loop --batches 20 --step 0.5   # batches that share seconds
+    .venv/bin/python -m bench.batch_loop --batches 48 --step 0.5 --rollups-every 6   # and rollups batches
 
 A tool for changes to the hot path (issue 14 in BENCHMARKS.md): quicker and steadier than `lakehouse bench --part
 freshness`, which measures the whole path from produce to the API, and which stays the figure of record.
@@ -32,13 +33,20 @@ def main() -> None:
         help="event time between batches, in seconds (default: each batch's readings are stamped with the clock); "
         "under 1, consecutive batches share seconds, as a live stream's do",
     )
+    parser.add_argument(
+        "--rollups-every",
+        type=int,
+        default=0,
+        help="after every N batches, a rollups batch over silver's rows of those N (as the rollups query makes every "
+        "30 s), timed apart; 0: none",
+    )
     parser.add_argument("--spark-master", default="local[2]")
     parser.add_argument("--home", type=Path, default=Path(".lakehouse"), help="where `lakehouse setup` put the jars")
     args = parser.parse_args()
 
     from lake.settings import Settings
-    from lake.tables import LakePaths
-    from pipeline.stream.job import IngestJob
+    from lake.tables import LakePaths, Table
+    from pipeline.stream.job import IngestJob, RollupsJob
     from pipeline.stream.source import RECORD_DDL
     from pipeline.stream.spark import build_session
     from pipeline.stream.tables import create_tables
@@ -49,6 +57,10 @@ def main() -> None:
         paths = LakePaths.from_settings(settings)
         create_tables(spark, paths, settings.delta_checkpoint_interval)
         job = IngestJob(spark, settings, paths, None, "kpi-lakehouse-batch-loop")
+        rollups_session = spark.newSession()  # as the rollups query has (job.start_rollups)
+        rollups_job = RollupsJob(rollups_session, paths)
+        rollups_rows: list[tuple[float, int]] = []  # seconds and Spark jobs of each rollups batch
+        since: datetime | None = None  # the first event time of the batches since the last rollups batch
         scheduler = spark.sparkContext._jsc.sc().dagScheduler()  # type: ignore[union-attr]
         offset, rows = 0, []
         first = datetime.now(UTC).replace(microsecond=0)  # the same seconds shared from run to run
@@ -65,6 +77,15 @@ def main() -> None:
             job.process_batch(frame, batch)
             report = job.reports[-1]
             rows.append((report.seconds, scheduler.nextJobId() - first_job, report.stages))
+            since = since or now - timedelta(seconds=1)
+            if args.rollups_every and (batch + 1) % args.rollups_every == 0:
+                # Silver's rows of the last batches stand for the rows of silver's new commits that the query reads.
+                silver = rollups_session.read.format("delta").load(paths.table(Table.SILVER))
+                changes = silver.where(silver["timestamp"] >= since).localCheckpoint()
+                first_job, started = scheduler.nextJobId(), time.monotonic()
+                rollups_job.process_batch(changes, len(rollups_rows))
+                rollups_rows.append((time.monotonic() - started, scheduler.nextJobId() - first_job))
+                since = now + timedelta(seconds=args.step or 1)
             time.sleep(0.3)
         spark.stop()
 
@@ -79,6 +100,11 @@ def main() -> None:
         print(f"batches {start}-{min(start + 10, len(rows)) - 1}: {medians(rows[start : start + 10])}")
     if len(rows) > 3:
         print(f"median of batches 3-{len(rows) - 1}: {medians(rows[3:])}")
+    if rollups_rows:
+        print("rollups batches: " + ", ".join(f"{seconds:.2f} s ({jobs} jobs)" for seconds, jobs in rollups_rows))
+        if len(rollups_rows) > 2:
+            print(f"median of rollups batches 2-{len(rollups_rows) - 1}: ", end="")
+            print(f"{statistics.median(r[0] for r in rollups_rows[2:]):.2f} s")
 
 
 if __name__ == "__main__":

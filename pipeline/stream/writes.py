@@ -236,4 +236,3 @@ class LakeWriter:
             self._upsert(Table.ROLLUPS, fresh, rollups.merge_condition(lo, hi), rollups.CHANGED)
 
         retry_on_conflict(recompute_and_merge, "MERGE into rollups")
-
