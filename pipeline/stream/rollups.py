@@ -162,7 +162,9 @@ def for_batch(
 
     With `read_stored_once` (for a batch of a short time range: a live stream's), the stored device buckets all
     steps read are read from the table once and kept (each read of a Delta table filters its files and plans a scan
-    anew); a batch of a long range (a replay's) reads them step by step, so as not to keep a device's every minute."""
+    anew): for a batch within an hour, at most about 170 rows per device of the fleet (the fleet's buckets need
+    every device's), spilled to disk past the memory Spark has for them. A batch of a long range (a replay's)
+    reads them step by step, so as not to keep a device's every minute."""
     from pyspark.sql import functions as F
 
     def span(grain: str) -> tuple[str, str]:
