@@ -24,7 +24,7 @@ from lake.settings import Settings
 from lake.tables import LakePaths, Table
 from lake.watermark import Watermark
 from pipeline.errors import StreamStopped
-from pipeline.stream import offsets
+from pipeline.stream import offsets, rollups
 from pipeline.stream.crash import crash_point
 from pipeline.stream.parse import OUTPUT_DDL, PASSTHROUGH, Rules, arrow_parser
 from pipeline.stream.spark import SMALL_BATCH_ROWS, BatchFit
@@ -251,11 +251,6 @@ class IngestJob:
         return gaps
 
 
-# A rollups batch of readings within this time span (a live stream's, every 30 s by default) reads the stored buckets
-# it needs once (rollups.for_batch).
-_ONE_READ_SPAN_US = 3600 * 1_000_000
-
-
 @dataclass
 class RollupsJob:
     """The rollups query's state: each micro-batch holds the (device_id, timestamp) of silver rows that silver's new
@@ -284,7 +279,7 @@ class RollupsJob:
         if bounds[0]:
             self.fit.apply((self.spark, changes.sparkSession), bounds[0])
             lo, hi = f"timestamp_micros({bounds[1]})", f"timestamp_micros({bounds[2]})"
-            self.writer.rollups(keys, lo, hi, read_stored_once=bounds[2] - bounds[1] <= _ONE_READ_SPAN_US)
+            self.writer.rollups(keys, lo, hi, read_stored_once=bounds[2] - bounds[1] <= rollups.ONE_READ_SPAN_US)
             crash_point("rollups", batch_id)
         self.batches += 1
         log.info("rollups batch %d: %d silver rows, %.1f s", batch_id, bounds[0], time.monotonic() - started)

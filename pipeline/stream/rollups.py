@@ -40,6 +40,9 @@ COLUMNS = (
     "late_for_hour",
     "late_for_day",
 )
+# A batch of readings within this time span (Unix microseconds; a live stream's, every 30 s by default) reads the
+# stored buckets it needs once (`for_batch`'s `read_stored_once`).
+ONE_READ_SPAN_US = 3600 * 1_000_000
 # The column of finer rows that counts the readings late for a bucket of each grain.
 _LATE_FOR = {"minute": "late_readings", "hour": "late_for_hour", "day": "late_for_day"}
 
