@@ -85,6 +85,10 @@ def test_a_210_mib_backlog_of_5_mib_messages(lake_settings: Settings, topic: str
         pipeline.wait()
     seconds = time.monotonic() - started
     assert pipeline.returncode == 0, log.read_text(errors="replace")[-5000:]
+    # Spark asks again for a page that Java's heap could not give (an OutOfMemoryError it catches and logs): a near
+    # miss, which the next run may not survive. None is allowed.
+    near_misses = log.read_text(errors="replace").count("Failed to allocate a page")
+    assert near_misses == 0, f"{near_misses} heap allocations failed and were retried"
     reports = [json.loads(line) for line in report.read_text().splitlines()]
     batches = len(reports)
     readings = sum(len(values) for values, _ in per_second.values())
