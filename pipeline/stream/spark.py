@@ -141,8 +141,8 @@ def build_session(
         # per task, ran a 2 GiB driver out of heap. Checking from the first row keeps pages near their 1 MiB.
         "spark.hadoop.parquet.page.size.row.check.min": "1",
         "spark.sql.streaming.stopGracefullyOnShutdown": "true",
-        # Spark keeps each Kafka read's last poll (records past the offsets it read, for the next batch to go on
-        # from) for 5 minutes by default, outside its memory accounting. A poll returns a whole fetch: up to
+        # Spark keeps the records of each Kafka read's last poll (for a next read that goes on from where it
+        # stopped) for 5 minutes by default, outside its memory accounting. A poll returns a whole fetch: up to
         # LAKEHOUSE_MAX_MESSAGE_BYTES of zstd batches, several times that once decompressed (8 messages of 5 MiB).
         # A backlog's batches, each read twice, piled up 54 such 5 MiB records (270 MiB) and ran a 1 GiB heap out
         # of memory (tests/test_backlog.py). Kept for 5 s, what the next batch goes on from is still there, and
