@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from lake.timestamps import parse_timestamp_us
+from lake.timestamps import TimestampError, parse_general_us, parse_timestamp_us
 from pipeline.stream.parse import ParsedMessage, parse_message, parse_messages
 
 
@@ -46,6 +49,53 @@ def rows(parsed: ParsedMessage) -> list[tuple[object, ...]]:
 )
 def test_timestamp_formats(text: str, same_as: str) -> None:
     assert parse_timestamp_us(text) == micros(same_as)
+
+
+def _outcome(parse: Callable[[str], int], text: str) -> int | str:
+    try:
+        return parse(text)
+    except TimestampError:
+        return "rejected"
+
+
+def _two(valid_up_to: int, valid_from: int = 0) -> st.SearchStrategy[str]:
+    """Two digits: half the draws in the field's valid range, half anywhere in 00-99."""
+    return st.one_of(st.integers(valid_from, valid_up_to), st.integers(0, 99)).map(lambda n: f"{n:02d}")
+
+
+@given(
+    year=st.integers(0, 9999).map(lambda n: f"{n:04d}"),
+    month=_two(12, 1),
+    day=_two(31, 1),
+    hour=_two(23),
+    minute=_two(59),
+    second=_two(59),
+    fraction=st.text("0123456789", max_size=8),
+    separator=st.sampled_from(["T", "t", " "]),
+    zone=st.sampled_from(["Z", "z", "", "+00:00", "-01:30"]),
+)
+def test_the_quick_timestamp_path_agrees_with_the_general_one(
+    year: str, month: str, day: str, hour: str, minute: str, second: str, fraction: str, separator: str, zone: str
+) -> None:
+    """Canonical strings take `datetime.fromisoformat`; every string must get what the contract's general path
+    gives it: the same instant, or a rejection. Calendar edges (day 0, 29-31 February, hour 24, second 60, year 0)
+    and the forms around the canonical one (no or long fractions, other separators and zones) are all drawn."""
+    text = f"{year}-{month}-{day}{separator}{hour}:{minute}:{second}{'.' + fraction if fraction else ''}{zone}"
+    assert _outcome(parse_timestamp_us, text) == _outcome(parse_general_us, text)
+
+
+@given(day=st.integers(1, 3_652_058), micros=st.integers(0, 86_399_999_999), digits=st.integers(0, 6))
+def test_valid_canonical_timestamps_round_trip(day: int, micros: int, digits: int) -> None:
+    """Every valid instant written canonically (with 0-6 fractional digits) reads back to itself, on both paths."""
+    from datetime import date, timedelta
+
+    moment = datetime.combine(date.fromordinal(day), datetime.min.time(), UTC) + timedelta(microseconds=micros)
+    kept = moment.microsecond - moment.microsecond % 10 ** (6 - digits)
+    moment = moment.replace(microsecond=kept)
+    fraction = f".{kept:06d}"[: digits + 1] if digits else ""
+    text = f"{moment.year:04d}-{moment:%m-%dT%H:%M:%S}{fraction}Z"  # %Y does not pad years before 1000
+    expected = (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    assert parse_timestamp_us(text) == parse_general_us(text) == expected
 
 
 @pytest.mark.parametrize(
