@@ -41,6 +41,60 @@ def test_later_record_wins(spark) -> None:  # type: ignore[no-untyped-def]
     assert len(result) == 4
 
 
+def _resent_readings(seed: int, count: int) -> list[tuple[object, ...]]:
+    """Readings of a few devices over a few seconds, many of them sent again in later records (another partition,
+    offset, index or broker time, sometimes another value); each (partition, offset, index) is used once."""
+    rng = random.Random(seed)
+    k = T0 + timedelta(days=1)
+    rows: list[tuple[object, ...]] = []
+    for i in range(count):
+        if rows and rng.random() < 0.3:  # a reading sent again
+            device, moment, value = rows[rng.randrange(len(rows))][:3]
+            value = value if rng.random() < 0.5 else rng.uniform(-1e3, 1e3)
+        else:
+            device, moment, value = (
+                f"d{rng.randrange(20)}",
+                T0 + timedelta(microseconds=rng.randrange(50)),
+                rng.random(),
+            )
+        arrived = k + timedelta(milliseconds=rng.randrange(3))
+        rows.append((device, moment, value, "t", rng.randrange(4), i // 3, i % 3, arrived, None))
+    return rows
+
+
+@pytest.mark.parametrize("repeats_bound", [None, 0])
+def test_large_batch_dedupe_matches_python(spark, monkeypatch, repeats_bound) -> None:  # type: ignore[no-untyped-def]
+    """The large batches' deduplication (a count per identity hash, the repeats deduplicated apart) keeps exactly
+    the winner per identity that the contract names, as the whole shuffle does; and so does its fallback when too
+    many hashes repeat."""
+    from pipeline.stream import dedupe
+
+    if repeats_bound is not None:
+        monkeypatch.setattr(dedupe, "SPLIT_MAX_REPEATS", repeats_bound)
+    monkeypatch.setattr(dedupe, "_HASHES_PER_TASK", 500)  # the search for repeated hashes in several tasks
+    rows = _resent_readings(seed=11, count=4000)
+    winners: dict[tuple[object, ...], tuple[object, ...]] = {}
+    for row in rows:  # the later record wins: broker time, then partition, offset, index
+        key, order = row[:2], (row[7], row[4], row[5], row[6])
+        if key not in winners or order > (winners[key][7], winners[key][4], winners[key][5], winners[key][6]):
+            winners[key] = row
+    assert len(winners) < len(rows) * 0.8  # the case holds duplicates
+    frame = spark.createDataFrame(rows, READINGS_DDL).repartition(3)
+    columns = [c for c in dedupe.SILVER_COLUMNS if c != "updated_at"]
+
+    def kept(result) -> list[tuple[object, ...]]:  # type: ignore[no-untyped-def]
+        assert sorted(result.columns) == sorted(dedupe.SILVER_COLUMNS)  # silver's MERGE takes them by name
+        return sorted(tuple(r[c] for c in columns) for r in result.collect())
+
+    local = spark.createDataFrame(list(winners.values()), READINGS_DDL).select(*columns)
+    expected = sorted(tuple(r) for r in local.collect())
+    assert kept(dedupe.latest_of_large_batch(frame, len(rows))) == expected
+    assert kept(dedupe.latest_per_identity(frame)) == expected
+    # Without any duplicate, every reading passes as it is.
+    unique = spark.createDataFrame(list(winners.values()), READINGS_DDL)
+    assert kept(dedupe.latest_of_large_batch(unique, len(winners))) == expected
+
+
 def test_kpis_per_second_match_python(spark) -> None:  # type: ignore[no-untyped-def]
     from pipeline.stream.kpi import kpis_per_second
 

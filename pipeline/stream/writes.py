@@ -21,6 +21,7 @@ from lake.rows import first_row
 from lake.tables import LakePaths, Table
 from lake.watermark import Watermark
 from pipeline.stream import dedupe, kpi, rollups
+from pipeline.stream.spark import SMALL_BATCH_ROWS
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -112,7 +113,10 @@ class LakeWriter:
         # the batch again, which costs little beside the MERGE for the batches that take that road.
         arrived = None if arrival_us is None else F.timestamp_micros(F.lit(arrival_us))
         readings = readings.withColumn("arrival_watermark", F.lit(arrived).cast("timestamp"))
-        latest = dedupe.latest_per_identity(readings)
+        if count >= SMALL_BATCH_ROWS:
+            latest = dedupe.latest_of_large_batch(readings, count)
+        else:
+            latest = dedupe.latest_per_identity(readings)
         if touched is None:
             second = F.unix_micros(F.date_trunc("second", "timestamp"))
             touched = [row[0] for row in readings.select(second).distinct().limit(CLASSIFIED_SECONDS + 1).collect()]
