@@ -124,21 +124,15 @@ class IngestJob:
         self.spark.sparkContext.setLocalProperty(_POOL, checkpoint.INGEST_QUERY)
         report = BatchReport(batch_id)
         stage = _StageClock(report.stages)
-        bronze: _Beside | None = None
-        small = False
 
         def committed(name: str) -> None:
-            nonlocal bronze
             stage(name)
             crash_point(name, batch_id)
-            if name == "gold" and small and bronze is None:
-                bronze = _Beside(self.spark, write_bronze)
 
         # Gold and silver first: they are what answers wait for. Bronze follows, or, in a small batch, is written
-        # beside silver in a thread of its own once gold has committed (or at once when the batch has no reading),
-        # so that its commit (a Kafka read, a Parquet file, a log replay) overlaps silver's instead of delaying the
-        # next batch, and takes no driver time from gold's; a large batch writes it after them, so that its memory
-        # is not added to theirs. Each table's writes are idempotent on their own, so the order in which
+        # beside them in a thread of its own, so that its commit (a Kafka read, a Parquet file, a log replay)
+        # overlaps theirs instead of delaying the next batch; a large batch writes it after them, so that its
+        # memory is not added to theirs. Each table's writes are idempotent on their own, so the order in which
         # they commit does not change what a batch run again after a crash ends with, and the batch ends (Spark
         # commits its offsets) only once every write has.
         # Kafka is read twice (the parser, then bronze): a cache of the records would hold a partition's 5 MiB
@@ -147,6 +141,7 @@ class IngestJob:
             self.writer.append(records.withColumn("ingested_at", F.current_timestamp()), Table.BRONZE, batch_id)
             crash_point("bronze", batch_id)
 
+        bronze: _Beside | None = None
         parsed = records.select(*PASSTHROUGH, "value").mapInArrow(
             arrow_parser(Rules.from_settings(self.settings)), OUTPUT_DDL
         )
@@ -184,8 +179,7 @@ class IngestJob:
             size = max(report.records, report.readings)
             # For this batch's writes, and the next batch's parse (a live stream's batches are alike in size).
             self.fit.apply((self.spark, records.sparkSession), size)
-            small = size < SMALL_BATCH_ROWS
-            if small and not report.readings:
+            if size < SMALL_BATCH_ROWS:
                 bronze = _Beside(self.spark, write_bronze)
             if report.readings:
                 # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
