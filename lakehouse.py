@@ -361,9 +361,20 @@ def pipeline(
     ] = None,
 ) -> None:
     """Run the streaming job Kafka -> bronze/silver/gold/quarantine (continuous unless --available-now)."""
+    from pipeline.errors import StreamStopped
     from pipeline.stream.job import run
 
-    reports = run(settings(), available_now=available_now, report_file=report)
+    try:
+        reports = run(settings(), available_now=available_now, report_file=report)
+    except StreamStopped:
+        # The tasks cancelled with the query may still be logging as they end: Spark is stopped first, so that the
+        # error below is the command's last word.
+        from pyspark.sql import SparkSession
+
+        session = SparkSession.getActiveSession()
+        if session is not None:
+            session.stop()
+        raise
     records = sum(r.records for r in reports)
     readings = sum(r.readings for r in reports)
     quarantined = sum(r.quarantined for r in reports)
