@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -373,7 +373,8 @@ def pipeline(
 
         session = SparkSession.getActiveSession()
         if session is not None:
-            session.stop()
+            with suppress(Exception):  # the error that stopped the query is the one to tell
+                session.stop()
         raise
     records = sum(r.records for r in reports)
     readings = sum(r.readings for r in reports)
