@@ -64,7 +64,7 @@ def _resent_readings(seed: int, count: int) -> list[tuple[object, ...]]:
 
 @pytest.mark.parametrize("repeats_bound", [None, 0])
 def test_large_batch_dedupe_matches_python(spark, monkeypatch, repeats_bound) -> None:  # type: ignore[no-untyped-def]
-    """The large batches' deduplication (a count per identity hash, the repeats deduplicated apart) keeps exactly
+    """The large batches' deduplication (repeated identity hashes found, only their readings deduplicated) keeps exactly
     the winner per identity that the contract names, as the whole shuffle does; and so does its fallback when too
     many hashes repeat."""
     from pipeline.stream import dedupe
