@@ -81,8 +81,9 @@ class Plan:
             lookup_rate=100,
             lookup_duration_s=3,
             tutorial_requests=5,
-            serving_readings=2_000_000,
-            serving_devices=20,
+            # Two UTC days of 16 devices: the lake of tests/test_serving_scale.py, built once for both.
+            serving_readings=16 * 2 * 86_400,
+            serving_devices=16,
             serving_requests=50,
             serving_checks=3,
         )
@@ -482,10 +483,10 @@ _API_MEMORY_BOUND = 1024 * MIB  # the issue's default bound for one worker, what
 def _serving_lake(ctx: Context) -> tuple[Path, LakeShape]:
     """The cached lake of the plan's size under the home folder (outside the work folder, which each run deletes),
     built first if it is not there."""
-    from bench.serving_lake import LakeShape, build_lake, is_built
+    from bench.serving_lake import LakeShape, build_lake, cached_folder, is_built
 
     shape = LakeShape.of(ctx.plan.serving_readings, ctx.plan.serving_devices)
-    folder = Path(ctx.settings.home).resolve() / "bench" / f"serving-{shape.devices}x{shape.seconds}"
+    folder = cached_folder(ctx.settings.home, shape)
     if is_built(folder, shape):
         ctx.say(f"serving: reusing the lake of {shape.slots:,} device-seconds at {folder}")
         return folder, shape

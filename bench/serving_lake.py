@@ -232,6 +232,12 @@ def _write_marker(folder: Path, marker: Marker) -> None:
     partial.replace(folder / MARKER)
 
 
+def cached_folder(home: Path | str, shape: LakeShape) -> Path:
+    """Where a lake of this shape is kept under the home folder, for every later run that asks for it: the bench's
+    runs, and the scaled-down test, which has the shape of the bench's smoke run (`Plan.quick`)."""
+    return Path(home).resolve() / "bench" / f"serving-{shape.devices}x{shape.seconds}"
+
+
 def is_built(folder: Path, shape: LakeShape) -> bool:
     marker = _read_marker(folder)
     return marker is not None and marker.complete and marker.same_lake(_marker(shape, 0, False))

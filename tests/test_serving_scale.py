@@ -15,14 +15,18 @@ import pytest
 
 from bench.memory import MIB, PeakSampler
 from bench.processes import free_port, start_api, stop_group, wait_until_served
-from bench.serving_lake import START, LakeShape, build_lake, readings
+from bench.run import Plan
+from bench.serving_lake import START, LakeShape, build_lake, cached_folder, readings
+from tests.conftest import HOME
 from tests.reference import GRAINS, Reference, assert_kpis_equal, kpis
 from tests.serve_lake import api_settings, iso
 
 pytestmark = pytest.mark.spark
 
-DEVICES = 16
-READINGS = DEVICES * 2 * 86_400  # two UTC days of 16 devices at 1 Hz, less the formula's gaps
+# Two UTC days of 16 devices at 1 Hz, less the formula's gaps: the lake of the bench's smoke run (tests/test_bench.py),
+# kept under the home folder, so that whichever of the two runs first builds it for both.
+DEVICES = Plan.quick().serving_devices
+READINGS = Plan.quick().serving_readings
 # DuckDB's bound in the API, and what the whole process must stay under: the bound plus room for the interpreter and
 # its libraries (DuckDB, Litestar, pyarrow). It peaked at 282-284 MiB here.
 MEMORY_LIMIT = "256MB"
@@ -30,8 +34,9 @@ RSS_BOUND = 512 * MIB
 
 
 @pytest.fixture(scope="module")
-def scale_lake(spark, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LakeShape]:  # type: ignore[no-untyped-def]
-    folder = tmp_path_factory.mktemp("serving-scale") / "lake"
+def scale_lake(spark) -> tuple[Path, LakeShape]:  # type: ignore[no-untyped-def]
+    """The lake, read and never written by the test (the API's store goes to the test's own folder)."""
+    folder = cached_folder(HOME, LakeShape.of(READINGS, DEVICES))
     return folder, build_lake(folder, READINGS, DEVICES, spark, on_day=lambda done, days: None)
 
 
