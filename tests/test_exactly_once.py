@@ -195,9 +195,10 @@ def test_a_small_batch_plans_on_one_partition_and_a_large_one_on_the_launched_on
         "spark.databricks.delta.snapshotPartitions",
         "spark.sql.codegen.wholeStage",
         "spark.sql.codegen.factoryMode",
+        "spark.sql.adaptive.enabled",
     )
     fit.apply([session], SMALL_BATCH_ROWS - 1)
-    assert [session.conf.get(k) for k in keys] == ["1", "1", "false", "NO_CODEGEN"]
+    assert [session.conf.get(k) for k in keys] == ["1", "1", "false", "NO_CODEGEN", "false"]
     fit.apply([session], SMALL_BATCH_ROWS)
-    assert [session.conf.get(k) for k in keys] == ["2", "2", "true", "FALLBACK"]
+    assert [session.conf.get(k) for k in keys] == ["2", "2", "true", "FALLBACK", "true"]
     assert BatchFit.of(session) == fit  # read from the launch conf, which the changes do not touch

@@ -80,7 +80,10 @@ SMALL_BATCH_ROWS = 100_000
 class BatchFit:
     """Fits the plans that follow to a micro-batch's size. A small one runs interpreted (no generated code) on one
     shuffle partition, and Delta rebuilds a table's state on one: fewer, smaller tasks, whose fixed costs (Java
-    serialization of each task took about a fifth of the JVM's samples) dominate a batch of a few readings. A large
+    serialization of each task took about a fifth of the JVM's samples) dominate a batch of a few readings. It also
+    runs without adaptive query execution, which runs each shuffle and broadcast of a plan as a Spark job of its own
+    and plans the rest again after each: a small batch of the ingest query runs 19 jobs instead of 36 (a median of
+    3.34 s against 3.58 s over five alternating pairs of `bench/batch_loop.py --batches 24 --step 0.5`). A large
     one compiles its code and uses the partitions Spark was started with (LAKEHOUSE_SHUFFLE_PARTITIONS, or what
     spark-submit was given).
 
@@ -89,13 +92,19 @@ class BatchFit:
 
     shuffle_partitions: str
     snapshot_partitions: str
+    adaptive: str = "true"
 
     @classmethod
     def of(cls, spark: SparkSession) -> BatchFit:
-        """The partitions the Spark context was started with (its SparkConf, which these changes do not touch)."""
+        """The partitions and adaptive execution the Spark context was started with (its SparkConf, which these
+        changes do not touch)."""
         launched = spark.sparkContext.getConf()
         shuffle = launched.get("spark.sql.shuffle.partitions", "200") or "200"
-        return cls(shuffle, launched.get("spark.databricks.delta.snapshotPartitions", shuffle) or shuffle)
+        return cls(
+            shuffle,
+            launched.get("spark.databricks.delta.snapshotPartitions", shuffle) or shuffle,
+            launched.get("spark.sql.adaptive.enabled", "true") or "true",
+        )
 
     def apply(self, sessions: Iterable[SparkSession], rows: int) -> None:
         small = rows < SMALL_BATCH_ROWS
@@ -106,6 +115,7 @@ class BatchFit:
             spark.conf.set("spark.sql.codegen.factoryMode", "NO_CODEGEN" if small else "FALLBACK")
             spark.conf.set("spark.sql.shuffle.partitions", "1" if small else self.shuffle_partitions)
             spark.conf.set("spark.databricks.delta.snapshotPartitions", "1" if small else self.snapshot_partitions)
+            spark.conf.set("spark.sql.adaptive.enabled", "false" if small else self.adaptive)
 
 
 def build_session(
