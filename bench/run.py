@@ -132,21 +132,27 @@ def _produce(settings: Settings, payloads: list[bytes]) -> None:
 # ---------------------------------------------------------------------------------------------------- ingest
 
 
-def bench_ingest(ctx: Context) -> None:
+def ingest_messages(mib: int, max_message_bytes: int) -> list[bytes]:
+    """The ingest part's backlog: about `mib` MiB of batch messages filled up to `max_message_bytes`, from a fleet of
+    200 devices over an hour (deterministic)."""
     from pipeline.kafka.synthetic import Fleet, generate
 
-    settings = ctx.part("ingest")
-    count = max(1, round(ctx.plan.ingest_mib * MIB / settings.max_message_bytes))
-    ctx.say(f"ingest: generating {count} messages of 5 MiB")
+    count = max(1, round(mib * MIB / max_message_bytes))
     fleet = Fleet(
         devices=200,
         messages=count,
         full_batches=count,
-        max_message_bytes=settings.max_message_bytes,
+        max_message_bytes=max_message_bytes,
         span_seconds=3600,
         seed=3,
     )
-    payloads = list(generate(fleet))
+    return list(generate(fleet))
+
+
+def bench_ingest(ctx: Context) -> None:
+    settings = ctx.part("ingest")
+    ctx.say(f"ingest: generating {ctx.plan.ingest_mib} MiB of messages of up to 5 MiB")
+    payloads = ingest_messages(ctx.plan.ingest_mib, settings.max_message_bytes)
     total = sum(len(p) for p in payloads)
     _produce(settings, payloads)
 
