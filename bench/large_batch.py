@@ -26,8 +26,8 @@ from lake.settings import MIB, Settings
 
 
 def write_records(path: Path, mib: int, settings: Settings) -> int:
-    """The backlog's messages as Kafka records (RECORD_DDL), spread over the topic's partitions as the producer
-    would (each device's messages on one partition); returns the bytes of the messages."""
+    """The backlog's messages as Kafka records (RECORD_DDL), spread over the topic's partitions in turn, so that each
+    read task gets a like share; returns the bytes of the messages."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
