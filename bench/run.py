@@ -211,6 +211,19 @@ def bench_ingest(ctx: Context) -> None:
             ours_rate >= floor_rate,
         )
     )
+    # No goal: the floor leaves out gold, which the contract cannot do without (nor its checks and deduplication).
+    least_mb = total / 1e6 / floor.minimum_seconds
+    ctx.figures.append(
+        Figure(
+            "ingest against the contract's minimum writes",
+            ours_mb,
+            "MB/s",
+            least_mb,
+            "the floor's two appends + gold's KPIs appended",
+            note=f"gold's KPIs per second of the parsed table: {floor.gold_seconds:.1f} s; that reference is "
+            f"{least_mb / floor_mb:.2f}x the floor",
+        )
+    )
     heap = settings.spark_driver_memory
     from pipeline.ops.doctor import parse_memory
 
@@ -284,18 +297,20 @@ def _percentiles(latencies: list[float]) -> tuple[float, float]:
     return statistics.median(latencies), latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
 
 
-def _floor_freshness(ctx: Context) -> list[float]:
-    """The bare Kafka -> Delta append stream, seen by listing its log."""
+def _floor_freshness(ctx: Context, tables: int = 1) -> list[float]:
+    """The bare Kafka -> Delta append stream (with `tables` > 1, appending to that many tables in each micro-batch),
+    seen by listing its first table's log."""
     from bench.floors import FLOOR_TABLE, CommitWatcher
     from bench.processes import start_command
     from pipeline.kafka.broker import ensure_topic
     from pipeline.kafka.produce import produce
 
-    settings = ctx.part("freshness-floor")
+    name = "freshness-floor" if tables == 1 else f"freshness-floor-{tables}-tables"
+    settings = ctx.part(name)
     ensure_topic(settings)
     produce(settings, [_fresh_reading(0)])
-    log = ctx.folder / "freshness-floor.log"
-    stream = start_command([sys.executable, "-m", "bench.floors"], settings, log=log)
+    log = ctx.folder / f"{name}.log"
+    stream = start_command([sys.executable, "-m", "bench.floors", "--tables", str(tables)], settings, log=log)
     watcher = CommitWatcher(Path(settings.lake_root) / FLOOR_TABLE)
     try:
         deadline = time.monotonic() + 300
@@ -338,6 +353,7 @@ def _rollups_batches(log: Path) -> str:
 def bench_freshness(ctx: Context) -> None:
     import httpx
 
+    from bench.floors import CONTRACT_TABLES
     from lake.timestamps import format_utc
     from pipeline.kafka.broker import ensure_topic
     from pipeline.kafka.produce import produce
@@ -347,6 +363,8 @@ def bench_freshness(ctx: Context) -> None:
         f"{ctx.plan.freshness_warmup} to warm up"
     )
     floor = _floor_freshness(ctx)
+    ctx.say(f"freshness: the contract's minimum writes, {len(CONTRACT_TABLES)} appends per micro-batch")
+    minimum = _floor_freshness(ctx, tables=len(CONTRACT_TABLES))
 
     settings = ctx.part("freshness")
     ensure_topic(settings)
@@ -392,6 +410,22 @@ def bench_freshness(ctx: Context) -> None:
     ctx.figures.append(
         Figure("freshness p95, produce to API", p95, "s", floor95, floor_name, "≤ 1.5x floor", p95 <= 1.5 * floor95)
     )
+    # No goal: what the goals above are worth, since no pipeline that keeps the contract's tables commits less.
+    (least50, least95), name = _percentiles(minimum), f"{len(CONTRACT_TABLES)} appends per micro-batch"
+    ctx.figures.append(
+        Figure(
+            "freshness p50 against the contract's minimum writes",
+            p50,
+            "s",
+            least50,
+            name,
+            note=(
+                f"{len(minimum)} readings seen through the first table's Delta log; that stream's own p50 is "
+                f"{least50 / floor50:.2f}x the floor's, its p95 {least95 / floor95:.2f}x"
+            ),
+        )
+    )
+    ctx.figures.append(Figure("freshness p95 against the contract's minimum writes", p95, "s", least95, name))
 
 
 # --------------------------------------------------------------------------------------------------- lookups
