@@ -105,6 +105,7 @@ def ingest_floor(spark: SparkSession, settings: Settings, folder: Path) -> Inges
     from pyspark.sql import functions as F
 
     from lake.kafka import java_properties
+    from pipeline.stream.kpi import contract_kpis
 
     reader = spark.read.format("kafka")
     for key, value in java_properties(settings).items():
@@ -134,15 +135,7 @@ def ingest_floor(spark: SparkSession, settings: Settings, folder: Path) -> Inges
         spark.read.format("delta")
         .load(str(folder / "parsed"))
         .groupBy(F.date_trunc("second", "timestamp").alias("timestamp"))
-        .agg(
-            F.count("*").alias("reading_count"),
-            F.count_distinct("device_id").alias("device_count"),
-            F.avg("value").alias("average_value"),
-            F.min("value").alias("min_value"),
-            F.max("value").alias("max_value"),
-            F.sum("value").alias("sum_value"),
-            F.stddev_samp("value").alias("stddev_value"),
-        )
+        .agg(*contract_kpis())
         .write.format("delta")
         .save(str(folder / "gold"))
     )

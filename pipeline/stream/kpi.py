@@ -24,6 +24,22 @@ def late_for(grain: str) -> Column:
     return F.count_if(F.col("arrival_watermark") >= end)
 
 
+def contract_kpis() -> list[Column]:
+    """The contract's KPIs of a group of readings (device_id, value), named as gold's columns."""
+    from pyspark.sql import functions as F
+
+    return [
+        F.count("*").alias("reading_count"),
+        F.count_distinct("device_id").alias("device_count"),
+        F.avg("value").alias("average_value"),
+        F.min("value").alias("min_value"),
+        F.max("value").alias("max_value"),
+        F.sum("value").alias("sum_value"),
+        # stddev_samp is null for one reading, as the contract wants.
+        F.stddev_samp("value").alias("stddev_value"),
+    ]
+
+
 def kpis_per_second(readings: DataFrame, *more: Column) -> DataFrame:
     """Gold rows for deduplicated readings (device_id, timestamp, value, arrival_watermark), at revision 0 (a
     MERGE that updates a row counts its revisions); `more` are aggregates of the readings put beside them."""
@@ -32,14 +48,7 @@ def kpis_per_second(readings: DataFrame, *more: Column) -> DataFrame:
     return (
         readings.groupBy(F.date_trunc("second", "timestamp").alias("timestamp"))
         .agg(
-            F.count("*").alias("reading_count"),
-            F.count_distinct("device_id").alias("device_count"),
-            F.avg("value").alias("average_value"),
-            F.min("value").alias("min_value"),
-            F.max("value").alias("max_value"),
-            F.sum("value").alias("sum_value"),
-            # stddev_samp is null for one reading, as the contract wants.
-            F.stddev_samp("value").alias("stddev_value"),
+            *contract_kpis(),
             fingerprint().alias("fingerprint"),
             late_for("second").alias("late_readings"),
             *more,
