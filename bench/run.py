@@ -196,8 +196,9 @@ def bench_ingest(ctx: Context) -> None:
             floor_name,
             "≥ 1.0x floor",
             ours_mb >= floor_mb,
-            f"{readings:,} readings in {len(batches)} micro-batch{'' if len(batches) == 1 else 'es'} ({spent}); {wall:.0f} s wall with Spark's "
-            f"start; floor: raw {floor.raw_seconds:.1f} s + parsed {floor.parsed_seconds:.1f} s",
+            f"{readings:,} readings in {len(batches)} micro-batch{'' if len(batches) == 1 else 'es'} ({spent}); "
+            f"{wall:.0f} s wall with Spark's start; floor: raw {floor.raw_seconds:.1f} s + parsed "
+            f"{floor.parsed_seconds:.1f} s",
         )
     )
     ctx.figures.append(
