@@ -13,15 +13,17 @@ if TYPE_CHECKING:
     from deltalake import DeltaTable
 
 
-def open_table(location: str) -> DeltaTable:
-    """The table at its newest version."""
+def open_table(location: str, version: int | None = None) -> DeltaTable:
+    """The table at `version`, or at its newest."""
     from deltalake import DeltaTable
     from deltalake.exceptions import DeltaError
 
     try:
         if objectstore.is_s3(location):  # the same AWS_* settings as Spark and DuckDB
-            return DeltaTable(objectstore.s3_uri(location), storage_options=objectstore.access().delta_rs_options())
-        return DeltaTable(location)
+            return DeltaTable(
+                objectstore.s3_uri(location), version=version, storage_options=objectstore.access().delta_rs_options()
+            )
+        return DeltaTable(location, version=version)
     except (DeltaError, OSError) as exc:
         where = (
             ""

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
-from lake import objectstore
+from lake import objectstore, watermark
 from lake.conflicts import delta_rs_conflicts, retry_on_conflict
 from lake.deltars import open_table
 from lake.retention import RETAINED_TABLES, apply_retention
@@ -128,6 +128,8 @@ def _maintain_table(location: str, table: Table, retain_hours: float, vacuum: bo
     # A checkpoint of the newest version, so that readers replay a short log; it carries the stream's txn actions
     # (app id and batch) that keep a re-run micro-batch from writing twice. Log files older than the table's
     # logRetentionDuration (30 days) and covered by a checkpoint go, as Spark removes them when it checkpoints.
+    if table is Table.GOLD:  # before its log is cleaned: the watermark lives in gold's commitInfo
+        watermark.keep(location)
     newest = open_table(location)
     newest.create_checkpoint()
     newest.cleanup_metadata()

@@ -185,9 +185,10 @@ def replay(
     report.readings_accepted = bounds[0]
     if report.readings_accepted:
         lo, hi = f"timestamp_micros({bounds[1]})", f"timestamp_micros({bounds[2]})"
-        # Readings made valid now arrive now: late for every bucket that is final. Gold's commits record the
-        # watermark as it stands, so that a batch the stream runs again after a crash still finds its own entry.
-        mark = writer.recorded_watermark()
+        # Readings made valid now arrive now: late for every bucket that is final. Gold's commits here record no
+        # watermark: only the stream's do, so that the newest entry is the greatest even when this commit lands
+        # after a newer stream batch's, and a batch the stream runs again after a crash still finds its own.
+        arrival = writer.recorded_watermark().watermark_us
         writer.readings(
             readings,
             report.readings_accepted,
@@ -195,8 +196,8 @@ def replay(
             hi,
             None,
             lambda stage: crash_point(f"replay_{stage}", 0),
-            mark,
-            mark.watermark_us,
+            None,
+            arrival,
         )
         writer.rollups(readings, lo, hi)
         crash_point("replay_rollups", 0)

@@ -181,17 +181,35 @@ class IngestJob:
             self.fit.apply((self.spark, records.sparkSession), size)
             if size < SMALL_BATCH_ROWS:
                 bronze = _Beside(self.spark, write_bronze)
+            # A batch run again after a crash that followed its gold commit: what it yields now may differ from
+            # what its first run wrote to gold (other settings, offsets Kafka no longer holds), so the seconds of
+            # that run's readings are recomputed from silver as well.
+            query, recorded = self.writer.app_id_of_query(), self._watermark()
+            first_run = None
+            if recorded.recorded_by(query, batch_id) and recorded.lo_us is not None and recorded.hi_us is not None:
+                first_run = (recorded.lo_us, recorded.hi_us)
             if report.readings:
                 # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
-                lo, hi = f"timestamp_micros({counts['lo']})", f"timestamp_micros({counts['hi']})"
+                lo_us, hi_us = counts["lo"], counts["hi"]
+                if first_run is not None:
+                    lo_us, hi_us = min(lo_us, first_run[0]), max(hi_us, first_run[1])
+                lo, hi = f"timestamp_micros({lo_us})", f"timestamp_micros({hi_us})"
                 readings = parsed.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
-                mark = self._watermark().advanced(
-                    self.writer.app_id_of_query(), batch_id, counts["event_high"], self.settings.allowed_lateness_us
+                mark = recorded.advanced(
+                    query,
+                    batch_id,
+                    counts["event_high"],
+                    self.settings.allowed_lateness_us,
+                    lo_us,  # the first run's too: a crash of this run before its gold commit leaves them to do
+                    hi_us,
                 )
                 self.writer.readings(
-                    readings, report.readings, lo, hi, counts["seconds"], committed, mark, mark.before_us
+                    readings, report.readings, lo, hi, counts["seconds"], committed, mark, mark.before_us, first_run
                 )
                 self.mark = mark
+            elif first_run is not None:
+                self.writer.recompute_gold(first_run)
+                committed("gold")
 
             bad = parsed.where("reason_code IS NOT NULL").select(
                 "topic",

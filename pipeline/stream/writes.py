@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from lake import checkpoint, deltalog, watermark
 from lake.conflicts import retry_on_conflict
+from lake.errors import LakeError
 from lake.rows import first_row
 from lake.tables import LakePaths, Table
 from lake.watermark import Watermark
@@ -54,15 +55,20 @@ class LakeWriter:
         return self._app_id()
 
     def recorded_watermark(self) -> Watermark:
-        """The watermark of gold's newest commit that records one (lake.watermark)."""
+        """The watermark of gold's newest commit that records one, or else the one kept in gold's table property
+        past log cleanup (lake.watermark)."""
         from delta.tables import DeltaTable
 
-        history = DeltaTable.forPath(self.spark, self.paths.table(Table.GOLD)).history(watermark.LOOK_BACK)
+        gold = self.paths.table(Table.GOLD)
+        history = DeltaTable.forPath(self.spark, gold).history(watermark.LOOK_BACK)
         for row in history.select("userMetadata").collect():
             found = watermark.parse(row[0])
             if found is not None:
                 return found
-        return watermark.NONE
+        try:
+            return watermark.kept(gold)
+        except LakeError:  # a store delta-rs cannot open without settings of its own: nothing was kept there
+            return watermark.NONE
 
     def append(self, frame: DataFrame, table: Table, batch_id: int) -> None:
         writer = (
@@ -79,14 +85,17 @@ class LakeWriter:
         hi: str,
         touched: list[int] | None,
         committed: Callable[[str], None],
-        mark: Watermark = watermark.NONE,
+        mark: Watermark | None = None,
         arrival_us: int | None = None,
+        first_run: tuple[int, int] | None = None,
     ) -> None:
         """Write `count` valid readings into silver and their seconds' KPIs into gold; `committed(stage)` runs after
         each stage that wrote ("silver", "gold"). `touched` lists the readings' seconds (Unix
         microseconds, up to CLASSIFIED_SECONDS + 1 of them) when the caller knows them already. Gold's commits
         record the watermark `mark`; each reading records the one it arrived at, `arrival_us` (Unix microseconds,
-        None before the first).
+        None before the first); only the stream passes `mark`. `first_run`: the batch is run again after a crash that
+        followed its gold commit, whose readings lay between these times (Unix microseconds; `lo` and `hi` cover
+        them): gold's seconds there are recomputed from silver too, and those silver holds nothing in go.
 
         Gold goes first, since answers wait for it: the KPIs of each second the batch touched are computed from
         silver's readings in it with the batch's MERGEd in as silver's MERGE will (`kpi.kpis_after_merge`), and
@@ -128,10 +137,11 @@ class LakeWriter:
         # Gold's commits carry the watermark; the session conf is unset again at once. The rollups query runs in a
         # session of its own; bronze's append, beside these writes in a small batch, may carry the value too, on
         # bronze's commit, where nothing reads it.
-        self.spark.conf.set(watermark.USER_METADATA_CONF, mark.user_metadata())
+        if mark is not None:
+            self.spark.conf.set(watermark.USER_METADATA_CONF, mark.user_metadata())
         try:
             retry_on_conflict(
-                lambda: self._write_readings(readings, latest, from_batch, lo, hi, seconds, committed),
+                lambda: self._write_readings(readings, latest, from_batch, lo, hi, seconds, committed, first_run),
                 "write readings",
             )
         finally:
@@ -146,6 +156,7 @@ class LakeWriter:
         hi: str,
         touched: list[int],
         committed: Callable[[str], None],
+        first_run: tuple[int, int] | None,
     ) -> None:
         from delta.tables import DeltaTable
         from pyspark.sql import functions as F
@@ -156,7 +167,9 @@ class LakeWriter:
         # lands on.
         before = deltalog.latest_version(silver_path)
         classified = len(touched) <= CLASSIFIED_SECONDS  # past it, every second is taken as held: exact, slower
-        gold_first = from_batch and classified
+        # A batch run again after its gold commit goes silver first, then recomputes gold: gold's MERGE from the
+        # batch alone would keep the first run's rows of seconds this run no longer yields.
+        gold_first = from_batch and classified and first_run is None
         if gold_first:
             # Gold first, for every second the batch touched: answers wait for gold, not silver. A second's KPIs
             # are those of silver's readings in it as the MERGE below leaves them, computed before it.
@@ -187,11 +200,32 @@ class LakeWriter:
                 self._merge_silver(latest, lo, hi, corrections=True)
         if raced or not gold_first:
             seconds = readings.select(F.date_trunc("second", "timestamp").alias("second")).distinct()
-            silver = self.spark.read.format("delta").load(silver_path)
-            # MERGE reads its source more than once; compute the seconds' KPIs once (a row per second).
-            recomputed = kpi.kpis_for_seconds(silver, seconds, lo, hi).localCheckpoint(eager=True)
-            self._upsert(Table.GOLD, recomputed, kpi.gold_merge_condition(lo, hi), kpi.GOLD_CHANGED)
+            self._recompute_gold(seconds, lo, hi, first_run)
             committed("gold")
+
+    def recompute_gold(self, first_run: tuple[int, int]) -> None:
+        """Gold's seconds between the first run's bounds (Unix microseconds) recomputed from silver, for a batch
+        run again after its gold commit that now yields no readings at all."""
+        lo, hi = (f"timestamp_micros({bound})" for bound in first_run)
+        retry_on_conflict(lambda: self._recompute_gold(None, lo, hi, first_run), "recompute gold")
+
+    def _recompute_gold(self, seconds: DataFrame | None, lo: str, hi: str, first_run: tuple[int, int] | None) -> None:
+        """Recompute from silver the KPIs of `seconds` (a `second` column), and with `first_run` of every second gold
+        holds between its bounds, deleting those silver holds nothing in; `lo` and `hi` bound them all."""
+        from pyspark.sql import functions as F
+
+        silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
+        gone = None
+        if first_run is not None:
+            first_lo, first_hi = (f"timestamp_micros({bound})" for bound in first_run)
+            gone = f"t.`timestamp` >= date_trunc('second', {first_lo}) AND t.`timestamp` <= {first_hi}"
+            gold = self.spark.read.format("delta").load(self.paths.table(Table.GOLD)).alias("t")
+            held = gold.where(gone).select(F.col("timestamp").alias("second"))
+            seconds = held if seconds is None else seconds.unionByName(held).distinct()
+        assert seconds is not None
+        # MERGE reads its source more than once; compute the seconds' KPIs once (a row per second).
+        recomputed = kpi.kpis_for_seconds(silver, seconds, lo, hi).localCheckpoint(eager=True)
+        self._upsert(Table.GOLD, recomputed, kpi.gold_merge_condition(lo, hi), kpi.GOLD_CHANGED, gone)
 
     def _holds_any(self, silver_path: str, seconds: list[int], lo: str, hi: str) -> bool:
         """Whether silver holds a reading in one of the given seconds (Unix microseconds)."""
@@ -212,8 +246,9 @@ class LakeWriter:
             merge = merge.whenMatchedUpdateAll(condition=dedupe.newer_and_different())
         merge.whenNotMatchedInsertAll().execute()
 
-    def _upsert(self, table: Table, fresh: DataFrame, condition: str, changed: str) -> None:
-        """MERGE recomputed rows into `table`: a row whose values changed is updated, a new one inserted."""
+    def _upsert(self, table: Table, fresh: DataFrame, condition: str, changed: str, gone: str | None = None) -> None:
+        """MERGE recomputed rows into `table`: a row whose values changed is updated, a new one inserted, and one
+        that `fresh` lacks deleted where `gone` holds."""
         from delta.tables import DeltaTable
 
         target = DeltaTable.forPath(self.spark, self.paths.table(table))
@@ -226,6 +261,8 @@ class LakeWriter:
             .whenMatchedUpdate(condition=changed, set=values)
             .whenNotMatchedInsertAll()
         )
+        if gone is not None:
+            merge = merge.whenNotMatchedBySourceDelete(condition=gone)
         merge.execute()
 
     def rollups(self, readings: DataFrame, lo: str, hi: str, read_stored_once: bool = False) -> None:
