@@ -62,11 +62,12 @@ SCHEMAS: dict[Table, str] = {
     # KPIs per device and of the whole fleet (device_id null) per minute, hour and day; `m2_value` (the sum of
     # squared deviations from the bucket's mean) is what lets buckets combine exactly into coarser ones, as
     # `late_for_hour` and `late_for_day` (readings late for the hour and the day that hold a finer bucket) do for
-    # the late readings.
+    # the late readings; `mean_residual` (sum(value - average_value), nullable: added to tables made before) keeps
+    # the digits of the mean that a double rounds away, which the combination needs for values far from zero.
     Table.ROLLUPS: (
         f"grain STRING NOT NULL, device_id STRING, `timestamp` TIMESTAMP NOT NULL, {_KPI_COLUMNS}, "
         f"m2_value DOUBLE NOT NULL, updated_at TIMESTAMP NOT NULL, {_HISTORY_COLUMNS}, "
-        "late_for_hour BIGINT, late_for_day BIGINT"
+        "late_for_hour BIGINT, late_for_day BIGINT, mean_residual DOUBLE"
     ),
     Table.QUARANTINE: (
         "topic STRING NOT NULL, `partition` INT NOT NULL, `offset` BIGINT NOT NULL, reading_index INT, "
