@@ -1,15 +1,19 @@
-"""Shared fixtures: the real Kafka broker (started once per session) and a local Spark session."""
+"""Shared fixtures: the real Kafka broker (started once per session), a local Spark session, and a lake the pipeline
+wrote from that broker (once per session) for the tests that only read one."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from lake.settings import Settings
+from tests.reference import Reference
 
 REPO = Path(__file__).resolve().parent.parent
 HOME = REPO / ".lakehouse"  # jars resolved by `lakehouse setup` (make test runs it first)
@@ -65,3 +69,48 @@ def spark():  # type: ignore[no-untyped-def]
     session = build_session(settings, app_name="kpi-lakehouse-tests")
     yield session
     session.stop()
+
+
+@dataclass(frozen=True)
+class PipelineLake:
+    """A lake the pipeline wrote from a real topic: its settings, and the reference of what was produced."""
+
+    settings: Settings
+    reference: Reference
+    messages: int
+    seconds: float  # what producing and the pipeline run took
+
+    @property
+    def root(self) -> Path:
+        return Path(self.settings.lake_root)
+
+
+@pytest.fixture(scope="session")
+def pipeline_lake(broker, tmp_path_factory) -> PipelineLake:  # type: ignore[no-untyped-def]
+    """tests.stream.fleet_day produced to a topic of its own and run through `lakehouse pipeline --available-now`
+    once for the whole session: the lake every test that only reads one shares (none may write to it)."""
+    from bench.processes import lakehouse
+    from pipeline.kafka.broker import ensure_topic
+    from tests.stream import fleet_day
+
+    folder = tmp_path_factory.mktemp("pipeline-lake")
+    settings = Settings(
+        kafka_bootstrap=f"localhost:{TEST_KAFKA_PORT}",
+        topic=f"fleet-day-{uuid.uuid4().hex[:8]}",
+        lake_root=str(folder / "lake"),
+        home=HOME,
+        spark_master="local[2]",
+        shuffle_partitions=2,
+        spark_driver_memory="2g",
+        spark_driver_java_options=QUICK_START_JIT,
+    )
+    started = time.monotonic()
+    assert ensure_topic(settings) is True
+    stream = fleet_day()
+    sent = lakehouse(settings, "produce", str(stream.write(folder / "fleet-day.ndjson")))
+    assert sent.returncode == 0, sent.stderr[-3000:]
+    run = lakehouse(settings, "pipeline", "--available-now")
+    assert run.returncode == 0, run.stderr[-5000:]
+    seconds = time.monotonic() - started
+    print(f"\npipeline_lake: {len(stream.sent)} messages produced and run through the pipeline in {seconds:.1f} s")
+    return PipelineLake(settings, stream.reference(), len(stream.sent), seconds)

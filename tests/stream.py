@@ -8,7 +8,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tests.reference import Reference
@@ -95,8 +95,6 @@ class Stream:
 
 def few_devices(start: datetime, messages: int = 120) -> Stream:
     """Single readings and batches of ten from six devices over two minutes from `start`, then a correction."""
-    from datetime import timedelta
-
     rng = random.Random(15)
     stream = Stream()
     for index in range(messages):
@@ -110,4 +108,69 @@ def few_devices(start: datetime, messages: int = 120) -> Stream:
             stream.single(device, start + timedelta(milliseconds=rng.randrange(120_000)), round(rng.gauss(40, 9), 4))
     first = stream.sent[1]
     stream.single(first.readings[0][0], first.readings[0][1], -1.5)  # a correction: the later value wins
+    return stream
+
+
+# The fleet day of the pipeline-written test lake (tests/conftest.py's `pipeline_lake`).
+FLEET_DAY = datetime(2024, 7, 30, tzinfo=UTC)
+THERMOMETERS = ("thermo-0", "thermo-1", "thermo-2", "thermo-3")
+METER = "meter-1e8"
+
+
+def fleet_day(seed: int = 41) -> Stream:
+    """A UTC day of a fleet whose numbers are hard on floating point, each hour holding readings in two minutes and
+    each of those in a few seconds of many readings:
+    - thermometers read temperatures around 0 degrees of both signs: thermo-0 and thermo-1 each read a value and
+      its negation in the same second, so their sums cancel at every grain; thermo-3 reads the negation of each of
+      thermo-2's readings in the same second, so the fleet's cancel where no meter reads;
+    - a meter reads 1e8 +- 1 (to the microunit) in the day's first twelve hours, one to four readings a second, and
+      alone in each morning hour's last minute: its standard deviation sits far from its mean at every grain, the
+      fleet's too in those minutes, and without it the afternoon's fleet buckets are all thermometers and near zero;
+    - an exact duplicate and a correction, so the lake is what deduplication leaves."""
+    rng = random.Random(seed)
+    stream = Stream()
+    for hour in range(24):
+        for minute in sorted({0, rng.randrange(1, 60)}):
+            seconds = sorted(rng.sample(range(60), 3))
+            start = FLEET_DAY + timedelta(hours=hour, minutes=minute)
+            by_device: dict[str, list[tuple[datetime, float]]] = {device: [] for device in (*THERMOMETERS, METER)}
+            for second in seconds:
+                at = start + timedelta(seconds=second)
+
+                def moment(at: datetime = at) -> datetime:
+                    return at + timedelta(microseconds=rng.randrange(1_000_000))
+
+                for _ in range(3):
+                    temperature = round(rng.uniform(-12.0, 12.0), 2)
+                    by_device["thermo-0"] += [(moment(), temperature), (moment(), -temperature)]
+                    by_device["thermo-1"] += [(moment(), -temperature), (moment(), temperature)]
+                for _ in range(rng.randrange(1, 5)):
+                    temperature = round(rng.gauss(0.0, 4.0), 3)
+                    by_device["thermo-2"].append((moment(), temperature))
+                    by_device["thermo-3"].append((moment(), -temperature))
+                if hour < 12:
+                    by_device[METER] += [
+                        (moment(), 1e8 + round(rng.uniform(-1, 1), 6)) for _ in range(rng.randrange(1, 5))
+                    ]
+            for device, readings in by_device.items():
+                if readings:
+                    stream.batch(device, sorted(set(readings)))
+        if hour < 12:  # a minute of the meter alone: the fleet's seconds and minute far from zero too
+            alone = FLEET_DAY + timedelta(hours=hour, minutes=59)
+            stream.batch(
+                METER,
+                sorted(
+                    {
+                        (
+                            alone + timedelta(seconds=second, microseconds=rng.randrange(1_000_000)),
+                            1e8 + round(rng.uniform(-1, 1), 6),
+                        )
+                        for second in (10, 11, 40)
+                        for _ in range(rng.randrange(2, 5))
+                    }
+                ),
+            )
+    stream.repeat(stream.sent[5])
+    corrected = stream.sent[7].readings[0]
+    stream.single(corrected[0], corrected[1], corrected[2] + 0.25)
     return stream

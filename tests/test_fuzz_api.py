@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import schemathesis
@@ -17,21 +16,20 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from lake.tables import LakePaths
-from tests.serve_lake import LakeWriter, api_settings, make_readings, serving
+from tests.conftest import PipelineLake
+from tests.serve_lake import api_settings, serving
 
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.kafka, pytest.mark.spark]
 EXAMPLES_PER_OPERATION = 400
 MIN_REQUESTS = 1000
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
 @pytest.fixture(scope="module")
-def api(spark, tmp_path_factory) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    root: Path = tmp_path_factory.mktemp("fuzzed") / "lake"
-    readings = make_readings(seed=2, seconds=30)
-    LakeWriter(spark, LakePaths.from_settings(api_settings(root))).append(readings, readings)
-    with serving(api_settings(root, api_refresh_seconds=5.0)) as base:
+def api(pipeline_lake: PipelineLake, tmp_path_factory) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """The API over the lake the pipeline wrote (shared, read only), with a store file of its own."""
+    store = tmp_path_factory.mktemp("fuzzed-store")
+    with serving(api_settings(pipeline_lake.root, api_refresh_seconds=5.0, api_store_dir=store)) as base:
         yield base
 
 

@@ -1,5 +1,6 @@
 """The HTTP API over a real Delta lake: series, devices, freshness, ETags, lag, metrics and hardening, each answer
-checked against KPIs computed here in Python."""
+checked against KPIs computed here in Python. The lakes here are written by tests.serve_lake, in the shapes each
+test needs; tests/test_pipeline_lake.py asks the same of a lake the pipeline wrote from Kafka."""
 
 from __future__ import annotations
 
