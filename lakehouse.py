@@ -391,8 +391,9 @@ def audit(
 ) -> None:
     """Account for every Kafka record and check that nothing was lost; exits 1 when a check fails.
 
-    Per partition: records in Kafka and bronze, readings accepted and quarantined, offsets missing from bronze and
-    records removed by retention. Each bronze record is re-read with the current rules: each valid reading must be
+    Per partition: records in Kafka and bronze, readings accepted and quarantined, offsets missing from bronze,
+    offsets of transaction markers and aborted records (not missing: no reader sees them), and records removed by
+    retention. Each bronze record is re-read with the current rules: each valid reading must be
     in silver, each invalid one in quarantine."""
     import json
 
@@ -457,6 +458,11 @@ def audit(
         style="bold",
     )
     out.print(counts)
+    if totals["transaction_markers"] or totals["aborted_records"]:
+        out.print(
+            f"transactions: {totals['transaction_markers']:,} offsets hold commit or abort markers and "
+            f"{totals['aborted_records']:,} aborted records; no reader sees them, and none is missing"
+        )
     if report.kafka_error:
         console.print(f"[yellow]Kafka:[/] {escape(report.kafka_error)}")
     checks = RichTable("check", "result", title="checks")

@@ -196,6 +196,71 @@ def _watermarks(consumer: Consumer, settings: Settings, timeout_s: float) -> dic
 
 
 @dataclass(frozen=True)
+class OffsetRange:
+    """Offsets `first` to `last` of one partition, both included."""
+
+    topic: str
+    partition: int
+    first: int
+    last: int
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+
+def records_in(settings: Settings, ranges: list[OffsetRange], committed: bool, timeout_s: float = 30) -> list[int]:
+    """How many records Kafka returns in each range: with `committed`, as `read_committed` readers (the pipeline)
+    see them, else with the records of aborted transactions too. A transaction's markers take offsets no reader
+    sees. Raises confluent_kafka.KafkaException when Kafka does not answer."""
+    import time
+
+    from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+    consumer = Consumer(
+        admin_config(settings)
+        | {
+            "group.id": "kpi-lakehouse-audit",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "isolation.level": "read_committed" if committed else "read_uncommitted",
+            "max.partition.fetch.bytes": settings.kafka_limit_bytes,
+            "fetch.max.bytes": max(50 * 1024 * 1024, settings.kafka_limit_bytes),
+        }
+    )
+    counts = []
+    try:
+        for wanted in ranges:
+            # A new assignment, not a seek within this one: the records fetched for the last range go with it.
+            consumer.unassign()
+            consumer.assign([TopicPartition(wanted.topic, wanted.partition, wanted.first)])
+            deadline, count = time.monotonic() + timeout_s, 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise KafkaException(f"no answer from Kafka within {timeout_s:g} s reading {wanted}")
+                message = consumer.poll(1.0)
+                if message is None:
+                    continue
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        break
+                    raise KafkaException(error)
+                offset = message.offset()
+                if offset is not None and offset < wanted.first:
+                    continue
+                if offset is None or offset > wanted.last:
+                    break
+                count += 1
+                if offset == wanted.last:
+                    break
+            counts.append(count)
+    finally:
+        consumer.close()
+    return counts
+
+
+@dataclass(frozen=True)
 class PartitionLag:
     topic: str
     partition: int

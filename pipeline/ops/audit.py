@@ -5,6 +5,9 @@ Bronze holds the raw message of every record, so the audit re-reads each one wit
 that each reading is either in silver (by identity) or quarantined with its index, and each unreadable message
 has exactly one message-level quarantine row. It runs on DuckDB, without Spark.
 
+Offsets that hold no record a `read_committed` reader sees, a transaction's commit or abort marker or an aborted
+transaction's record, are asked of Kafka while it still holds them and counted apart: they are not missing.
+
 Records that retention removed (lake.retention: per partition every offset up to a line) are counted apart from
 records missing for any other reason, and the checks leave out what retention took away: the quarantine rows of
 records no longer in bronze cannot be re-read, nor can records whose quarantine rows are gone be matched to them.
@@ -17,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import duckdb
 import pyarrow as pa
+from confluent_kafka import KafkaException
 
 from lake import duck, kafka
 from lake.retention import RetentionState, retention_state
@@ -47,13 +51,16 @@ class PartitionCounts:
     retention_through_offset: int | None = None  # retention removed every offset up to this one
     quarantine_removed_by_retention: int = 0  # quarantine rows that retention deleted
     missing_from_bronze: int = 0  # offsets above the retention line and below bronze's last that bronze lacks
+    transaction_markers: int = 0  # offsets of transactions' commit and abort markers
+    aborted_records: int = 0  # records of aborted transactions, which are never ingested
+    transaction_offsets_after_bronze: int = 0  # of those two, the offsets after bronze's last
 
     @property
     def not_yet_ingested(self) -> int | None:
         if self.kafka_end_offset is None:
             return None
         done = -1 if self.bronze_last_offset is None else self.bronze_last_offset
-        return max(0, self.kafka_end_offset - done - 1)
+        return max(0, self.kafka_end_offset - done - 1 - self.transaction_offsets_after_bronze)
 
 
 @dataclass
@@ -84,6 +91,8 @@ class AuditReport:
             "removed_by_retention",
             "quarantine_removed_by_retention",
             "missing_from_bronze",
+            "transaction_markers",
+            "aborted_records",
         )
         return {name: sum(getattr(p, name) for p in self.partitions) for name in names}
 
@@ -284,6 +293,49 @@ def _kafka_offsets(settings: Settings, partitions: dict[tuple[str, int], Partiti
     return None
 
 
+_GAPS = """
+SELECT topic, "partition", "offset" + 1 AS first, next_offset - 1 AS last FROM (
+    SELECT topic, "partition", "offset", lead("offset") OVER (PARTITION BY topic, "partition" ORDER BY "offset") AS next_offset
+    FROM bronze WHERE "offset" > bronze_line(topic, "partition")
+) WHERE next_offset > "offset" + 1 ORDER BY ALL
+"""
+
+
+def _transaction_offsets(
+    settings: Settings, connection: duckdb.DuckDBPyConnection, partitions: dict[tuple[str, int], PartitionCounts]
+) -> None:
+    """Count the offsets bronze lacks that hold a transaction's marker or an aborted record, between bronze's
+    records and after its last one, where Kafka still holds them; those between are no longer `missing`."""
+    gaps = [kafka.OffsetRange(*row) for row in connection.execute(_GAPS).fetchall()]
+    tail_from = len(gaps)
+    for counts in partitions.values():
+        if counts.kafka_end_offset is not None:
+            first = 0 if counts.bronze_last_offset is None else counts.bronze_last_offset + 1
+            if first < counts.kafka_end_offset:
+                gaps.append(kafka.OffsetRange(counts.topic, counts.partition, first, counts.kafka_end_offset - 1))
+    held = [
+        (index, gap)
+        for index, gap in enumerate(gaps)
+        if (known := partitions.get((gap.topic, gap.partition))) is not None
+        and known.kafka_first_offset is not None
+        and gap.first >= known.kafka_first_offset
+    ]
+    if not held:
+        return
+    ranges = [gap for _, gap in held]
+    committed = kafka.records_in(settings, ranges, committed=True)
+    seen = kafka.records_in(settings, ranges, committed=False)
+    for (index, gap), readable, any_record in zip(held, committed, seen, strict=True):
+        counts = partitions[(gap.topic, gap.partition)]
+        markers, aborted = gap.size - any_record, any_record - readable
+        counts.transaction_markers += markers
+        counts.aborted_records += aborted
+        if index >= tail_from:
+            counts.transaction_offsets_after_bronze += markers + aborted
+        else:
+            counts.missing_from_bronze -= markers + aborted
+
+
 def audit(settings: Settings, on_progress: Callable[[int, int], None] | None = None, kafka: bool = True) -> AuditReport:
     """Count and check the lake; `on_progress(done, total)` follows the re-reading of bronze."""
     paths = LakePaths.from_settings(settings)
@@ -326,6 +378,11 @@ def audit(settings: Settings, on_progress: Callable[[int, int], None] | None = N
         partitions[(topic, partition)] = counts
     if kafka:
         report.kafka_error = _kafka_offsets(settings, partitions)
+        if report.kafka_error is None:
+            try:
+                _transaction_offsets(settings, connection, partitions)
+            except KafkaException as exc:
+                report.kafka_error = f"cannot read offsets bronze lacks from Kafka at {settings.kafka_bootstrap}: {exc}"
     report.partitions = [partitions[key] for key in sorted(partitions)]
     for name, query, meaning in _CHECKS:
         parameters = {"lost": OFFSETS_LOST} if "$lost" in query else {}

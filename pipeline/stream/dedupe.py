@@ -11,9 +11,15 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
 IDENTITY = ("device_id", "timestamp")
-# A later record wins: the broker's append time orders records (the topic uses LogAppendTime), then partition,
-# offset and the index inside the message. Within one partition this is offset order.
-ORDER = ("kafka_timestamp", "partition", "offset", "reading_index")
+# Which of two records of one identity is the later (contract section 3):
+# - within one partition, the offset, then the index inside the message: Kafka's own order, whatever the topic's
+#   timestamp type (a `CreateTime` record carries its producer's clock, which may be hours behind) and whatever
+#   the broker's clock did;
+# - between partitions, which Kafka does not order, the Kafka timestamp, then partition, offset and index.
+# Every column the rule reads; `newer` and `latest_per_identity` apply it.
+ORDER = ("topic", "partition", "offset", "reading_index", "kafka_timestamp")
+_IN_PARTITION = ("offset", "reading_index")
+_ACROSS_PARTITIONS = ("kafka_timestamp", "topic", "partition", "offset", "reading_index")
 SILVER_COLUMNS = (
     "device_id",
     "timestamp",
@@ -28,23 +34,35 @@ SILVER_COLUMNS = (
 )
 
 
-def _order_key(alias: str | None = None) -> str:
+def _key(columns: tuple[str, ...], alias: str | None = None) -> str:
     prefix = f"{alias}." if alias else ""
-    return "struct(" + ", ".join(f"{prefix}`{c}`" for c in ORDER) + ")"
+    return "struct(" + ", ".join(f"{prefix}`{c}`" for c in columns) + ")"
+
+
+def newer(s: str, t: str) -> str:
+    """SQL: the record of alias `s` is later than that of alias `t` (both of one identity)."""
+    same_partition = f"{s}.topic = {t}.topic AND {s}.`partition` = {t}.`partition`"
+    return (
+        f"CASE WHEN {same_partition} THEN {_key(_IN_PARTITION, s)} > {_key(_IN_PARTITION, t)} "
+        f"ELSE {_key(_ACROSS_PARTITIONS, s)} > {_key(_ACROSS_PARTITIONS, t)} END"
+    )
 
 
 def latest_per_identity(readings: DataFrame) -> DataFrame:
-    """One row per identity: the reading with the greatest ORDER key."""
+    """One row per identity: its latest reading by `newer`. Each partition's latest by offset first, then the latest
+    of those by Kafka timestamp: a single key over both would let a record's clock beat a later offset of its own
+    partition."""
     from pyspark.sql import functions as F
 
     columns = [c for c in SILVER_COLUMNS if c not in IDENTITY and c != "updated_at"]
-    winner = F.max_by(F.struct(*[F.col(f"`{c}`") for c in columns]), F.expr(_order_key())).alias("winner")
-    return (
-        readings.groupBy(*IDENTITY)
-        .agg(winner)
-        .select(*IDENTITY, *[F.col(f"winner.`{c}`").alias(c) for c in columns])
-        .withColumn("updated_at", F.current_timestamp())
-    )
+    row = F.struct(*[F.col(f"`{c}`") for c in columns])
+
+    def latest(frame: DataFrame, keys: tuple[str, ...], order: tuple[str, ...]) -> DataFrame:
+        winner = F.max_by(row, F.expr(_key(order))).alias("winner")
+        return frame.groupBy(*keys).agg(winner).select(*IDENTITY, *[F.col(f"winner.`{c}`").alias(c) for c in columns])
+
+    per_partition = latest(readings, (*IDENTITY, "topic", "partition"), _IN_PARTITION)
+    return latest(per_partition, IDENTITY, _ACROSS_PARTITIONS).withColumn("updated_at", F.current_timestamp())
 
 
 # A large batch's readings are told apart by a 64-bit hash of their identity. Past this many hashes that repeat,
@@ -112,4 +130,4 @@ def merge_condition(lo_literal: str, hi_literal: str) -> str:
 
 def newer_and_different() -> str:
     """A matched row changes only for a correction: another value from a later record."""
-    return f"s.value <> t.value AND {_order_key('s')} > {_order_key('t')}"
+    return f"s.value <> t.value AND {newer('s', 't')}"

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from lake import checkpoint
 from lake.kafka import security_problem
+from lake.kafka import watermarks as kafka_watermarks
 from lake.rows import first_row
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
@@ -257,13 +258,23 @@ class IngestJob:
             ", ".join(f"{name} {seconds:.1f}" for name, seconds in report.stages.items()),
         )
 
+    def _earliest_offsets(self) -> dict[tuple[str, int], int]:
+        """The earliest offset Kafka holds per partition; none when Kafka cannot be asked."""
+        from confluent_kafka import KafkaException
+
+        try:
+            return {key: marks.low for key, marks in kafka_watermarks(self.settings, timeout_s=10).items()}
+        except KafkaException as exc:
+            log.warning("cannot ask Kafka for its earliest offsets (%s): skipped offsets are taken as lost", exc)
+            return {}
+
     def _lost_offsets(self, parsed: DataFrame) -> list[offsets.Gap]:
         from pyspark.sql import functions as F
 
         if self.settings.fail_on_data_loss:
             return []  # Spark stops the query itself before a batch that skips offsets
         ranges = parsed.groupBy("topic", "partition").agg(F.min("offset").alias("first"), F.max("offset").alias("last"))
-        gaps = self.offset_tracker.gaps(self.spark, self.paths.table(Table.BRONZE), ranges)
+        gaps = self.offset_tracker.gaps(self.spark, self.paths.table(Table.BRONZE), ranges, self._earliest_offsets)
         for gap in gaps:
             log.warning("data loss: %s; recorded in quarantine as %s", gap.reason, offsets.REASON_CODE)
         return gaps

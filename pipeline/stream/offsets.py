@@ -2,10 +2,16 @@
 
 Spark's Kafka source, with `failOnDataLoss=false`, skips to the earliest offset Kafka still holds and only logs
 it. The gap is found here by comparing each partition's first offset in a batch with the last one in bronze.
+
+Not every offset holds a record the pipeline reads: a transaction's commit or abort marker takes one, and a
+`read_committed` reader skips the records of aborted transactions. Those gaps are not losses: an offset Kafka still
+holds (at or above the partition's earliest) was skipped for that reason, and only the offsets below the earliest
+are lost.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,9 +42,16 @@ class OffsetTracker:
     def __init__(self) -> None:
         self._last: dict[tuple[str, int], int] | None = None
 
-    def gaps(self, spark: SparkSession, bronze_path: str, batch_offsets: DataFrame) -> list[Gap]:
+    def gaps(
+        self,
+        spark: SparkSession,
+        bronze_path: str,
+        batch_offsets: DataFrame,
+        earliest: Callable[[], dict[tuple[str, int], int]],
+    ) -> list[Gap]:
         """`batch_offsets` has topic, partition, first, last of one batch (its records may already be in bronze
-        when Spark re-runs the batch, so bronze is read below each partition's first offset)."""
+        when Spark re-runs the batch, so bronze is read below each partition's first offset). `earliest()` gives
+        the earliest offset Kafka holds per partition; it is asked only when offsets are missing."""
         from pyspark.sql import functions as F
 
         ranges = {(r.topic, r.partition): (r.first, r.last) for r in batch_offsets.collect()}
@@ -56,12 +69,21 @@ class OffsetTracker:
                 )
                 if row is not None and row[0] is not None:
                     self._last[(topic, partition)] = max(row[0], self._last.get((topic, partition), row[0]))
-        found = []
+        skipped = []
         for key, (first, last) in sorted(ranges.items()):
             previous = self._last.get(key)
             if previous is not None and first > previous + 1:
-                found.append(Gap(key[0], key[1], previous + 1, first - 1))
+                skipped.append(Gap(key[0], key[1], previous + 1, first - 1))
             self._last[key] = max(last, previous or last)
+        if not skipped:
+            return []
+        held_from = earliest()
+        found = []
+        for gap in skipped:
+            # Unknown (Kafka did not answer): taken as lost, as without transactions it would be.
+            kept = held_from.get((gap.topic, gap.partition), gap.last_lost + 1)
+            if kept > gap.first_lost:  # below Kafka's earliest: deleted before the pipeline read them
+                found.append(Gap(gap.topic, gap.partition, gap.first_lost, min(gap.last_lost, kept - 1)))
         return found
 
 

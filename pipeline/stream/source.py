@@ -17,6 +17,8 @@ def kafka_options(settings: Settings) -> dict[str, str]:
         # Security and the like, from LAKEHOUSE_KAFKA_PROPERTIES (the producer reads the same file); the keys below win.
         **{f"kafka.{key}": value for key, value in java_properties(settings).items()},
         "kafka.bootstrap.servers": settings.kafka_bootstrap,
+        # Records of a transaction count once it commits; an aborted one's never (contract section 1).
+        "kafka.isolation.level": "read_committed",
         "subscribe": settings.topic,
         "startingOffsets": settings.starting_offsets,
         "failOnDataLoss": str(settings.fail_on_data_loss).lower(),
