@@ -73,10 +73,17 @@ def test_large_batch_dedupe_matches_python(spark, monkeypatch, repeats_bound) ->
         monkeypatch.setattr(dedupe, "SPLIT_MAX_REPEATS", repeats_bound)
     monkeypatch.setattr(dedupe, "_HASHES_PER_TASK", 500)  # the search for repeated hashes in several tasks
     rows = _resent_readings(seed=11, count=4000)
+    # The later record wins: within a partition by offset, then index, whatever its time says; between partitions
+    # by Kafka time, then topic, partition, offset, index.
+    in_partition: dict[tuple[object, ...], tuple[object, ...]] = {}
+    for row in rows:
+        key = (*row[:2], row[3], row[4])
+        if key not in in_partition or (row[5], row[6]) > (in_partition[key][5], in_partition[key][6]):
+            in_partition[key] = row
     winners: dict[tuple[object, ...], tuple[object, ...]] = {}
-    for row in rows:  # the later record wins: broker time, then partition, offset, index
-        key, order = row[:2], (row[7], row[4], row[5], row[6])
-        if key not in winners or order > (winners[key][7], winners[key][4], winners[key][5], winners[key][6]):
+    for row in in_partition.values():
+        key, order = row[:2], (row[7], row[3], row[4], row[5], row[6])
+        if key not in winners or order > tuple(winners[key][i] for i in (7, 3, 4, 5, 6)):
             winners[key] = row
     assert len(winners) < len(rows) * 0.8  # the case holds duplicates
     frame = spark.createDataFrame(rows, READINGS_DDL).repartition(3)
