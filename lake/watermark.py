@@ -24,6 +24,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from lake import deltalog
+from lake.errors import LakeError
 
 USER_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 _KEY = "lakehouse.watermark"
@@ -107,7 +108,12 @@ def at_version(gold_location: str, version: int | None) -> Watermark:
     if version is None:
         return NONE
     found = newest_entry(gold_location, version)
-    return found if found is not None else kept(gold_location, version)
+    if found is not None:
+        return found
+    try:
+        return kept(gold_location, version)
+    except LakeError:  # a store delta-rs cannot open without settings of its own: nothing was kept there
+        return NONE
 
 
 def newest_entry(gold_location: str, version: int) -> Watermark | None:
