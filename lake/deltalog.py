@@ -1,5 +1,5 @@
-"""What a reader can learn from a Delta table's log without a query engine: its newest version and commit time, on a
-local disk or on S3."""
+"""What a reader can learn from a Delta table's log without a query engine: its newest version and commit time, and
+the data files a range of commits added, on a local disk or on S3."""
 
 from __future__ import annotations
 
@@ -7,15 +7,22 @@ import functools
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import unquote
 
 from lake import objectstore
 from lake.settings import local_path
 
 _COMMIT_FILE = re.compile(r"(\d{20})\.json")
+# On S3 a known version is taken to exist, so that a table that did not change costs one request. Log cleanup can
+# remove it once it is older than the table's log retention (30 days by default), after which the next version is
+# not there either and a reader would never move on: whether it still exists is asked again at most this often.
+_KNOWN_RECHECK_S = 60.0
+_known_seen: dict[str, tuple[int, float]] = {}  # an S3 table's location: a version seen to exist, and when
 
 
 @dataclass(frozen=True)
@@ -55,10 +62,30 @@ def latest_version(table_location: str, known: int | None = None) -> TableVersio
         return None if found is None else TableVersion(found, _commit_time(log / f"{found:020d}.json"))
     if not objectstore.is_s3(table_location):
         return None
+    start = _remote_known(table_location, known)
     found = _newest(
-        lambda version: _remote_exists(table_location, version), known, lambda: _last_checkpoint(table_location)
+        lambda version: _remote_exists(table_location, version), start, lambda: _last_checkpoint(table_location)
     )
-    return None if found is None else TableVersion(found, _remote_commit_time(table_location, found))
+    if found is None:
+        return None
+    if found != start:  # just seen to exist
+        _known_seen[table_location] = (found, time.monotonic())
+    return TableVersion(found, _remote_commit_time(table_location, found))
+
+
+def _remote_known(table_location: str, known: int | None) -> int | None:
+    """`known`, unless it was not seen lately and is no longer in the log (then None: start from the checkpoint)."""
+    if known is None:
+        return None
+    seen = _known_seen.get(table_location)
+    now = time.monotonic()
+    if seen is not None and seen[0] == known and now - seen[1] < _KNOWN_RECHECK_S:
+        return known
+    if not _remote_exists(table_location, known):
+        _known_seen.pop(table_location, None)
+        return None
+    _known_seen[table_location] = (known, now)
+    return known
 
 
 def _newest(exists: Callable[[int], bool], known: int | None, checkpoint: Callable[[], int | None]) -> int | None:
@@ -202,3 +229,109 @@ def _commit_info_of(lines: Iterable[bytes]) -> dict | None:
         if isinstance(action.get("commitInfo"), dict):
             return action["commitInfo"]  # type: ignore[no-any-return]
     return None
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A data file as DuckDB and pyarrow open it (a local path or an `s3://` URI), and its partition values as the
+    log spells them (text, or None for null), which a partitioned table keeps in the log, not in the file."""
+
+    location: str
+    partition_values: tuple[tuple[str, str | None], ...] = ()
+
+
+@dataclass(frozen=True)
+class AddedFiles:
+    """The data files that commits after one version up to a later one added and that the later version still
+    holds, oldest first; or, in `unfollowable`, why those files are not all that changed, so that the table must be
+    read whole at the later version."""
+
+    files: tuple[DataFile, ...]
+    unfollowable: str | None = None
+
+
+# Operations that rewrite files without deleting a row: every row they remove they add again, changed or not.
+# A MERGE is one when its metrics say so (Spark's name, then delta-rs's).
+_ROW_KEEPING = {"UPDATE"}
+_MERGE_DELETED = ("numTargetRowsDeleted", "num_target_rows_deleted")
+
+
+def added_files(table_location: str, after: int, through: int) -> AddedFiles:
+    """The files of the rows that commits `after`+1 .. `through` added or changed; each commit file is read once.
+
+    A file added and later removed in the range is left out (the file that replaced it holds its rows), and so are
+    the files that a commit without data change (OPTIMIZE) added, unless they took the rows of a file added in the
+    range. Unfollowable: a commit that deleted rows (a DELETE, a MERGE that deleted, an overwrite, a RESTORE) or
+    one the log no longer holds (cleaned up after a checkpoint), a change of the table's metadata (its schema may
+    have changed), and files whose rows are not all live (deletion vectors)."""
+    live: dict[str, dict] = {}  # path: its add action, in the order added
+    for version in range(after + 1, through + 1):
+        commit = _commit_bytes(table_location, version)
+        if commit is None:
+            return AddedFiles((), f"commit {version} is no longer in the log")
+        actions = [json.loads(line) for line in commit.splitlines() if line.strip()]
+        reason = _unfollowable(actions)
+        if reason is not None:
+            return AddedFiles((), f"commit {version} {reason}")
+        removed = [a["remove"]["path"] for a in actions if "remove" in a]
+        adds = [a["add"] for a in actions if "add" in a]
+        # A rewrite without data change moves rows between files: its files matter only where they took rows
+        # this range added.
+        takes_new_rows = any(path in live for path in removed)
+        for path in removed:
+            live.pop(path, None)
+        for add in adds:
+            if add.get("dataChange", True) or takes_new_rows:
+                live[add["path"]] = add
+    return AddedFiles(
+        tuple(
+            DataFile(_data_file(table_location, path), tuple(sorted((add.get("partitionValues") or {}).items())))
+            for path, add in live.items()
+        )
+    )
+
+
+def _unfollowable(actions: list[dict]) -> str | None:
+    """Why a commit's adds are not all its changes, or None when they are."""
+    if any("metaData" in action for action in actions):
+        return "changed the table's metadata"
+    for action in actions:
+        file = action.get("add") or action.get("remove") or {}
+        if file.get("deletionVector"):
+            return "carries deletion vectors"
+    info: dict = next((action["commitInfo"] for action in actions if "commitInfo" in action), {})
+    operation = info.get("operation")
+    if operation == "RESTORE":  # it sets the table back to another version, whatever its actions
+        return "is a RESTORE"
+    if not any(action["remove"].get("dataChange", True) for action in actions if "remove" in action):
+        return None  # appends, and rewrites without data change
+    if operation in _ROW_KEEPING:
+        return None
+    if operation == "MERGE":
+        metrics = info.get("operationMetrics") or {}
+        deleted = next((metrics[name] for name in _MERGE_DELETED if name in metrics), None)
+        if deleted is not None and int(deleted) == 0:
+            return None
+        return "is a MERGE that deleted rows" if deleted is not None else "is a MERGE without row metrics"
+    return f"removed files ({operation or 'no commitInfo'})"
+
+
+def _commit_bytes(table_location: str, version: int) -> bytes | None:
+    folder = local_path(table_location)
+    if folder is None:
+        return _remote_commit(table_location, version) if objectstore.is_s3(table_location) else None
+    try:
+        return (folder / "_delta_log" / f"{version:020d}.json").read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _data_file(table_location: str, path: str) -> str:
+    """A data file's location from its action's path: a URI-encoded path under the table, or an absolute URI."""
+    if "://" in path or path.startswith("file:"):
+        folder = local_path(path)
+        return str(folder) if folder is not None else objectstore.s3_uri(path)
+    folder = local_path(table_location)
+    if folder is not None:
+        return str(folder / unquote(path))
+    return f"{objectstore.s3_uri(table_location).rstrip('/')}/{unquote(path)}"

@@ -10,9 +10,14 @@ as of given Delta versions, synced per version; memory is bounded by DuckDB's `m
   in one transaction; then it switches.
 - `refresh()` asks for the commit after the version it holds by name, on a local disk as on S3, rather than listing
   `_delta_log` (whose listing is as long as the log: see lake.deltalog): one lookup per table when nothing changed
-  (on S3 a HEAD; there it reads the tables' first commits only when a version moved); when a version moved on, it
-  reads from that pinned version only the rows updated since the last load (the pipeline never deletes rows: a
-  change updates a row and its `updated_at`) and applies them, with the new versions, in one transaction. A reader
+  (on S3 a HEAD; there it reads the tables' first commits only when a version moved). When a version moved on, it
+  follows the table by commit, not by any writer's clock: it reads the commits since the version it holds, and
+  the rows of the data files they added replace the store's rows of the same key (gold's second, a rollup's
+  bucket key; silver's are folded into the devices' summary). A replay that computed its rows before a stream
+  batch and committed after it is loaded like any other commit. Files that a compaction rewrote without changing
+  a row are skipped. A table whose commits cannot be followed by their files (one deleted rows, as a DELETE, a
+  MERGE that deleted or a RESTORE does; or the log no longer holds them after a checkpoint) is copied again whole
+  at its new version. Either way the changes and the new versions are applied in one transaction. A reader
   queries inside its own transaction, so the versions it reports are those of the rows it read.
 - A device's seconds are the only answers still read from readings: from silver in the lake at the snapshot's
   version, with a time filter so that DuckDB skips the other files.
@@ -42,7 +47,8 @@ from lake.settings import Settings, local_path
 from lake.tables import LakePaths, Table
 
 # Bumped whenever the store's tables change shape: a file of another format is built again.
-STORE_FORMAT = 2  # 2: gold and the rollups hold fingerprint, revision and late_readings
+# 2: gold and the rollups hold fingerprint, revision and late_readings; 3: loaded by commit, no `*_since` columns.
+STORE_FORMAT = 3
 TABLES = (Table.GOLD, Table.SILVER, Table.ROLLUPS)
 # Microseconds from 0001-01-01 to the Unix epoch: bucket keys count from year 1 so that they are never negative.
 _YEAR_ONE_US = 62_135_596_800_000_000
@@ -100,11 +106,11 @@ class RefreshReport:
 _META_COLUMNS = (
     "format INTEGER, lake_root VARCHAR, gold_version BIGINT, silver_version BIGINT, rollups_version BIGINT, "
     "gold_committed_at TIMESTAMPTZ, newest_event TIMESTAMPTZ, loaded_at TIMESTAMPTZ, "
-    "gold_since TIMESTAMPTZ, silver_since TIMESTAMPTZ, rollups_since TIMESTAMPTZ, "
     "gold_created TIMESTAMPTZ, silver_created TIMESTAMPTZ, rollups_created TIMESTAMPTZ, generation BIGINT"
 )
 _SNAPSHOT_COLUMNS = "gold_version, silver_version, gold_committed_at, newest_event, loaded_at, rollups_version"
 _SNAPSHOT_SQL = f"SELECT {_SNAPSHOT_COLUMNS} FROM store_meta"
+_DEVICE_COLUMNS = 'device_id, "timestamp"'  # what the devices' summary reads of silver
 
 
 def claim_slot(store_dir: Path) -> tuple[int, IO[str]]:
@@ -279,10 +285,9 @@ class SnapshotStore:
     def _location(self, table: Table) -> str:
         return duck.reader_location(self.paths.table(table))
 
-    def _scan(self, table: Table, version: int, since: datetime | None = None, columns: str = "*") -> str:
-        """SQL of a pinned table version's rows (those updated at or after `since`); $<table> names its location."""
-        query = f"SELECT {columns} FROM delta_scan(${table.value}, version := {int(version)})"
-        return query if since is None else f"{query} WHERE updated_at >= {timestamp_literal(since)}"
+    def _scan(self, table: Table, version: int, columns: str = "*") -> str:
+        """SQL of a pinned table version's rows; $<table> names its location."""
+        return f"SELECT {columns} FROM delta_scan(${table.value}, version := {int(version)})"
 
     def _build(self) -> None:
         """Copy gold, the rollups and silver's per-device summary at pinned versions into the file, in one
@@ -299,37 +304,16 @@ class SnapshotStore:
             cursor.begin()
             for name in ("store_meta", "gold", "rollups", "devices"):
                 cursor.execute(f"DROP TABLE IF EXISTS {name}")
-            cursor.execute(
-                f'CREATE TABLE gold AS {self._scan(Table.GOLD, gold.version)} ORDER BY "timestamp"',
-                _only(params, "gold"),
-            )
-            cursor.execute('CREATE INDEX gold_timestamp ON gold ("timestamp")')
+            self._create_gold(cursor, gold.version, _only(params, "gold"))
             if rollups is not None:
-                self._create_rollups(cursor, rollups.version, params)
-            summary = (
-                'SELECT device_id, min("timestamp") AS first_reading, max("timestamp") AS last_reading, '
-                "count(*) AS reading_count, max(updated_at) AS newest_update "
-                f"FROM ({self._scan(Table.SILVER, silver.version)}) GROUP BY device_id ORDER BY device_id"
-            )
-            cursor.execute(f"CREATE TEMP TABLE built_devices AS {summary}", _only(params, "silver"))
-            cursor.execute(
-                "CREATE TABLE devices AS SELECT device_id, first_reading, last_reading, reading_count "
-                "FROM built_devices ORDER BY device_id"
-            )
-            silver_since = fetch_one(cursor.execute("SELECT max(newest_update) FROM built_devices"), "silver")[0]
-            cursor.execute("DROP TABLE built_devices")
-            gold_since, newest_event = fetch_one(
-                cursor.execute('SELECT max(updated_at), max("timestamp") FROM gold'), "gold's newest rows"
-            )
-            rollups_since = None
-            if rollups is not None:
-                rollups_since = fetch_one(cursor.execute("SELECT max(updated_at) FROM rollups"), "rollups")[0]
+                self._create_rollups(cursor, rollups.version, _only(params, "rollups"))
+            self._create_devices(cursor, silver.version, _only(params, "silver"))
+            newest_event = fetch_one(cursor.execute('SELECT max("timestamp") FROM gold'), "gold's newest second")[0]
             loaded_at = datetime.now(UTC)
             cursor.execute(f"CREATE TABLE store_meta ({_META_COLUMNS})")
             cursor.execute(
                 "INSERT INTO store_meta VALUES ($format, $root, $gold, $silver, $rollups, $committed, $newest, "
-                "$loaded, $gold_since, $silver_since, $rollups_since, $gold_created, $silver_created, $rollups_created, "
-                "$generation)",
+                "$loaded, $gold_created, $silver_created, $rollups_created, $generation)",
                 {
                     "generation": generation,
                     "format": STORE_FORMAT,
@@ -340,9 +324,6 @@ class SnapshotStore:
                     "committed": gold.committed_at,
                     "newest": newest_event,
                     "loaded": loaded_at,
-                    "gold_since": gold_since,
-                    "silver_since": silver_since,
-                    "rollups_since": rollups_since,
                     **{f"{t.value}_created": deltalog.created_at(self.paths.table(t)) for t in TABLES},
                 },
             )
@@ -378,13 +359,43 @@ class SnapshotStore:
             time.perf_counter() - started,
         )
 
+    def _create_gold(self, cursor: duckdb.DuckDBPyConnection, version: int, params: dict[str, str]) -> None:
+        cursor.execute(f'CREATE TABLE gold AS {self._scan(Table.GOLD, version)} ORDER BY "timestamp"', params)
+        cursor.execute('CREATE INDEX gold_timestamp ON gold ("timestamp")')
+
     def _create_rollups(self, cursor: duckdb.DuckDBPyConnection, version: int, params: dict[str, str]) -> None:
         cursor.execute(
             f"CREATE TABLE rollups AS SELECT {ROLLUP_KEY_SQL} AS bucket_key, * "
             f"FROM ({self._scan(Table.ROLLUPS, version)}) ORDER BY bucket_key",
-            _only(params, "rollups"),
+            params,
         )
         cursor.execute("CREATE INDEX rollups_bucket ON rollups (bucket_key)")
+
+    def _create_devices(self, cursor: duckdb.DuckDBPyConnection, version: int, params: dict[str, str]) -> None:
+        cursor.execute(
+            'CREATE TABLE devices AS SELECT device_id, min("timestamp") AS first_reading, '
+            'max("timestamp") AS last_reading, count(*) AS reading_count '
+            f"FROM ({self._scan(Table.SILVER, version, _DEVICE_COLUMNS)}) GROUP BY device_id "
+            "ORDER BY device_id",
+            params,
+        )
+
+    def _reload(self, cursor: duckdb.DuckDBPyConnection, table: Table, version: int, params: dict[str, str]) -> int:
+        """Copy a table whole again at `version` (silver as the devices' summary), inside the caller's transaction:
+        readers in older transactions keep the copy they began with. Returns the rows copied."""
+        if table is Table.GOLD:
+            cursor.execute("DROP TABLE IF EXISTS gold")
+            self._create_gold(cursor, version, params)
+            query = "SELECT count(*) FROM gold"
+        elif table is Table.ROLLUPS:
+            cursor.execute("DROP TABLE IF EXISTS rollups")
+            self._create_rollups(cursor, version, params)
+            query = "SELECT count(*) FROM rollups"
+        else:
+            cursor.execute("DROP TABLE IF EXISTS devices")
+            self._create_devices(cursor, version, params)
+            query = "SELECT coalesce(sum(reading_count), 0) FROM devices"
+        return int(fetch_one(cursor.execute(query), f"{table.value} copied")[0])
 
     def wait_built(self, timeout_s: float = 60) -> bool:
         """Whether the store file serves (waiting up to `timeout_s` for a build that runs); for tests and tools."""
@@ -398,60 +409,53 @@ class SnapshotStore:
         return self.current.from_store
 
     def _apply(self, changed: dict[Table, int], gold_committed_at: datetime | None) -> dict[str, int]:
-        """Apply each moved table's rows updated since the last load, and the new versions, in one transaction."""
+        """Apply what each moved table's commits since the held version changed, and the new versions, in one
+        transaction: the rows of the files those commits added replace the store's rows of the same keys, or the
+        table is copied again whole when its commits cannot be followed by their files."""
         writer = self._writer
         params = {t.value: self._location(t) for t in changed}
-        meta = fetch_one(
-            writer.execute(
-                "SELECT gold_since, silver_since, rollups_since, newest_event, silver_version FROM store_meta"
-            ),
-            "store_meta",
+        newest_event, old_silver = fetch_one(
+            writer.execute("SELECT newest_event, silver_version FROM store_meta"), "store_meta"
         )
-        since = dict(zip(TABLES, meta[:3], strict=True))
-        newest_event, old_silver = meta[3], meta[4]
+        # The log is read before the transaction begins: on S3 that is one GET per commit.
+        added = {
+            table: deltalog.added_files(self.paths.table(table), held, version)
+            for table, version in changed.items()
+            if (held := self.current.version(table)) is not None
+        }
         counts: dict[str, int] = {}
         writer.begin()
         try:
             for table, version in changed.items():
                 one = _only(params, table.value)
-                if table is Table.ROLLUPS and self.current.rollups_version is None:
-                    self._create_rollups(writer, version, one)  # the table appeared after the store was built
-                    counts[table.value] = fetch_one(writer.execute("SELECT count(*) FROM rollups"), "rollups")[0]
-                    since[table] = fetch_one(writer.execute("SELECT max(updated_at) FROM rollups"), "rollups")[0]
+                files = added.get(table)
+                # None: the rollups table appeared after the store was built.
+                if files is None or files.unfollowable is not None:
+                    if files is not None:
+                        log.info("copying %s again at version %s: %s", table.value, version, files.unfollowable)
+                    counts[table.value] = self._reload(writer, table, version, one)
+                    if table is Table.GOLD:  # a second may have gone
+                        newest_event = fetch_one(writer.execute('SELECT max("timestamp") FROM gold'), "gold")[0]
                     continue
-                columns = 'device_id, "timestamp", updated_at' if table is Table.SILVER else "*"
-                if table is Table.ROLLUPS:
-                    columns = f"{ROLLUP_KEY_SQL} AS bucket_key, *"
-                writer.execute(
-                    f"CREATE OR REPLACE TEMP TABLE changed_rows AS {self._scan(table, version, since[table], columns)}",
-                    one,
-                )
-                count, newest_update, newest_second = fetch_one(
-                    writer.execute('SELECT count(*), max(updated_at), max("timestamp") FROM changed_rows'),
-                    "changed rows",
-                )
-                counts[table.value] = count
-                since[table] = max(filter(None, [since[table], newest_update]), default=None)
-                if count == 0:
+                counts[table.value] = self._load_files(writer, table, files.files)
+                if counts[table.value] == 0:
                     continue
                 if table is Table.GOLD:
-                    writer.execute('DELETE FROM gold WHERE "timestamp" IN (SELECT "timestamp" FROM changed_rows)')
-                    writer.execute('INSERT INTO gold SELECT * FROM changed_rows ORDER BY "timestamp"')
+                    newest_second = fetch_one(writer.execute('SELECT max("timestamp") FROM changed_rows'), "gold")[0]
                     newest_event = max(filter(None, [newest_event, newest_second]), default=None)
+                    writer.execute('DELETE FROM gold WHERE "timestamp" IN (SELECT "timestamp" FROM changed_rows)')
+                    writer.execute('INSERT INTO gold BY NAME SELECT * FROM changed_rows ORDER BY "timestamp"')
                 elif table is Table.ROLLUPS:
                     writer.execute("DELETE FROM rollups WHERE bucket_key IN (SELECT bucket_key FROM changed_rows)")
-                    writer.execute("INSERT INTO rollups SELECT * FROM changed_rows ORDER BY bucket_key")
+                    writer.execute("INSERT INTO rollups BY NAME SELECT * FROM changed_rows ORDER BY bucket_key")
                 else:
-                    self._update_devices(
-                        writer, old_silver, _only({**params, "silver": self._location(table)}, "silver")
-                    )
+                    self._update_devices(writer, old_silver, one)
             writer.execute("DROP TABLE IF EXISTS changed_rows")
             loaded_at = datetime.now(UTC)
             versions = {t: changed.get(t, self.current.version(t)) for t in TABLES}
             writer.execute(
                 "UPDATE store_meta SET gold_version = $gold, silver_version = $silver, rollups_version = $rollups, "
                 "gold_committed_at = $committed, newest_event = $newest, loaded_at = $loaded, "
-                "gold_since = $gold_since, silver_since = $silver_since, rollups_since = $rollups_since, "
                 "rollups_created = coalesce(rollups_created, $rollups_created), generation = $generation",
                 {
                     "generation": self._generation + 1,
@@ -461,9 +465,6 @@ class SnapshotStore:
                     "committed": gold_committed_at,
                     "newest": newest_event,
                     "loaded": loaded_at,
-                    "gold_since": since[Table.GOLD],
-                    "silver_since": since[Table.SILVER],
-                    "rollups_since": since[Table.ROLLUPS],
                     "rollups_created": deltalog.created_at(self.paths.table(Table.ROLLUPS)),
                 },
             )
@@ -484,6 +485,49 @@ class SnapshotStore:
             ),
         )
         return counts
+
+    def _load_files(self, writer: duckdb.DuckDBPyConnection, table: Table, files: tuple[deltalog.DataFile, ...]) -> int:
+        """Read the rows of a table's data files into the temporary table `changed_rows`, with the columns and
+        types the store keeps (gold's and the rollups' by name; silver's identities); returns how many there are.
+
+        The files are read as Parquet, not through `delta_scan`, which would list every file of the version and
+        cannot skip those not named: the commits already say which files hold the changes. A partitioned table's
+        files (the rollups', by grain) lack their partition columns, which come from the log, as text."""
+        if not files:
+            return 0
+        by_partition: dict[tuple[tuple[str, str | None], ...], list[str]] = {}
+        for file in files:
+            by_partition.setdefault(file.partition_values, []).append(file.location)
+        parts: list[str] = []
+        parameters: dict[str, object] = {}
+        for group, (values, locations) in enumerate(by_partition.items()):
+            parameters[f"files_{group}"] = locations
+            # Not from the `grain=minute/` folders DuckDB would otherwise read: Delta's paths are not its values.
+            read = f"read_parquet($files_{group}, union_by_name = true, hive_partitioning = false)"
+            if not values:
+                parts.append(f"SELECT * FROM {read}")
+                continue
+            # Some writers (Spark's Delta 4) also keep the partition columns in the file, others (delta-rs) do
+            # not: the file's copy, if any, gives way to the log's.
+            names = ", ".join("'" + name.replace("'", "''") + "'" for name, _ in values)
+            partition_columns = ""
+            for index, (name, value) in enumerate(values):
+                parameters[f"value_{group}_{index}"] = value
+                quoted = name.replace('"', '""')
+                partition_columns += f', CAST($value_{group}_{index} AS VARCHAR) AS "{quoted}"'
+            parts.append(f"SELECT COLUMNS(c -> c NOT IN ({names})){partition_columns} FROM {read}")
+        # Timestamps as the store keeps them (a writer may store Parquet timestamps without a time zone).
+        if table is Table.SILVER:
+            columns = 'device_id, "timestamp"::TIMESTAMPTZ AS "timestamp"'
+        elif table is Table.ROLLUPS:
+            columns = f'{ROLLUP_KEY_SQL} AS bucket_key, * REPLACE ("timestamp"::TIMESTAMPTZ AS "timestamp")'
+        else:
+            columns = '* REPLACE ("timestamp"::TIMESTAMPTZ AS "timestamp")'
+        writer.execute(
+            f"CREATE OR REPLACE TEMP TABLE changed_rows AS SELECT {columns} FROM ({' UNION ALL BY NAME '.join(parts)})",
+            parameters,
+        )
+        return int(fetch_one(writer.execute("SELECT count(*) FROM changed_rows"), "changed rows")[0])
 
     def _publish(self, generation: int, snapshot: Snapshot) -> None:
         """Make a committed snapshot current, and keep it by generation for readers that meet it in store_meta."""
