@@ -293,14 +293,15 @@ def added_files(table_location: str, after: int, through: int) -> AddedFiles:
 
 def _unfollowable(actions: list[dict]) -> str | None:
     """Why a commit's adds are not all its changes, or None when they are."""
-    if any("metaData" in action for action in actions):
+    info: dict = next((action["commitInfo"] for action in actions if "commitInfo" in action), {})
+    operation = info.get("operation")
+    # A change of table properties alone (`lakehouse maintain` keeping the watermark) changes no row or column.
+    if any("metaData" in action for action in actions) and operation != "SET TBLPROPERTIES":
         return "changed the table's metadata"
     for action in actions:
         file = action.get("add") or action.get("remove") or {}
         if file.get("deletionVector"):
             return "carries deletion vectors"
-    info: dict = next((action["commitInfo"] for action in actions if "commitInfo" in action), {})
-    operation = info.get("operation")
     if operation == "RESTORE":  # it sets the table back to another version, whatever its actions
         return "is a RESTORE"
     if not any(action["remove"].get("dataChange", True) for action in actions if "remove" in action):
