@@ -7,9 +7,7 @@ DuckDB cannot download extensions here, so the delta, httpfs and aws extensions 
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import duckdb
 
@@ -17,9 +15,6 @@ from lake import deltalog, objectstore, watermark
 from lake.errors import LakeError
 from lake.settings import local_path
 from lake.tables import LakePaths, Table
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 
 def extension(name: str) -> Path:
@@ -137,15 +132,3 @@ def connect_reader(paths: LakePaths) -> duckdb.DuckDBPyConnection:
     connection.execute("SET enable_external_access = false")
     connection.execute("SET lock_configuration = true")
     return connection
-
-
-def scan_table(
-    connection: duckdb.DuckDBPyConnection, location: str, version: int, updated_since: datetime | None
-) -> pa.Table:
-    """Rows of one pinned table version, all of them or those updated at or after `updated_since`."""
-    query = "SELECT * FROM delta_scan($location, version := $version)"
-    parameters: dict[str, object] = {"location": reader_location(location), "version": version}
-    if updated_since is not None:
-        query += " WHERE updated_at >= $since"
-        parameters["since"] = updated_since
-    return connection.execute(query, parameters).to_arrow_table()
