@@ -140,7 +140,8 @@ def admin_config(settings: Settings) -> ClientConfig:
 
 @dataclass(frozen=True)
 class Watermarks:
-    """The offsets Kafka holds for one partition: `low` is the oldest still kept, `high` the next to be written."""
+    """The offsets Kafka holds for one partition: `low` is the oldest still kept, `high` the end as a read_committed
+    reader (the pipeline) sees it: the next to be written, or an open transaction's first (the last stable offset)."""
 
     low: int
     high: int
@@ -163,6 +164,7 @@ def watermarks(
         | {
             "group.id": group,
             "enable.auto.commit": False,
+            "isolation.level": "read_committed",  # librdkafka's default, said here because `high` depends on it
             "socket.timeout.ms": max(100, int(timeout_s * 1000)),
             "log_level": 0,
             "error_cb": lambda error: logged.append(str(error)),
@@ -224,6 +226,7 @@ def records_in(settings: Settings, ranges: list[OffsetRange], committed: bool, t
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "isolation.level": "read_committed" if committed else "read_uncommitted",
+            "auto.offset.reset": "error",  # an offset Kafka no longer holds is an error, not a jump to the end
             "max.partition.fetch.bytes": settings.kafka_limit_bytes,
             "fetch.max.bytes": max(50 * 1024 * 1024, settings.kafka_limit_bytes),
         }
@@ -247,8 +250,8 @@ def records_in(settings: Settings, ranges: list[OffsetRange], committed: bool, t
                         break
                     raise KafkaException(error)
                 offset = message.offset()
-                if offset is not None and offset < wanted.first:
-                    continue
+                if message.partition() != wanted.partition or (offset is not None and offset < wanted.first):
+                    continue  # fetched for an earlier range
                 if offset is None or offset > wanted.last:
                     break
                 count += 1

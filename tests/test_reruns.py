@@ -50,12 +50,20 @@ def assert_gold_is(spark, paths: LakePaths, reference: Reference) -> None:  # ty
         assert_kpis_equal(got[second], kpis, f"second {second}")
 
 
-def test_batch_run_again_after_gold_commit_yields_less(spark, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A crash between gold's commit and silver's; the restart drops an extra timestamp format, so the batch now
-    yields one reading less and a second fewer. Gold follows what silver holds, not the first run."""
+@pytest.mark.parametrize("first_commit", ["gold", "silver"])
+def test_batch_run_again_after_its_first_commit_yields_less(  # type: ignore[no-untyped-def]
+    spark, tmp_path: Path, monkeypatch, first_commit: str
+) -> None:
+    """A crash between a batch's first commit and its second (gold's then silver's in a small batch; silver's then
+    gold's in a backlog's); the restart drops an extra timestamp format, so the batch now yields one reading less
+    and a second fewer. Gold follows what silver holds, not the first run."""
     from pipeline.stream import job as job_module
+    from pipeline.stream import writes
     from pipeline.stream.job import IngestJob
     from pipeline.stream.tables import create_tables
+
+    if first_commit == "silver":  # the backlog's way: silver first, then gold recomputed from silver
+        monkeypatch.setattr(writes, "_GOLD_FROM_BATCH_READINGS", 0)
 
     lenient = Settings(lake_root=str(tmp_path / "lake"), extra_timestamp_formats=[SLASHED])
     paths = LakePaths.from_settings(lenient)
@@ -64,25 +72,30 @@ def test_batch_run_again_after_gold_commit_yields_less(spark, tmp_path: Path, mo
     later = T0 + timedelta(seconds=5)
     batch = [reading("a", T0 + timedelta(seconds=1), 2.0), reading("b", later, 9.0, later.strftime(SLASHED))]
 
-    def crash_after_gold(stage: str, batch_id: int) -> None:
-        if (stage, batch_id) == ("gold", 1):
+    def crash_after_first_commit(stage: str, batch_id: int) -> None:
+        if (stage, batch_id) == (first_commit, 1):
             raise Crash
 
-    monkeypatch.setattr(job_module, "crash_point", crash_after_gold)
+    monkeypatch.setattr(job_module, "crash_point", crash_after_first_commit)
     with pytest.raises(Crash):
         IngestJob(spark, lenient, paths, app_id="app").process_batch(records(spark, batch, 1), 1)
     monkeypatch.undo()
-    assert later in gold_seconds(spark, paths), "the first run committed gold, with the second it alone yields"
+    if first_commit == "gold":
+        assert later in gold_seconds(spark, paths), "the first run committed gold, with the second it alone yields"
+        kept = [("a", T0, 1.0), ("a", T0 + timedelta(seconds=1), 2.0)]
+    else:  # silver keeps the first run's reading (a MERGE never takes one away); gold must hold its second
+        assert later not in gold_seconds(spark, paths), "the crash was to come before gold's commit"
+        kept = [("a", T0, 1.0), ("a", T0 + timedelta(seconds=1), 2.0), ("b", later, 9.0)]
 
     strict = lenient.model_copy(update={"extra_timestamp_formats": []})
     IngestJob(spark, strict, paths, app_id="app").process_batch(records(spark, batch, 1), 1)
-    assert_gold_is(spark, paths, Reference.of([("a", T0, 1.0), ("a", T0 + timedelta(seconds=1), 2.0)]))
+    assert_gold_is(spark, paths, Reference.of(kept))
     reasons = [r.reason_code for r in spark.read.format("delta").load(paths.table(Table.QUARANTINE)).collect()]
     assert reasons == ["bad_timestamp"]
 
     # Run again once more with nothing valid at all: the first seconds' KPIs still follow silver.
     IngestJob(spark, strict, paths, app_id="app").process_batch(records(spark, [b"[]"], 1), 1)
-    assert_gold_is(spark, paths, Reference.of([("a", T0, 1.0), ("a", T0 + timedelta(seconds=1), 2.0)]))
+    assert_gold_is(spark, paths, Reference.of(kept))
 
 
 def gold_seconds(spark, paths: LakePaths) -> set[datetime]:  # type: ignore[no-untyped-def]

@@ -293,6 +293,8 @@ def _kafka_offsets(settings: Settings, partitions: dict[tuple[str, int], Partiti
     return None
 
 
+# The offsets after bronze's last are read for transaction markers up to this many; past it, a backlog.
+_TAIL_OFFSETS = 10_000
 _GAPS = """
 SELECT topic, "partition", "offset" + 1 AS first, next_offset - 1 AS last FROM (
     SELECT topic, "partition", "offset", lead("offset") OVER (PARTITION BY topic, "partition" ORDER BY "offset") AS next_offset
@@ -311,15 +313,18 @@ def _transaction_offsets(
     for counts in partitions.values():
         if counts.kafka_end_offset is not None:
             first = 0 if counts.bronze_last_offset is None else counts.bronze_last_offset + 1
-            if first < counts.kafka_end_offset:
+            # A backlog is not read here: its offsets stay "not yet ingested".
+            if 0 < counts.kafka_end_offset - first <= _TAIL_OFFSETS:
                 gaps.append(kafka.OffsetRange(counts.topic, counts.partition, first, counts.kafka_end_offset - 1))
-    held = [
-        (index, gap)
-        for index, gap in enumerate(gaps)
-        if (known := partitions.get((gap.topic, gap.partition))) is not None
-        and known.kafka_first_offset is not None
-        and gap.first >= known.kafka_first_offset
-    ]
+    # Only what Kafka still holds. Kafka's end offset, as a read_committed client is told it, is the last stable
+    # offset: an open transaction's records, which may still commit, lie past it and are read by nobody yet.
+    held = []
+    for index, gap in enumerate(gaps):
+        known = partitions.get((gap.topic, gap.partition))
+        if known is not None and known.kafka_first_offset is not None:
+            first = max(gap.first, known.kafka_first_offset)
+            if first <= gap.last:
+                held.append((index, kafka.OffsetRange(gap.topic, gap.partition, first, gap.last)))
     if not held:
         return
     ranges = [gap for _, gap in held]

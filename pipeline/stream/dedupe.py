@@ -61,7 +61,8 @@ def latest_per_identity(readings: DataFrame) -> DataFrame:
         winner = F.max_by(row, F.expr(_key(order))).alias("winner")
         return frame.groupBy(*keys).agg(winner).select(*IDENTITY, *[F.col(f"winner.`{c}`").alias(c) for c in columns])
 
-    per_partition = latest(readings, (*IDENTITY, "topic", "partition"), _IN_PARTITION)
+    # Hash-partitioned by identity once, both aggregations find their rows together: one shuffle, not two.
+    per_partition = latest(readings.repartition(*IDENTITY), (*IDENTITY, "topic", "partition"), _IN_PARTITION)
     return latest(per_partition, IDENTITY, _ACROSS_PARTITIONS).withColumn("updated_at", F.current_timestamp())
 
 

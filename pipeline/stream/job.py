@@ -17,7 +17,7 @@ from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lake import checkpoint
+from lake import checkpoint, watermark
 from lake.kafka import security_problem
 from lake.kafka import watermarks as kafka_watermarks
 from lake.rows import first_row
@@ -107,6 +107,7 @@ class IngestJob:
     writer: LakeWriter = field(init=False)
     fit: BatchFit = field(init=False)
     mark: Watermark | None = None  # the watermark after the last batch with readings; read from gold at first
+    checked_silver: bool = False  # whether silver's newest entry was looked at (`_first_run`)
 
     def __post_init__(self, app_id: str | None) -> None:
         self.writer = LakeWriter(self.spark, self.paths, app_id)
@@ -186,9 +187,7 @@ class IngestJob:
             # what its first run wrote to gold (other settings, offsets Kafka no longer holds), so the seconds of
             # that run's readings are recomputed from silver as well.
             query, recorded = self.writer.app_id_of_query(), self._watermark()
-            first_run = None
-            if recorded.recorded_by(query, batch_id) and recorded.lo_us is not None and recorded.hi_us is not None:
-                first_run = (recorded.lo_us, recorded.hi_us)
+            first_run = self._first_run(query, batch_id, recorded)
             if report.readings:
                 # Literal bounds (not a join-only condition) let Delta skip files outside the batch's time range.
                 lo_us, hi_us = counts["lo"], counts["hi"]
@@ -258,15 +257,31 @@ class IngestJob:
             ", ".join(f"{name} {seconds:.1f}" for name, seconds in report.stages.items()),
         )
 
+    def _first_run(self, query: str, batch_id: int, recorded: Watermark) -> tuple[int, int] | None:
+        """The reading times of this batch's first run, when it committed gold or silver before a crash: gold's newest
+        entry is the batch's own, or, on this process's first batch, silver's is (a batch that writes silver first,
+        a backlog's, may have crashed before its gold commit)."""
+        entries = [recorded]
+        if not self.checked_silver:
+            self.checked_silver = True
+            entries.append(self.writer.newest_entry(Table.SILVER) or watermark.NONE)
+        for entry in entries:
+            if entry.recorded_by(query, batch_id) and entry.lo_us is not None and entry.hi_us is not None:
+                return (entry.lo_us, entry.hi_us)
+        return None
+
     def _earliest_offsets(self) -> dict[tuple[str, int], int]:
-        """The earliest offset Kafka holds per partition; none when Kafka cannot be asked."""
+        """The earliest offset Kafka holds per partition. When Kafka cannot be asked the batch fails, to run again on
+        restart: a transaction's markers recorded as lost offsets could not be taken back."""
         from confluent_kafka import KafkaException
 
         try:
             return {key: marks.low for key, marks in kafka_watermarks(self.settings, timeout_s=10).items()}
         except KafkaException as exc:
-            log.warning("cannot ask Kafka for its earliest offsets (%s): skipped offsets are taken as lost", exc)
-            return {}
+            raise StreamStopped(
+                f"the batch skipped offsets, and Kafka did not say whether it deleted them or they hold transaction "
+                f"markers or aborted records ({exc}); run the pipeline again once Kafka answers"
+            ) from exc
 
     def _lost_offsets(self, parsed: DataFrame) -> list[offsets.Gap]:
         from pyspark.sql import functions as F

@@ -80,7 +80,7 @@ class OffsetTracker:
         held_from = earliest()
         found = []
         for gap in skipped:
-            # Unknown (Kafka did not answer): taken as lost, as without transactions it would be.
+            # A partition Kafka does not list any more: taken as lost.
             kept = held_from.get((gap.topic, gap.partition), gap.last_lost + 1)
             if kept > gap.first_lost:  # below Kafka's earliest: deleted before the pipeline read them
                 found.append(Gap(gap.topic, gap.partition, gap.first_lost, min(gap.last_lost, kept - 1)))

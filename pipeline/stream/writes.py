@@ -57,18 +57,27 @@ class LakeWriter:
     def recorded_watermark(self) -> Watermark:
         """The watermark of gold's newest commit that records one, or else the one kept in gold's table property
         past log cleanup (lake.watermark)."""
-        from delta.tables import DeltaTable
 
         gold = self.paths.table(Table.GOLD)
-        history = DeltaTable.forPath(self.spark, gold).history(watermark.LOOK_BACK)
-        for row in history.select("userMetadata").collect():
-            found = watermark.parse(row[0])
-            if found is not None:
-                return found
+        found = self.newest_entry(Table.GOLD)
+        if found is not None:
+            return found
         try:
             return watermark.kept(gold)
         except LakeError:  # a store delta-rs cannot open without settings of its own: nothing was kept there
             return watermark.NONE
+
+    def newest_entry(self, table: Table) -> Watermark | None:
+        """The watermark entry of the table's newest commit that records one: the stream's commits to silver carry
+        the same entry as its commits to gold."""
+        from delta.tables import DeltaTable
+
+        history = DeltaTable.forPath(self.spark, self.paths.table(table)).history(watermark.LOOK_BACK)
+        for row in history.select("userMetadata").collect():
+            found = watermark.parse(row[0])
+            if found is not None:
+                return found
+        return None
 
     def append(self, frame: DataFrame, table: Table, batch_id: int) -> None:
         writer = (
@@ -217,11 +226,15 @@ class LakeWriter:
         silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
         gone = None
         if first_run is not None:
+            # Every second of the first run's range that gold or silver holds: gold's may have lost their readings,
+            # and silver's may lack gold's row (a batch that wrote silver first).
             first_lo, first_hi = (f"timestamp_micros({bound})" for bound in first_run)
             gone = f"t.`timestamp` >= date_trunc('second', {first_lo}) AND t.`timestamp` <= {first_hi}"
             gold = self.spark.read.format("delta").load(self.paths.table(Table.GOLD)).alias("t")
             held = gold.where(gone).select(F.col("timestamp").alias("second"))
-            seconds = held if seconds is None else seconds.unionByName(held).distinct()
+            read = silver.alias("t").where(gone).select(F.date_trunc("second", "timestamp").alias("second"))
+            held = held.unionByName(read)
+            seconds = (held if seconds is None else seconds.unionByName(held)).distinct()
         assert seconds is not None
         # MERGE reads its source more than once; compute the seconds' KPIs once (a row per second).
         recomputed = kpi.kpis_for_seconds(silver, seconds, lo, hi).localCheckpoint(eager=True)
