@@ -183,9 +183,9 @@ class IngestJob:
             self.fit.apply((self.spark, records.sparkSession), size)
             if size < SMALL_BATCH_ROWS:
                 bronze = _Beside(self.spark, write_bronze)
-            # A batch run again after a crash that followed its gold commit: what it yields now may differ from
-            # what its first run wrote to gold (other settings, offsets Kafka no longer holds), so the seconds of
-            # that run's readings are recomputed from silver as well.
+            # A batch run again after a crash that followed its first commit (gold's, or silver's in a backlog's
+            # batch): what it yields now may differ from what its first run wrote (other settings, offsets Kafka no
+            # longer holds), so gold's seconds of that run's range are recomputed from silver as well.
             query, recorded = self.writer.app_id_of_query(), self._watermark()
             first_run = self._first_run(query, batch_id, recorded)
             if report.readings:
