@@ -38,19 +38,24 @@ def broker():  # type: ignore[no-untyped-def]
     local.stop()
 
 
-@pytest.fixture()
-def lake_settings(tmp_path: Path) -> Settings:
-    """Settings for one test: its own lake folder, test-sized Spark, a topic of its own (created by `topic`)."""
+def sized_settings(folder: Path, topic_prefix: str) -> Settings:
+    """A lake in `folder`, a topic of its own on the test broker, test-sized Spark."""
     return Settings(
         kafka_bootstrap=f"localhost:{TEST_KAFKA_PORT}",
-        topic=f"test-{uuid.uuid4().hex[:8]}",
-        lake_root=str(tmp_path / "lake"),
+        topic=f"{topic_prefix}-{uuid.uuid4().hex[:8]}",
+        lake_root=str(folder / "lake"),
         home=HOME,
         spark_master="local[2]",
         shuffle_partitions=2,
         spark_driver_memory="2g",
         spark_driver_java_options=QUICK_START_JIT,
     )
+
+
+@pytest.fixture()
+def lake_settings(tmp_path: Path) -> Settings:
+    """Settings for one test: its own lake folder, test-sized Spark, a topic of its own (created by `topic`)."""
+    return sized_settings(tmp_path, "test")
 
 
 @pytest.fixture()
@@ -94,16 +99,7 @@ def pipeline_lake(broker, tmp_path_factory) -> PipelineLake:  # type: ignore[no-
     from tests.stream import fleet_day
 
     folder = tmp_path_factory.mktemp("pipeline-lake")
-    settings = Settings(
-        kafka_bootstrap=f"localhost:{TEST_KAFKA_PORT}",
-        topic=f"fleet-day-{uuid.uuid4().hex[:8]}",
-        lake_root=str(folder / "lake"),
-        home=HOME,
-        spark_master="local[2]",
-        shuffle_partitions=2,
-        spark_driver_memory="2g",
-        spark_driver_java_options=QUICK_START_JIT,
-    )
+    settings = sized_settings(folder, "fleet-day")
     started = time.monotonic()
     assert ensure_topic(settings) is True
     stream = fleet_day()
