@@ -108,12 +108,7 @@ def at_version(gold_location: str, version: int | None) -> Watermark:
     if version is None:
         return NONE
     found = newest_entry(gold_location, version)
-    if found is not None:
-        return found
-    try:
-        return kept(gold_location, version)
-    except LakeError:  # a store delta-rs cannot open without settings of its own: nothing was kept there
-        return NONE
+    return found if found is not None else kept(gold_location, version)
 
 
 def newest_entry(gold_location: str, version: int) -> Watermark | None:
@@ -127,10 +122,18 @@ def newest_entry(gold_location: str, version: int) -> Watermark | None:
 
 
 def kept(gold_location: str, version: int | None = None) -> Watermark:
-    """The watermark `keep` left in gold's table property at `version` (the newest by default)."""
+    """The watermark `keep` left in gold's table property at `version` (the newest by default); NONE on a store
+    delta-rs cannot open without settings of its own, where nothing was kept."""
     from lake.deltars import open_table
 
-    text = open_table(gold_location, version).metadata().configuration.get(PROPERTY)
+    try:
+        return _kept_in(open_table(gold_location, version).metadata().configuration)
+    except LakeError:
+        return NONE
+
+
+def _kept_in(configuration: dict[str, str]) -> Watermark:
+    text = configuration.get(PROPERTY)
     try:
         found = _of(json.loads(text)) if text else None
     except ValueError:
@@ -151,7 +154,7 @@ def keep(gold_location: str) -> bool:
     def copy() -> bool:
         table = open_table(gold_location)
         entry = newest_entry(gold_location, table.version())
-        if entry is None or _reach(entry) <= _reach(kept(gold_location, table.version())):
+        if entry is None or _reach(entry) <= _reach(_kept_in(table.metadata().configuration)):
             return False
         table.alter.set_table_properties({PROPERTY: json.dumps(asdict(entry))}, raise_if_not_exists=False)
         return True

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from lake import checkpoint, deltalog, watermark
 from lake.conflicts import retry_on_conflict
-from lake.errors import LakeError
 from lake.rows import first_row
 from lake.tables import LakePaths, Table
 from lake.watermark import Watermark
@@ -57,15 +56,8 @@ class LakeWriter:
     def recorded_watermark(self) -> Watermark:
         """The watermark of gold's newest commit that records one, or else the one kept in gold's table property
         past log cleanup (lake.watermark)."""
-
-        gold = self.paths.table(Table.GOLD)
         found = self.newest_entry(Table.GOLD)
-        if found is not None:
-            return found
-        try:
-            return watermark.kept(gold)
-        except LakeError:  # a store delta-rs cannot open without settings of its own: nothing was kept there
-            return watermark.NONE
+        return found if found is not None else watermark.kept(self.paths.table(Table.GOLD))
 
     def newest_entry(self, table: Table) -> Watermark | None:
         """The watermark entry of the table's newest commit that records one: the stream's commits to silver carry
@@ -103,7 +95,7 @@ class LakeWriter:
         microseconds, up to CLASSIFIED_SECONDS + 1 of them) when the caller knows them already. Gold's commits
         record the watermark `mark`; each reading records the one it arrived at, `arrival_us` (Unix microseconds,
         None before the first); only the stream passes `mark`. `first_run`: the batch is run again after a crash that
-        followed its gold commit, whose readings lay between these times (Unix microseconds; `lo` and `hi` cover
+        followed its first commit (gold's, or silver's in a backlog's batch), whose readings lay between these times (Unix microseconds; `lo` and `hi` cover
         them): gold's seconds there are recomputed from silver too, and those silver holds nothing in go.
 
         Gold goes first, since answers wait for it: the KPIs of each second the batch touched are computed from
@@ -176,7 +168,7 @@ class LakeWriter:
         # lands on.
         before = deltalog.latest_version(silver_path)
         classified = len(touched) <= CLASSIFIED_SECONDS  # past it, every second is taken as held: exact, slower
-        # A batch run again after its gold commit goes silver first, then recomputes gold: gold's MERGE from the
+        # A batch run again after its first commit goes silver first, then recomputes gold: gold's MERGE from the
         # batch alone would keep the first run's rows of seconds this run no longer yields.
         gold_first = from_batch and classified and first_run is None
         if gold_first:
