@@ -7,6 +7,8 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,3 +112,22 @@ def pipeline_lake(broker, tmp_path_factory) -> PipelineLake:  # type: ignore[no-
     seconds = time.monotonic() - started
     print(f"\npipeline_lake: {len(stream.sent)} messages produced and run through the pipeline in {seconds:.1f} s")
     return PipelineLake(settings, stream.reference(), len(stream.sent), seconds)
+
+
+@contextmanager
+def running_s3(bucket: str) -> Iterator:  # type: ignore[type-arg]
+    """S3Proxy on a free port with an empty `bucket`; while it runs, the standard AWS_* variables point this process
+    (and the `lakehouse` commands it starts) at it."""
+    from bench.processes import free_port
+    from pipeline.s3server import LocalS3Server
+
+    server = LocalS3Server(home=HOME, port=free_port())
+    shutil.rmtree(server.folder, ignore_errors=True)
+    server.start((bucket,))
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in server.client_env().items():
+                patch.setenv(name, value)
+            yield server
+    finally:
+        server.stop()

@@ -5,7 +5,6 @@ through DuckDB and delta-rs, a kill -9 still leaves exact tables, and a missing 
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import time
 from collections import Counter
@@ -16,10 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.processes import free_port, lakehouse, running_api, start_lakehouse
+from bench.processes import lakehouse, running_api, start_lakehouse
 from lake.settings import Settings
 from lake.tables import LakePaths
-from tests.conftest import HOME
+from tests.conftest import running_s3
 from tests.reference import Reference, assert_kpis_equal, assert_rollups_equal, expected_rollups, gold_kpis, rollup_kpis
 from tests.stream import Stream, dumps, few_devices
 
@@ -32,18 +31,8 @@ DAY_FIRST = "%d/%m/%Y %H:%M:%S"
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator:  # type: ignore[type-arg]
-    """S3Proxy on a free port with an empty bucket; the standard AWS_* variables point this process (and the
-    `lakehouse` commands it starts) at it."""
-    from pipeline.s3server import LocalS3Server
-
-    server = LocalS3Server(home=HOME, port=free_port())
-    shutil.rmtree(server.folder, ignore_errors=True)
-    server.start((BUCKET,))
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in server.client_env().items():
-            patch.setenv(name, value)
+    with running_s3(BUCKET) as server:
         yield server
-    server.stop()
 
 
 def s3_settings(lake_settings: Settings, tmp_path: Path, root: str) -> Settings:

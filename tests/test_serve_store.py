@@ -5,7 +5,6 @@ so no Spark is needed."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +13,6 @@ import pyarrow as pa
 import pytest
 from deltalake import write_deltalake
 
-from bench.processes import free_port
 from lake import deltalog, objectstore
 from lake.deltars import open_table
 from lake.tables import SCHEMAS, LakePaths, Table
@@ -22,7 +20,7 @@ from lake.timestamps import Grain
 from pipeline.s3server import LocalS3Server
 from serve import queries
 from serve.snapshot import SnapshotStore
-from tests.conftest import HOME
+from tests.conftest import running_s3
 
 START = datetime(2024, 7, 30, 12, 0, 0, tzinfo=UTC)
 # When the rows first loaded were computed; a replay's rows were computed earlier and committed later.
@@ -139,15 +137,8 @@ BUCKET = "served"
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[LocalS3Server]:
-    """S3Proxy on a free port with an empty bucket; the standard AWS_* variables point this process at it."""
-    server = LocalS3Server(home=HOME, port=free_port())
-    shutil.rmtree(server.folder, ignore_errors=True)
-    server.start((BUCKET,))
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in server.client_env().items():
-            patch.setenv(name, value)
+    with running_s3(BUCKET) as server:
         yield server
-    server.stop()
 
 
 @pytest.fixture(params=["local disk", "s3"])
