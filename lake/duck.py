@@ -11,10 +11,11 @@ from pathlib import Path
 
 import duckdb
 
-from lake import deltalog, objectstore, watermark
+from lake import deltalog, objectstore, upgrade, watermark
 from lake.errors import LakeError
 from lake.settings import local_path
 from lake.tables import LakePaths, Table
+from lake.upgrade import SILVER_METRIC
 
 
 def extension(name: str) -> Path:
@@ -76,7 +77,9 @@ def table_exists(paths: LakePaths, table: Table) -> bool:
 
 
 def connect(paths: LakePaths, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A connection with the delta extension loaded and one view per existing table."""
+    """A connection with the delta extension loaded and one view per existing table; a lake written before metrics
+    is upgraded first (lake.upgrade)."""
+    upgrade.upgrade_lake(paths)
     connection = duckdb.connect(
         database,
         config={"autoinstall_known_extensions": "false", "autoload_known_extensions": "false"},
@@ -87,6 +90,13 @@ def connect(paths: LakePaths, database: str = ":memory:") -> duckdb.DuckDBPyConn
     return connection
 
 
+# The columns a view leads with: its key, the metric beside the time. Silver's readings written before metrics hold
+# a null metric (lake.upgrade), read as `value`.
+_LEADING = {
+    Table.SILVER: f"device_id, {SILVER_METRIC} AS metric, * EXCLUDE (device_id, metric)",
+    Table.GOLD: "metric, * EXCLUDE (metric)",
+    Table.ROLLUPS: "grain, metric, * EXCLUDE (grain, metric)",
+}
 # A bucket's end, for the `final` column of the gold and rollups views.
 _BUCKET_END = {
     Table.GOLD: '"timestamp" + INTERVAL 1 SECOND',
@@ -112,9 +122,9 @@ def create_views(connection: duckdb.DuckDBPyConnection, paths: LakePaths) -> lis
         if not table_exists(paths, table):
             continue
         location = reader_location(paths.table(table)).replace("'", "''")
-        columns = "*"
+        columns = _LEADING.get(table, "*")
         if table in _BUCKET_END:
-            columns = f"*, coalesce({_BUCKET_END[table]} <= {moment}::TIMESTAMPTZ, false) AS final"
+            columns = f"{columns}, coalesce({_BUCKET_END[table]} <= {moment}::TIMESTAMPTZ, false) AS final"
         connection.execute(f"CREATE OR REPLACE VIEW {table.value} AS SELECT {columns} FROM delta_scan('{location}')")
         created.append(table)
     return created

@@ -151,6 +151,19 @@ class Settings(BaseSettings):
         description="where a new checkpoint starts reading: earliest or latest",
         json_schema_extra=cli("Streaming job"),
     )
+    max_metrics_per_reading: int = Field(
+        100,
+        ge=1,
+        description="metrics one reading may carry; a reading with more is quarantined whole (too_many_metrics)",
+        json_schema_extra=cli("Streaming job"),
+    )
+    max_metrics: int = Field(
+        1000,
+        ge=1,
+        description="distinct metric names the lake keeps; readings of a new name past it are quarantined "
+        "(metric_limit)",
+        json_schema_extra=cli("Streaming job"),
+    )
     extra_timestamp_formats: list[str] = Field(
         default_factory=list,
         description="strptime patterns accepted besides ISO 8601 (no zone means UTC), e.g. %d/%m/%Y %H:%M:%S; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -16,6 +17,14 @@ class Table(str, Enum):
     GOLD = "gold"
     QUARANTINE = "quarantine"
     ROLLUPS = "rollups"
+    METRICS = "metrics"
+
+
+# The metric of a reading that carries `value` alone (contract section 1), and of every reading of a lake written
+# before metrics existed.
+DEFAULT_METRIC = "value"
+# A metric name (contract section 1): a letter, then letters, digits, `_`, `.` or `-`; 1 to 64 characters.
+METRIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 
 
 class KpiValues(msgspec.Struct, kw_only=True):
@@ -56,9 +65,15 @@ SCHEMAS: dict[Table, str] = {
         "`partition` INT NOT NULL, `offset` BIGINT NOT NULL, reading_index INT NOT NULL, "
         # The watermark when the reading's record arrived (lake.watermark): it arrived late for every bucket that
         # ends at or before it. Null for readings written before watermarks were kept.
-        "kafka_timestamp TIMESTAMP, updated_at TIMESTAMP NOT NULL, arrival_watermark TIMESTAMP"
+        "kafka_timestamp TIMESTAMP, updated_at TIMESTAMP NOT NULL, arrival_watermark TIMESTAMP, "
+        # The reading's metric: its identity is (device_id, metric, timestamp). Last and nullable, as a column added
+        # to a table made before metrics; `lake.upgrade` fills it in such a table, so no row holds null once read.
+        "metric STRING"
     ),
-    Table.GOLD: f"`timestamp` TIMESTAMP NOT NULL, {_KPI_COLUMNS}, updated_at TIMESTAMP NOT NULL, {_HISTORY_COLUMNS}",
+    Table.GOLD: (
+        f"`timestamp` TIMESTAMP NOT NULL, {_KPI_COLUMNS}, updated_at TIMESTAMP NOT NULL, {_HISTORY_COLUMNS}, "
+        "metric STRING"
+    ),
     # KPIs per device and of the whole fleet (device_id null) per minute, hour and day; `m2_value` (the sum of
     # squared deviations from the bucket's mean) is what lets buckets combine exactly into coarser ones, as
     # `late_for_hour` and `late_for_day` (readings late for the hour and the day that hold a finer bucket) do for
@@ -67,13 +82,17 @@ SCHEMAS: dict[Table, str] = {
     Table.ROLLUPS: (
         f"grain STRING NOT NULL, device_id STRING, `timestamp` TIMESTAMP NOT NULL, {_KPI_COLUMNS}, "
         f"m2_value DOUBLE NOT NULL, updated_at TIMESTAMP NOT NULL, {_HISTORY_COLUMNS}, "
-        "late_for_hour BIGINT, late_for_day BIGINT, mean_residual DOUBLE"
+        "late_for_hour BIGINT, late_for_day BIGINT, mean_residual DOUBLE, metric STRING"
     ),
     Table.QUARANTINE: (
         "topic STRING NOT NULL, `partition` INT NOT NULL, `offset` BIGINT NOT NULL, reading_index INT, "
         "reason_code STRING NOT NULL, reason STRING NOT NULL, raw STRING, kafka_timestamp TIMESTAMP, "
-        "quarantined_at TIMESTAMP NOT NULL"
+        # The metric a reading's problem is about (`bad_metric`, `bad_value` of a named metric, `metric_limit`);
+        # null for a problem of the whole message or reading.
+        "quarantined_at TIMESTAMP NOT NULL, metric STRING"
     ),
+    # The metric names the lake knows, each once: what LAKEHOUSE_MAX_METRICS bounds (contract section 2).
+    Table.METRICS: "metric STRING NOT NULL, first_seen TIMESTAMP NOT NULL",
 }
 
 

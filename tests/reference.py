@@ -27,29 +27,42 @@ REL_TOL = 1e-9
 ROUNDED_FIELDS = frozenset({"average_value", "sum_value", "stddev_value"})
 
 
+DEFAULT_METRIC = "value"
+
+
 @dataclass
 class Reference:
-    """Valid readings by identity; a later `add` of the same identity is a correction and replaces the value."""
+    """Valid readings by identity (device, time, metric); a later `add` of the same identity is a correction and
+    replaces the value. A reading of the tutorial's form is metric `value`."""
 
-    readings: dict[tuple[str, datetime], float] = field(default_factory=dict)
+    readings: dict[tuple[str, datetime, str], float] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, readings: Iterable[tuple[str, datetime, float]]) -> Reference:
-        """The reference of (device_id, timestamp, value) readings taken in this order."""
+    def of(cls, readings: Iterable[tuple[str, datetime, float] | tuple[str, datetime, float, str]]) -> Reference:
+        """The reference of (device_id, timestamp, value[, metric]) readings taken in this order."""
         reference = cls()
-        for device_id, moment, value in readings:
-            reference.add(device_id, moment, value)
+        for reading in readings:
+            reference.add(*reading)
         return reference
 
-    def add(self, device_id: str, moment: datetime, value: float) -> None:
-        self.readings[(device_id, moment.astimezone(UTC))] = value
+    def add(self, device_id: str, moment: datetime, value: float, metric: str = DEFAULT_METRIC) -> None:
+        self.readings[(device_id, moment.astimezone(UTC), metric)] = value
 
-    def buckets(self, grain: str = "second", device_id: str | None = None) -> dict[datetime, Kpis]:
-        """KPIs per bucket of `grain` (of one device with `device_id`), by bucket start, in time order."""
+    def value(self, device_id: str, moment: datetime, metric: str = DEFAULT_METRIC) -> float | None:
+        return self.readings.get((device_id, moment.astimezone(UTC), metric))
+
+    def metrics(self) -> list[str]:
+        return sorted({metric for _, _, metric in self.readings})
+
+    def buckets(
+        self, grain: str = "second", device_id: str | None = None, metric: str = DEFAULT_METRIC
+    ) -> dict[datetime, Kpis]:
+        """KPIs of one metric per bucket of `grain` (of one device with `device_id`), by bucket start, in time
+        order."""
         width = GRAINS[grain]
         grouped: dict[datetime, tuple[list[float], set[str]]] = {}
-        for (device, moment), value in self.readings.items():
-            if device_id is None or device == device_id:
+        for (device, moment, name), value in self.readings.items():
+            if name == metric and (device_id is None or device == device_id):
                 values, devices = grouped.setdefault(EPOCH + (moment - EPOCH) // width * width, ([], set()))
                 values.append(value)
                 devices.add(device)
@@ -125,29 +138,32 @@ def assert_kpis_equal(got: dict[str, object], expected: dict[str, object], where
             assert have == want, f"{where}: {name} is {have}, expected {want}"
 
 
-def gold_kpis(lake: object) -> dict[datetime, dict[str, object]]:
-    """Gold as DuckDB reads it, by second, with the fields of contract section 4."""
-    rows = lake.sql(f'SELECT "timestamp", {", ".join(KPI_FIELDS)} FROM gold').fetchall()  # type: ignore[attr-defined]
+def gold_kpis(lake: object, metric: str = DEFAULT_METRIC) -> dict[datetime, dict[str, object]]:
+    """Gold as DuckDB reads it, one metric's rows by second, with the fields of contract section 4."""
+    query = f'SELECT "timestamp", {", ".join(KPI_FIELDS)} FROM gold WHERE metric = $metric'
+    rows = lake.execute(query, {"metric": metric}).fetchall()  # type: ignore[attr-defined]
     return {row[0].astimezone(UTC): dict(zip(KPI_FIELDS, row[1:], strict=True)) for row in rows}
 
 
 RollupKey = tuple[str, str | None, datetime]  # grain, device (None: the fleet), bucket start
 
 
-def expected_rollups(reference: Reference) -> dict[RollupKey, dict[str, object]]:
-    """Every bucket the rollups table should hold: per device and of the fleet, per minute, hour and day."""
-    devices = sorted({device for device, _ in reference.readings})
+def expected_rollups(reference: Reference, metric: str = DEFAULT_METRIC) -> dict[RollupKey, dict[str, object]]:
+    """Every bucket of one metric the rollups table should hold: per device and of the fleet, per minute, hour and
+    day."""
+    devices = sorted({device for device, _, name in reference.readings if name == metric})
     found: dict[RollupKey, dict[str, object]] = {}
     for grain in ("minute", "hour", "day"):
         for device in [None, *devices]:
-            for start, values in reference.buckets(grain, device).items():
+            for start, values in reference.buckets(grain, device, metric).items():
                 found[(grain, device, start)] = values
     return found
 
 
-def rollup_kpis(lake: object) -> dict[RollupKey, dict[str, object]]:
-    """The rollups table as DuckDB reads it, by grain, device and bucket start."""
-    rows = lake.sql(f'SELECT grain, device_id, "timestamp", {", ".join(KPI_FIELDS)} FROM rollups').fetchall()  # type: ignore[attr-defined]
+def rollup_kpis(lake: object, metric: str = DEFAULT_METRIC) -> dict[RollupKey, dict[str, object]]:
+    """One metric's rows of the rollups table as DuckDB reads them, by grain, device and bucket start."""
+    query = f'SELECT grain, device_id, "timestamp", {", ".join(KPI_FIELDS)} FROM rollups WHERE metric = $metric'
+    rows = lake.execute(query, {"metric": metric}).fetchall()  # type: ignore[attr-defined]
     return {(row[0], row[1], row[2].astimezone(UTC)): dict(zip(KPI_FIELDS, row[3:], strict=True)) for row in rows}
 
 
@@ -172,11 +188,12 @@ class History:
     late: dict[HistoryKey, int] = field(default_factory=dict)
 
     def batch(self, readings: Sequence[tuple[str, datetime, float]]) -> None:
+        """One micro-batch of readings of metric `value`."""
         latest = Reference.of(readings).readings
         changed = {k: v for k, v in latest.items() if self.reference.readings.get(k) != v}
-        held = {key for device, moment in self.reference.readings for key in _keys(device, moment)}
+        held = {key for device, moment, _ in self.reference.readings for key in _keys(device, moment)}
         revised: set[HistoryKey] = set()
-        for device, moment in changed:
+        for device, moment, _ in changed:
             for key in _keys(device, moment):
                 if key in held:
                     revised.add(key)
@@ -184,10 +201,10 @@ class History:
                     self.late[key] = self.late.get(key, 0) + 1
         for key in revised:
             self.revision[key] = self.revision.get(key, 0) + 1
-        for (device, moment), value in changed.items():
-            self.reference.add(device, moment, value)
+        for (device, moment, metric), value in changed.items():
+            self.reference.add(device, moment, value, metric)
         if readings:
-            candidate = max(moment for _, moment, _ in readings) - self.lateness
+            candidate = max(reading[1] for reading in readings) - self.lateness
             self.watermark = candidate if self.watermark is None else max(self.watermark, candidate)
 
     def state(self, grain: str, device: str | None, start: datetime) -> dict[str, object]:

@@ -25,10 +25,14 @@ def stamp(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# A valid reading a message yields: (device_id, timestamp, value), of metric `value`, or with its metric last.
+Reading = tuple[str, datetime, float] | tuple[str, datetime, float, str]
+
+
 @dataclass(frozen=True)
 class Message:
     payload: bytes
-    readings: tuple[tuple[str, datetime, float], ...] = ()  # valid (device_id, timestamp, value), in message order
+    readings: tuple[Reading, ...] = ()  # valid readings, in message order
     quarantined: tuple[Quarantined, ...] = ()
 
 
@@ -42,7 +46,7 @@ class Stream:
     def send(
         self,
         payload: bytes,
-        readings: Iterable[tuple[str, datetime, float]] = (),
+        readings: Iterable[Reading] = (),
         quarantined: Iterable[Quarantined] = (),
     ) -> Message:
         """Any message as given, with what it must produce: valid readings, quarantine rows."""
@@ -67,6 +71,13 @@ class Stream:
         items = [self.item(moment, value) for moment, value in readings]
         document = {"device_id": device_id, **fields, "readings": items}
         return self.send(dumps(document), [(device_id, moment, value) for moment, value in readings])
+
+    def metrics_batch(self, device_id: str, readings: Sequence[tuple[datetime, dict[str, float]]]) -> Message:
+        """One device's readings of several metrics each (the `metrics` form) in one message."""
+        items = [{"timestamp": self.spell(moment), "metrics": named} for moment, named in readings]
+        document = {"device_id": device_id, "readings": items}
+        found = [(device_id, moment, value, metric) for moment, named in readings for metric, value in named.items()]
+        return self.send(dumps(document), found)
 
     def repeat(self, message: Message) -> Message:
         """The same message sent again: an exact duplicate."""
@@ -115,6 +126,18 @@ def few_devices(start: datetime, messages: int = 120) -> Stream:
 FLEET_DAY = datetime(2024, 7, 30, tzinfo=UTC)
 THERMOMETERS = ("thermo-0", "thermo-1", "thermo-2", "thermo-3")
 METER = "meter-1e8"
+# Pumps that send several metrics at once, each pump its own set.
+PUMP_METRICS = {
+    "pump-0": ("pressure_bar", "flow_m3h", "temperature_c"),
+    "pump-1": ("pressure_bar", "flow_m3h"),
+    "pump-2": ("temperature_c", "battery_pct"),
+}
+_PUMP_RANGES = {
+    "pressure_bar": (1.0, 6.0),
+    "flow_m3h": (0.0, 40.0),
+    "temperature_c": (20.0, 95.0),
+    "battery_pct": (0, 100),
+}
 
 
 def fleet_day(seed: int = 41) -> Stream:
@@ -126,7 +149,10 @@ def fleet_day(seed: int = 41) -> Stream:
     - a meter reads 1e8 +- 1 (to the microunit) in the day's first twelve hours, one to four readings a second, and
       alone in each morning hour's last minute: its standard deviation sits far from its mean at every grain, the
       fleet's too in those minutes, and without it the afternoon's fleet buckets are all thermometers and near zero;
-    - an exact duplicate and a correction, so the lake is what deduplication leaves."""
+    - pumps send several metrics at once (`metrics`), each its own set, so no metric's KPIs hold another's values
+      and each metric's device_count counts the pumps that send it;
+    - an exact duplicate and a correction, so the lake is what deduplication leaves, and a correction of one pump
+      metric that leaves the same instant's other metrics as they were."""
     rng = random.Random(seed)
     stream = Stream()
     for hour in range(24):
@@ -155,6 +181,13 @@ def fleet_day(seed: int = 41) -> Stream:
             for device, readings in by_device.items():
                 if readings:
                     stream.batch(device, sorted(set(readings)))
+            for pump, names in PUMP_METRICS.items():
+                instants = sorted(
+                    {start + timedelta(seconds=s, microseconds=rng.randrange(1_000_000)) for s in seconds}
+                )
+                stream.metrics_batch(
+                    pump, [(at, {n: round(rng.uniform(*_PUMP_RANGES[n]), 3) for n in names}) for at in instants]
+                )
         if hour < 12:  # a minute of the meter alone: the fleet's seconds and minute far from zero too
             alone = FLEET_DAY + timedelta(hours=hour, minutes=59)
             stream.batch(
@@ -173,4 +206,7 @@ def fleet_day(seed: int = 41) -> Stream:
     stream.repeat(stream.sent[5])
     corrected = stream.sent[7].readings[0]
     stream.single(corrected[0], corrected[1], corrected[2] + 0.25)
+    pumped = next(m for m in stream.sent if m.readings and m.readings[0][0] == "pump-0").readings[0]
+    flow = {"device_id": pumped[0], "timestamp": stamp(pumped[1]), "metric": pumped[3], "value": pumped[2] - 0.5}
+    stream.send(dumps(flow), [(pumped[0], pumped[1], pumped[2] - 0.5, pumped[3])])  # one metric corrected alone
     return stream

@@ -37,9 +37,24 @@ def at(seconds: float) -> str:
 class Case:
     name: str
     payload: bytes | None
-    quarantined: list[tuple[int | None, str]] = field(default_factory=list)  # (reading index, reason code)
-    readings: list[tuple[str, datetime, float]] = field(default_factory=list)  # valid readings it carries
+    # (reading index, reason code[, metric]); without a metric, `bad_value` names `value` and the others none
+    quarantined: list[tuple[int | None, str] | tuple[int | None, str, str | None]] = field(default_factory=list)
+    # valid readings it carries: (device, time, value[, metric])
+    readings: list[tuple[str, datetime, float] | tuple[str, datetime, float, str]] = field(default_factory=list)
     after_replay: list[tuple[int | None, str]] | None = None  # quarantine once DAY_FIRST is accepted
+
+    def quarantine_rows(self, replayed: bool = False) -> list[tuple[int | None, str, str | None]]:
+        listed = self.after_replay if replayed and self.after_replay is not None else self.quarantined
+        return [_with_metric(entry) for entry in listed]
+
+
+def _with_metric(
+    entry: tuple[int | None, str] | tuple[int | None, str, str | None],
+) -> tuple[int | None, str, str | None]:
+    if len(entry) == 3:
+        return entry  # type: ignore[return-value]
+    index, reason = entry[0], entry[1]
+    return (index, reason, "value" if reason == "bad_value" else None)
 
 
 def reading(device: str, seconds: float, value: float) -> dict[str, object]:
@@ -50,7 +65,99 @@ def one(device: str, seconds: float, value: float) -> tuple[str, datetime, float
     return (device, T0 + timedelta(seconds=seconds), value)
 
 
-def cases(limit: int) -> list[Case]:
+def named(device: str, seconds: float, value: float, metric: str) -> tuple[str, datetime, float, str]:
+    return (device, T0 + timedelta(seconds=seconds), value, metric)
+
+
+# The names the valid cases use: the test lake keeps exactly as many (LAKEHOUSE_MAX_METRICS), so a new name sent
+# after them (`zone.humidity_pct`, last in name order too) is refused.
+KNOWN_NAMES = ("value", "pressure_bar", "flow_m3h", "motor.rpm", "temperature_c", "battery_pct")
+
+
+def metric_cases(per_reading_limit: int) -> list[Case]:
+    """Contract sections 1-3 on metrics: each form, and each way a metric is bad."""
+    return [
+        Case(
+            "metric + value",
+            dumps({"device_id": "m-1", "timestamp": at(30), "metric": "pressure_bar", "value": 2.5}),
+            readings=[named("m-1", 30, 2.5, "pressure_bar")],
+        ),
+        # The same instant's pressure again with another value: a correction of that metric alone.
+        Case(
+            "metrics, one a correction",
+            dumps({"device_id": "m-1", "timestamp": at(30), "metrics": {"pressure_bar": 2.75, "flow_m3h": 12}}),
+            readings=[named("m-1", 30, 2.75, "pressure_bar"), named("m-1", 30, 12.0, "flow_m3h")],
+        ),
+        Case(
+            "bad names beside a good one",
+            dumps({"device_id": "m-2", "timestamp": at(31), "metrics": {"temperature_c": 41.2, "9lives": 1, "a b": 2}}),
+            [(0, "bad_metric", "9lives"), (0, "bad_metric", "a b")],
+            [named("m-2", 31, 41.2, "temperature_c")],
+        ),
+        Case(
+            "non-finite metric beside good ones",
+            f'{{"device_id": "m-2", "timestamp": "{at(32)}", "metrics": {{"motor.rpm": 1450, "flow_m3h": 1e999, '
+            f'"battery_pct": "full", "temperature_c": 40.5}}}}'.encode(),
+            [(0, "bad_value", "flow_m3h"), (0, "bad_value", "battery_pct")],
+            [named("m-2", 32, 1450.0, "motor.rpm"), named("m-2", 32, 40.5, "temperature_c")],
+        ),
+        Case(
+            "value and metrics both",
+            dumps({"device_id": "m-3", "timestamp": at(33), "value": 1, "metrics": {"flow_m3h": 2}}),
+            [(0, "bad_shape", None)],
+        ),
+        Case(
+            "metric without value",
+            dumps({"device_id": "m-3", "timestamp": at(33), "metric": "flow_m3h"}),
+            [(0, "missing_value", "flow_m3h")],
+        ),
+        Case("empty metrics", dumps({"device_id": "m-3", "timestamp": at(33), "metrics": {}}), [(0, "missing_value")]),
+        Case(
+            "too many metrics",
+            dumps(
+                {
+                    "device_id": "m-3",
+                    "timestamp": at(34),
+                    "metrics": {f"m{i}": i for i in range(per_reading_limit + 1)},
+                }
+            ),
+            [(0, "too_many_metrics", None)],
+        ),
+        Case(
+            "a batch of metric readings",
+            dumps(
+                {
+                    "device_id": "m-4",
+                    "readings": [
+                        {"timestamp": at(35), "metrics": {"battery_pct": 80, "temperature_c": 39}},
+                        {"timestamp": at(36), "value": 7},
+                        {"timestamp": at(36), "metric": "bad name", "value": 1},
+                    ],
+                }
+            ),
+            [(2, "bad_metric", "bad name")],
+            [
+                named("m-4", 35, 80.0, "battery_pct"),
+                named("m-4", 35, 39.0, "temperature_c"),
+                one("m-4", 36, 7.0),
+            ],
+        ),
+        Case(
+            "day-first timestamp, two metrics",
+            dumps({"device_id": "eu-2", "timestamp": "30/07/2024 12:00:38", "metrics": {"flow_m3h": 3, "value": 4}}),
+            [(0, "bad_timestamp", None)],
+            after_replay=[],
+        ),
+        Case(
+            "a name past the lake's limit",
+            dumps({"device_id": "m-5", "timestamp": at(37), "metrics": {"zone.humidity_pct": 55, "battery_pct": 70}}),
+            [(0, "metric_limit", "zone.humidity_pct")],
+            [named("m-5", 37, 70.0, "battery_pct")],
+        ),
+    ]
+
+
+def cases(limit: int, per_reading_limit: int = 100) -> list[Case]:
     ok = reading("ok-1", 1, 1.0)
     found = [
         Case("not JSON", b"temperature=21.5", [(None, "not_json")]),
@@ -126,6 +233,7 @@ def cases(limit: int) -> list[Case]:
     )
     found.append(batch)
     found.append(big_batch(limit))
+    found += metric_cases(per_reading_limit)
     found.append(Case("valid reading after all of them", dumps(ok), readings=[one("ok-1", 1, 1.0)]))
     return found
 
@@ -174,24 +282,29 @@ def send_raw(settings: Settings, payloads: list[bytes | None]) -> list[tuple[int
     return [where[n] for n in range(len(payloads))]
 
 
-def quarantine_by_record(settings: Settings) -> dict[tuple[int, int], list[tuple[int | None, str]]]:
+def quarantine_by_record(settings: Settings) -> dict[tuple[int, int], list[tuple[int | None, str, str | None]]]:
     lake = duck.connect(LakePaths.from_settings(settings))
-    rows = lake.sql('SELECT "partition", "offset", reading_index, reason_code FROM quarantine').fetchall()
-    found: dict[tuple[int, int], list[tuple[int | None, str]]] = {}
-    for partition, offset, index, reason in rows:
-        found.setdefault((partition, offset), []).append((index, reason))
-    return {key: sorted(value, key=lambda entry: (entry[0] is not None, entry[0] or 0)) for key, value in found.items()}
+    rows = lake.sql('SELECT "partition", "offset", reading_index, reason_code, metric FROM quarantine').fetchall()
+    found: dict[tuple[int, int], list[tuple[int | None, str, str | None]]] = {}
+    for partition, offset, index, reason, metric in rows:
+        found.setdefault((partition, offset), []).append((index, reason, metric))
+    return {
+        key: sorted(value, key=lambda entry: (entry[0] is not None, entry[0] or 0, entry[2] or ""))
+        for key, value in found.items()
+    }
 
 
 def assert_kpi_tables(settings: Settings, reference: Reference) -> None:
-    """Gold and the rollups equal the reference's buckets."""
+    """Gold and the rollups equal the reference's buckets, metric by metric; they hold no other metric."""
     lake = duck.connect(LakePaths.from_settings(settings))
-    assert_rollups_equal(rollup_kpis(lake), expected_rollups(reference))
-    gold = gold_kpis(lake)
-    expected = reference.buckets()
-    assert set(gold) == set(expected)
-    for second, want in expected.items():
-        assert_kpis_equal(gold[second], want, f"gold {second}")
+    assert sorted(row[0] for row in lake.sql("SELECT DISTINCT metric FROM gold").fetchall()) == reference.metrics()
+    for metric in reference.metrics():
+        assert_rollups_equal(rollup_kpis(lake, metric), expected_rollups(reference, metric))
+        gold = gold_kpis(lake, metric)
+        expected = reference.buckets(metric=metric)
+        assert set(gold) == set(expected), metric
+        for second, want in expected.items():
+            assert_kpis_equal(gold[second], want, f"gold {metric} {second}")
 
 
 def audit(settings: Settings) -> dict[str, object]:
@@ -202,7 +315,8 @@ def audit(settings: Settings) -> dict[str, object]:
 
 
 def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_settings: Settings, topic: str) -> None:
-    found = cases(lake_settings.max_message_bytes)
+    lake_settings = lake_settings.model_copy(update={"max_metrics": len(KNOWN_NAMES)})
+    found = cases(lake_settings.max_message_bytes, lake_settings.max_metrics_per_reading)
     where = send_raw(lake_settings, [case.payload for case in found])
     run = lakehouse(lake_settings, "pipeline", "--available-now")
     assert run.returncode == 0, run.stderr[-5000:]
@@ -213,7 +327,7 @@ def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_
     for case, record in zip(found, where, strict=True):
         got = quarantined.get(record, [])
         table.append(f"{case.name:34} -> {got if got else 'silver'}")
-        assert got == case.quarantined, case.name
+        assert got == sorted(case.quarantine_rows(), key=lambda e: (e[0] is not None, e[0] or 0, e[2] or "")), case.name
     print("\n".join(table))
     reference = Reference.of(reading for case in found for reading in case.readings)
     assert_kpi_tables(lake_settings, reference)
@@ -225,9 +339,9 @@ def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_
     assert totals["bronze_records"] == len(found)
     assert totals["readings_accepted"] == sum(len(case.readings) for case in found)
     assert totals["readings_quarantined"] == sum(
-        1 for case in found for index, _ in case.quarantined if index is not None
+        1 for case in found for index, *_ in case.quarantined if index is not None
     )
-    assert totals["messages_quarantined"] == sum(1 for case in found for index, _ in case.quarantined if index is None)
+    assert totals["messages_quarantined"] == sum(1 for case in found for index, *_ in case.quarantined if index is None)
     assert sum(p["kafka_end_offset"] - p["kafka_first_offset"] for p in report["partitions"]) == len(found)
     assert all(p["not_yet_ingested"] == 0 for p in report["partitions"])
 
@@ -238,14 +352,16 @@ def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_
     assert not stale["ok"]
     failed = {c["name"]: c["detail"] for c in stale["checks"] if not c["ok"]}
     assert failed == {
-        "every valid reading is in silver": "2 valid readings whose identity is missing from silver",
-        "quarantine holds only what the current rules reject": "2 quarantine rows the current rules accept "
+        "every valid reading is in silver": "4 valid readings whose identity is missing from silver",
+        "quarantine holds only what the current rules reject": "3 quarantine rows the current rules accept "
         "(`lakehouse replay` moves them) or that match no bronze record",
-        "accepted + quarantined = readings in the message": "2 bronze records whose accepted and quarantined "
+        "accepted + quarantined = readings in the message": "3 bronze records whose accepted and quarantined "
         "readings do not add up to the readings in the message",
     }
     reference.add("eu-1", T0 + timedelta(seconds=7), 7.5)
     reference.add("batch-1", T0 + timedelta(seconds=9), 90.0)
+    reference.add("eu-2", T0 + timedelta(seconds=38), 3.0, "flow_m3h")
+    reference.add("eu-2", T0 + timedelta(seconds=38), 4.0)
 
     # A replay killed after its silver commit (gold's came before it, quarantine's after), then run to the end, then again.
     crashed = lakehouse(
@@ -258,11 +374,11 @@ def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_
     assert crashed.returncode != 0
     done = lakehouse(new_rules, "replay", "--reason", "bad_timestamp")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 readings now valid" in done.stderr
+    assert "4 readings now valid" in done.stderr
     assert_kpi_tables(lake_settings, reference)
     quarantined = quarantine_by_record(lake_settings)
     for case, record in zip(found, where, strict=True):
-        expected = case.quarantined if case.after_replay is None else case.after_replay
+        expected = sorted(case.quarantine_rows(True), key=lambda e: (e[0] is not None, e[0] or 0, e[2] or ""))
         assert quarantined.get(record, []) == expected, case.name
     reasons = (
         duck.connect(LakePaths.from_settings(lake_settings))
@@ -277,7 +393,7 @@ def test_bad_input_lands_in_quarantine_and_replay_moves_what_becomes_valid(lake_
     assert_kpi_tables(lake_settings, reference)
     after = audit(new_rules)
     assert after["ok"], after["checks"]
-    assert after["totals"]["readings_accepted"] == report["totals"]["readings_accepted"] + 2
+    assert after["totals"]["readings_accepted"] == report["totals"]["readings_accepted"] + 4
 
 
 def test_a_message_over_the_broker_limit_is_refused_by_the_broker(lake_settings: Settings, topic: str) -> None:

@@ -12,7 +12,7 @@ from tests.reference import Reference, assert_kpis_equal
 pytestmark = pytest.mark.spark
 
 T0 = datetime(2024, 7, 30, 12, 0, tzinfo=UTC)
-READINGS_DDL = "device_id STRING, `timestamp` TIMESTAMP, value DOUBLE, topic STRING, `partition` INT, `offset` BIGINT, reading_index INT, kafka_timestamp TIMESTAMP, arrival_watermark TIMESTAMP"
+READINGS_DDL = "device_id STRING, `timestamp` TIMESTAMP, value DOUBLE, topic STRING, `partition` INT, `offset` BIGINT, reading_index INT, kafka_timestamp TIMESTAMP, arrival_watermark TIMESTAMP, metric STRING"
 
 
 def test_later_record_wins(spark) -> None:  # type: ignore[no-untyped-def]
@@ -32,13 +32,16 @@ def test_later_record_wins(spark) -> None:  # type: ignore[no-untyped-def]
         # another microsecond is another reading
         ("a", T0 + timedelta(microseconds=1), 3.0, "t", 0, 2, 0, k, None),
     ]
+    rows = [(*row, "value") for row in rows]
+    # Another metric of the same device and instant is another reading, whatever the record order says.
+    rows += [("a", T0, 11.0, "t", 0, 1, 0, k, None, "flow"), ("a", T0, 12.0, "t", 0, 1, 0, k, None, "temp")]
     frame = spark.createDataFrame(rows, READINGS_DDL)
     result = {
-        (r.device_id, r.timestamp.replace(tzinfo=UTC) if r.timestamp.tzinfo is None else r.timestamp): r.value
+        (r.device_id, r.metric, r.timestamp.replace(tzinfo=UTC) if r.timestamp.tzinfo is None else r.timestamp): r.value
         for r in latest_per_identity(frame).collect()
     }
-    assert sorted(result.values()) == [2.0, 3.0, 6.0, 8.0]
-    assert len(result) == 4
+    assert sorted(result.values()) == [2.0, 3.0, 6.0, 8.0, 11.0, 12.0]
+    assert result[("a", "flow", T0)] == 11.0 and result[("a", "value", T0)] == 2.0
 
 
 def _resent_readings(seed: int, count: int) -> list[tuple[object, ...]]:
@@ -58,7 +61,7 @@ def _resent_readings(seed: int, count: int) -> list[tuple[object, ...]]:
                 rng.random(),
             )
         arrived = k + timedelta(milliseconds=rng.randrange(3))
-        rows.append((device, moment, value, "t", rng.randrange(4), i // 3, i % 3, arrived, None))
+        rows.append((device, moment, value, "t", rng.randrange(4), i // 3, i % 3, arrived, None, "value"))
     return rows
 
 
@@ -113,8 +116,8 @@ def test_kpis_per_second_match_python(spark) -> None:  # type: ignore[no-untyped
     readings.append(("solo", T0 + timedelta(seconds=30, microseconds=5), 4.25))  # a second with one reading
     # Half the readings arrived when the watermark stood at T0 + 10 s: late for the seconds before it.
     marks = [T0 + timedelta(seconds=10) if i % 2 else None for i in range(len(readings))]
-    ddl = "device_id STRING, `timestamp` TIMESTAMP, value DOUBLE, arrival_watermark TIMESTAMP"
-    frame = spark.createDataFrame([(*r, m) for r, m in zip(readings, marks, strict=True)], ddl)
+    ddl = "device_id STRING, `timestamp` TIMESTAMP, value DOUBLE, arrival_watermark TIMESTAMP, metric STRING"
+    frame = spark.createDataFrame([(*r, m, "value") for r, m in zip(readings, marks, strict=True)], ddl)
     got = {row.timestamp.replace(tzinfo=UTC): row for row in kpis_per_second(frame).collect()}
 
     expected = Reference.of(readings).buckets("second")
@@ -132,11 +135,11 @@ def test_kpis_per_second_match_python(spark) -> None:  # type: ignore[no-untyped
     # The fingerprint is the same for the same readings in any order and any partitioning, and another for another
     # value: a recompute is not taken for a change, a correction is.
     shuffled = readings[::-1]
-    again = spark.createDataFrame([(*r, None) for r in shuffled], ddl).repartition(5)
+    again = spark.createDataFrame([(*r, None, "value") for r in shuffled], ddl).repartition(5)
     refingered = {row.timestamp.replace(tzinfo=UTC): row.fingerprint for row in kpis_per_second(again).collect()}
     assert refingered == {second: row.fingerprint for second, row in got.items()}
     corrected = [(d, t, v + 1.0 if i == 0 else v) for i, (d, t, v) in enumerate(readings)]
-    changed = spark.createDataFrame([(*r, None) for r in corrected], ddl)
+    changed = spark.createDataFrame([(*r, None, "value") for r in corrected], ddl)
     second = readings[0][1].replace(microsecond=0)
     moved = {row.timestamp.replace(tzinfo=UTC): row.fingerprint for row in kpis_per_second(changed).collect()}
     assert moved[second] != got[second].fingerprint

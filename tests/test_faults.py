@@ -31,7 +31,8 @@ RANDOM_KILLS = 2
 
 
 def build_stream(rng: random.Random) -> Stream:
-    """Over 20,000 readings: singles, batches, exact duplicates, corrections and invalid input, shuffled."""
+    """Over 20,000 readings: singles, batches of one metric and of several (the `metrics` form), exact duplicates,
+    corrections (of a whole reading, and of one metric alone) and invalid input, shuffled."""
     stream = Stream()
     devices = [f"dev-{i:02d}" for i in range(30)]
 
@@ -42,8 +43,27 @@ def build_stream(rng: random.Random) -> Stream:
     for _ in range(600):
         device, at = rng.choice(devices), moment()
         singles.append(stream.single(device, at, round(rng.uniform(0, 100), 3)))
-    for _ in range(80):
+    for number in range(80):
         device = rng.choice(devices)
+        if number % 2:  # a pump's pressure, flow and temperature at each instant
+            named = [
+                (
+                    moment(),
+                    {
+                        "pressure_bar": round(rng.uniform(1, 6), 3),
+                        "flow_m3h": round(rng.gauss(20, 4), 3),
+                        "temperature_c": round(rng.gauss(60, 8), 2),
+                    },
+                )
+                for _ in range(100)
+            ]
+            pumped = stream.metrics_batch(device, named)
+            device_id, at, value, metric = pumped.readings[0]  # type: ignore[misc]
+            stream.send(  # one metric corrected alone: the instant's other metrics stay
+                dumps({"device_id": device_id, "timestamp": stamp(at), "metric": metric, "value": value + 1.0}),
+                [(device_id, at, value + 1.0, metric)],
+            )
+            continue
         readings = []
         for _ in range(250):
             at = moment()
@@ -190,15 +210,18 @@ def test_crashes_and_broker_restart_change_nothing(broker, lake_settings: Settin
     total, distinct = lake.sql('SELECT count(*), count(DISTINCT (topic, "partition", "offset")) FROM bronze').fetchone()
     assert total == distinct == len(messages)
     silver = {
-        (d, t.astimezone(UTC)): v for d, t, v in lake.sql('SELECT device_id, "timestamp", value FROM silver').fetchall()
+        (d, t.astimezone(UTC), m): v
+        for d, t, v, m in lake.sql('SELECT device_id, "timestamp", value, metric FROM silver').fetchall()
     }
     assert silver == reference.readings
-    gold = gold_kpis(lake)
-    expected = reference.buckets()
-    assert set(gold) == set(expected)
-    for second, want in expected.items():
-        assert_kpis_equal(gold[second], want, f"gold {second}")
-    assert_rollups_equal(rollup_kpis(lake), expected_rollups(reference))
+    assert reference.metrics() == ["flow_m3h", "pressure_bar", "temperature_c", "value"]
+    for metric in reference.metrics():
+        gold = gold_kpis(lake, metric)
+        expected = reference.buckets(metric=metric)
+        assert set(gold) == set(expected), metric
+        for second, want in expected.items():
+            assert_kpis_equal(gold[second], want, f"gold {metric} {second}")
+        assert_rollups_equal(rollup_kpis(lake, metric), expected_rollups(reference, metric))
     quarantine = lake.sql('SELECT reason_code, reading_index, "partition", "offset" FROM quarantine').fetchall()
     assert Counter((code, index) for code, index, _, _ in quarantine) == expected_quarantine
     assert len({(p, o, i) for _, i, p, o in quarantine}) == len(quarantine)

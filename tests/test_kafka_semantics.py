@@ -151,8 +151,8 @@ def test_offsets_decide_within_a_partition_and_aborted_records_never_count(broke
     transaction(settings, fleet, False, [(1, "pump-3", second[2], -5.0), (0, "pump-5", second[3], 99.0)])
     transaction(settings, fleet, True, [(1, "pump-7", second[7], 11.0)])
     expected = fleet.expected()
-    assert expected.readings[("pump-1", second[0])] == 2.0 and expected.readings[("pump-3", second[2])] == 21.0
-    assert expected.readings[("pump-6", second[6])] == 9.0 and expected.readings[("pump-4", second[5])] == 1.5
+    assert expected.value("pump-1", second[0]) == 2.0 and expected.value("pump-3", second[2]) == 21.0
+    assert expected.value("pump-6", second[6]) == 9.0 and expected.value("pump-4", second[5]) == 1.5
     # Offsets skipped for transactions are told apart from lost ones only when the pipeline looks for lost ones.
     run = lakehouse(settings, "pipeline", "--available-now", env_extra={"LAKEHOUSE_FAIL_ON_DATA_LOSS": "false"})
     assert run.returncode == 0, run.stderr[-5000:]

@@ -250,3 +250,105 @@ def test_extra_timestamp_formats_are_tried_after_iso_8601() -> None:
         [message, b'{"device_id": "d", "timestamp": "2024-07-30T14:00:01Z", "value": 1}'], day_first
     )
     assert parsed.reason_code == [None, None] and parsed.timestamp_us[0] == parsed.timestamp_us[1] == 1722348001000000
+
+
+def metric_rows(parsed: ParsedMessage) -> list[tuple[object, ...]]:
+    return list(
+        zip(parsed.device_id, parsed.metric, parsed.value, parsed.reading_index, parsed.reason_code, strict=True)
+    )
+
+
+def test_the_three_forms_of_a_readings_metrics() -> None:
+    at = '"timestamp": "2024-07-30T12:00:00Z"'
+    parsed = parse_messages(
+        [
+            f'{{"device_id": "p", {at}, "value": 1.5}}'.encode(),
+            f'{{"device_id": "p", {at}, "metric": "pressure_bar", "value": 2}}'.encode(),
+            f'{{"device_id": "p", {at}, "metrics": {{"flow_m3h": 12.0, "motor.rpm": 1450, "Temp-C": -3}}}}'.encode(),
+            f'{{"device_id": "p", "readings": [{{{at}, "metrics": {{"a": 1}}}}, {{{at}, "value": 3}}]}}'.encode(),
+        ]
+    )
+    assert metric_rows(parsed) == [
+        ("p", "value", 1.5, 0, None),
+        ("p", "pressure_bar", 2.0, 0, None),
+        ("p", "flow_m3h", 12.0, 0, None),
+        ("p", "motor.rpm", 1450.0, 0, None),
+        ("p", "Temp-C", -3.0, 0, None),
+        ("p", "a", 1.0, 0, None),
+        ("p", "value", 3.0, 1, None),
+    ]
+    assert parsed.source == [0, 1, 2, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("quantities", "expected"),
+    [
+        ('"metrics": {"ok": 1, "9lives": 2}', [("ok", None), ("9lives", "bad_metric")]),
+        ('"metrics": {"ok": 1, "": 2}', [("ok", None), ("", "bad_metric")]),
+        ('"metrics": {"' + "x" * 65 + '": 2}', [("x" * 65, "bad_metric")]),
+        ('"metrics": {"' + "x" * 64 + '": 2}', [("x" * 64, None)]),
+        ('"metrics": {"a b": 2, "ok": 3}', [("a b", "bad_metric"), ("ok", None)]),
+        ('"metrics": {"ok": 1, "hot": 1e999}', [("ok", None), ("hot", "bad_value")]),
+        ('"metrics": {"ok": 1, "s": "42", "n": null, "b": true}', [("ok", None)] + [(m, "bad_value") for m in "snb"]),
+        ('"metrics": {}', [(None, "missing_value")]),
+        ('"metrics": null', [(None, "missing_value")]),
+        ('"metrics": [1, 2]', [(None, "bad_shape")]),
+        ('"metrics": {"a": 1}, "value": 2', [(None, "bad_shape")]),
+        ('"metrics": {"a": 1}, "metric": "a"', [(None, "bad_shape")]),
+        ('"metric": "flow"', [("flow", "missing_value")]),
+        ('"metric": "9x", "value": 1', [("9x", "bad_metric")]),
+        ('"metric": 7, "value": 1', [(None, "bad_metric")]),
+        ('"metric": "flow", "value": "x"', [("flow", "bad_value")]),
+        ('"value": "x"', [("value", "bad_value")]),
+        ("", [(None, "missing_value")]),
+    ],
+)
+def test_each_metric_is_judged_alone(quantities: str, expected: list[tuple[str | None, str | None]]) -> None:
+    separator = ", " if quantities else ""
+    payload = f'{{"device_id": "p", "timestamp": "2024-07-30T12:00:00Z"{separator}{quantities}}}'.encode()
+    parsed = parse_messages([payload])
+    assert list(zip(parsed.metric, parsed.reason_code, strict=True)) == expected
+    # A quarantine row of one metric carries the whole reading, so that `lakehouse replay` can read it again.
+    for raw, reason in zip(parsed.raw, parsed.reason_code, strict=True):
+        assert (raw is None) == (reason is None)
+        if raw is not None:
+            assert json.loads(raw)["device_id"] == "p"
+
+
+def test_too_many_metrics_quarantines_the_whole_reading() -> None:
+    from pipeline.stream.parse import Rules
+
+    many = ", ".join(f'"m{i}": {i}' for i in range(4))
+    payload = f'{{"device_id": "p", "timestamp": "2024-07-30T12:00:00Z", "metrics": {{{many}}}}}'.encode()
+    assert parse_messages([payload], Rules(max_metrics_per_reading=4)).reason_code == [None] * 4
+    refused = parse_messages([payload], Rules(max_metrics_per_reading=3))
+    assert refused.reason_code == ["too_many_metrics"] and refused.metric == [None]
+    assert refused.reason[0] is not None and "LAKEHOUSE_MAX_METRICS_PER_READING=3" in refused.reason[0]
+
+
+@given(
+    st.dictionaries(
+        st.text(alphabet="abcXYZ09_.-", min_size=0, max_size=70),
+        st.one_of(
+            st.floats(allow_nan=False, allow_infinity=False), st.integers(-(10**20), 10**20), st.text(max_size=3)
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_metrics_fast_and_slow_paths_agree(named: dict[str, object]) -> None:
+    """Whatever the metrics hold, the typed fast path and the generic one yield the same rows: each valid name and
+    finite number a reading, each other a quarantine row naming its metric."""
+    import re
+
+    payload = json.dumps({"device_id": "p", "timestamp": "2024-07-30T12:00:00Z", "metrics": named}).encode()
+    parsed = parse_messages([payload])
+    expected = []
+    for name, value in named.items():
+        good_name = re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,63}", name) is not None
+        good_value = isinstance(value, (int, float)) and abs(float(value)) != float("inf")
+        reason = None if good_name and good_value else "bad_metric" if not good_name else "bad_value"
+        expected.append((name, float(value) if reason is None else None, reason))  # type: ignore[arg-type]
+    assert sorted(zip(parsed.metric, parsed.value, parsed.reason_code, strict=True), key=str) == sorted(
+        expected, key=str
+    )

@@ -68,17 +68,28 @@ def test_gold_and_rollups_equal_the_reference_at_every_grain(pipeline_lake: Pipe
     lake = connect(LakePaths.from_settings(pipeline_lake.settings))
     silver = lake.sql("SELECT count(*) FROM silver").fetchone()
     assert silver == (len(reference.readings),)
-    misses = _misses(gold_kpis(lake), reference.buckets(), "gold")
-    stored, want = rollup_kpis(lake), expected_rollups(reference)
-    for grain in ("minute", "hour", "day"):
-        for scope in SCOPES:
-            label = f"rollups {grain} of {scope or 'the fleet'}"
-            misses += _misses(
-                {k: v for k, v in stored.items() if k[:2] == (grain, scope)},
-                {k: v for k, v in want.items() if k[:2] == (grain, scope)},
-                label,
-            )
+    # Every metric on its own: the pumps' metrics never mix with each other or with the thermometers' `value`.
+    assert reference.metrics() == ["battery_pct", "flow_m3h", "pressure_bar", "temperature_c", "value"]
+    assert sorted(row[0] for row in lake.sql("SELECT DISTINCT metric FROM gold").fetchall()) == reference.metrics()
+    misses = []
+    for metric in reference.metrics():
+        misses += _misses(gold_kpis(lake, metric), reference.buckets(metric=metric), f"gold {metric}")
+        stored, want = rollup_kpis(lake, metric), expected_rollups(reference, metric)
+        devices = sorted({device for device, _, name in reference.readings if name == metric})
+        assert metric != "value" or devices == sorted((*THERMOMETERS, METER))
+        for grain in ("minute", "hour", "day"):
+            for scope in (None, *devices):
+                label = f"rollups {metric} {grain} of {scope or 'the fleet'}"
+                misses += _misses(
+                    {k: v for k, v in stored.items() if k[:2] == (grain, scope)},
+                    {k: v for k, v in want.items() if k[:2] == (grain, scope)},
+                    label,
+                )
     assert not misses, "\n".join(misses)
+    # device_count counts the devices that reported the metric: the day's pressure comes from two pumps.
+    day = FLEET_DAY
+    assert reference.buckets("day", metric="pressure_bar")[day]["device_count"] == 2
+    assert rollup_kpis(lake, "pressure_bar")[("day", None, day)]["device_count"] == 2
 
 
 def test_the_day_holds_what_makes_it_hard(pipeline_lake: PipelineLake) -> None:

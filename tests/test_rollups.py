@@ -1,6 +1,7 @@
-"""The rollups table: every bucket of every grain, per device and of the fleet, equals an independent recomputation
-from the readings, after micro-batches that add, correct and re-send readings across minutes, hours and days, each
-followed by the rollups query catching up with silver."""
+"""The rollups table: every bucket of every grain and metric, per device and of the fleet, equals an independent
+recomputation from the readings, after micro-batches that add, correct and re-send readings across minutes, hours and
+days, each followed by the rollups query catching up with silver. Device `a` sends the tutorial's `value`; the others
+send `value` and more metrics in the `metrics` form, and metrics of one instant never mix."""
 
 from __future__ import annotations
 
@@ -22,9 +23,24 @@ START = datetime(2024, 7, 30, 23, 58, 30, tzinfo=UTC)  # two minutes before a ne
 DEVICES = ("a", "b", "c")
 
 
+def metrics_of(device: str, value: float) -> dict[str, float]:
+    """The metrics a device sends with `value` at one instant: `a` only `value`, the others more."""
+    named = {"value": value}
+    if device != "a":
+        named["flow_m3h"] = round(value * 2 + 0.5, 3)
+    if device in ("c", "d"):
+        named["temperature_c"] = round(-value / 3, 4)
+    return named
+
+
 def message(device: str, moment: datetime, value: float) -> bytes:
     stamp = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    return json.dumps({"device_id": device, "timestamp": stamp, "value": value}).encode()
+    if device == "a":
+        return json.dumps({"device_id": device, "timestamp": stamp, "value": value}).encode()
+    return json.dumps({"device_id": device, "timestamp": stamp, "metrics": metrics_of(device, value)}).encode()
+
+
+METRICS = ("value", "flow_m3h", "temperature_c")
 
 
 def batches(seed: int = 5) -> list[list[tuple[str, datetime, float]]]:
@@ -45,9 +61,16 @@ def batches(seed: int = 5) -> list[list[tuple[str, datetime, float]]]:
     return [first, second, third, fourth]
 
 
-def stored(spark, paths: LakePaths) -> dict[RollupKey, dict[str, object]]:  # type: ignore[no-untyped-def]
-    rows = spark.read.format("delta").load(paths.table(Table.ROLLUPS)).collect()
+def stored(spark, paths: LakePaths, metric: str = "value") -> dict[RollupKey, dict[str, object]]:  # type: ignore[no-untyped-def]
+    rows = spark.read.format("delta").load(paths.table(Table.ROLLUPS)).where(f"metric = '{metric}'").collect()
     return {(r.grain, r.device_id, r.timestamp.astimezone(UTC)): {f: r[f] for f in KPI_FIELDS} for r in rows}
+
+
+def assert_every_metric(got, reference: Reference) -> None:  # type: ignore[no-untyped-def]
+    """`got(metric)`: rollup rows of one metric; each metric's equal the reference's of that metric alone."""
+    assert reference.metrics() == sorted(METRICS)
+    for metric in METRICS:
+        assert_rollups_equal(got(metric), expected_rollups(reference, metric))
 
 
 def test_rollups_match_the_readings_batch_after_batch(spark, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -76,11 +99,12 @@ def test_rollups_match_the_readings_batch_after_batch(spark, tmp_path: Path, mon
         payloads = [message(*r) for r in readings]
         job.process_batch(records(spark, payloads, offset), batch_id)
         offset += len(payloads)
-        for reading in readings:
-            reference.add(*reading)
+        for device, moment, value in readings:
+            for metric, number in metrics_of(device, value).items():
+                reference.add(device, moment, number, metric)
         # The rollups query catches up with silver's new commits (corrections rewrite files: read again).
         start_rollups(spark, settings, paths, available_now=True).awaitTermination()
-        assert_rollups_equal(stored(spark, paths), expected_rollups(reference))
+        assert_every_metric(lambda metric: stored(spark, paths, metric), reference)
     assert read_once == [True, False, True, True]
     assert ("day", "d", (START + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)) in stored(
         spark, paths
@@ -88,11 +112,16 @@ def test_rollups_match_the_readings_batch_after_batch(spark, tmp_path: Path, mon
 
     # The same rows come out of a rebuild from all of silver.
     silver = spark.read.format("delta").load(paths.table(Table.SILVER))
-    rebuilt = {
-        (r.grain, r.device_id, r.timestamp.astimezone(UTC)): {f: r[f] for f in KPI_FIELDS}
-        for r in rollups.from_readings(silver).collect()
-    }
-    assert_rollups_equal(rebuilt, expected_rollups(reference))
+    all_rebuilt = rollups.from_readings(silver).collect()
+
+    def rebuilt(metric: str) -> dict[RollupKey, dict[str, object]]:
+        return {
+            (r.grain, r.device_id, r.timestamp.astimezone(UTC)): {f: r[f] for f in KPI_FIELDS}
+            for r in all_rebuilt
+            if r.metric == metric
+        }
+
+    assert_every_metric(rebuilt, reference)
 
     # A rollups batch run again (as after a crash between its commit and the checkpoint's) changes no row.
     rerun = RollupsJob(spark, paths)
@@ -103,4 +132,4 @@ def test_rollups_match_the_readings_batch_after_batch(spark, tmp_path: Path, mon
     metrics = last["operationMetrics"]
     assert (metrics.get("numTargetRowsUpdated"), metrics.get("numTargetRowsInserted")) in (("0", "0"), (None, None))
     assert stored(spark, paths) == before
-    assert_rollups_equal(stored(spark, paths), expected_rollups(reference))
+    assert_every_metric(lambda metric: stored(spark, paths, metric), reference)

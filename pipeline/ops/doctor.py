@@ -305,6 +305,56 @@ def _retention(settings: Settings) -> list[Finding]:
     return findings
 
 
+def _metrics(settings: Settings) -> list[Finding]:
+    """How many metric names the lake knows against LAKEHOUSE_MAX_METRICS, how many readings the limit refused, and
+    whether the lake still waits for its upgrade to metrics."""
+    from lake import duck, upgrade
+    from lake.deltars import open_table
+    from lake.tables import Table
+
+    paths = LakePaths.from_settings(settings)
+    findings = []
+    try:
+        waiting = upgrade.pending(paths)
+    except LakeError as exc:
+        return [Finding("metrics", FAIL, str(exc), "see the lake finding above")]
+    if waiting:
+        findings.append(
+            Finding(
+                "metrics upgrade",
+                WARN,
+                f"the lake was written before metrics: {', '.join(t.value for t in waiting)} not upgraded yet",
+                "the pipeline, the API or `lakehouse sql` upgrades it in place when it starts (README, Metrics)",
+            )
+        )
+    if not duck.table_exists(paths, Table.METRICS):
+        return findings
+    known = open_table(paths.table(Table.METRICS)).to_pyarrow_table(columns=["metric"]).num_rows
+    refused = 0
+    if duck.table_exists(paths, Table.QUARANTINE):
+        rows = open_table(paths.table(Table.QUARANTINE)).to_pyarrow_dataset()
+        import pyarrow.dataset as ds
+
+        refused = rows.count_rows(filter=ds.field("reason_code") == "metric_limit")
+    limit = settings.max_metrics
+    detail = f"the lake knows {known:,} metric names of LAKEHOUSE_MAX_METRICS={limit:,}"
+    if refused:
+        detail += f"; {refused:,} readings of new names were quarantined as metric_limit"
+    if known >= limit:
+        findings.append(
+            Finding(
+                "metric names",
+                FAIL if refused else WARN,
+                detail,
+                "readings of a new name are quarantined: raise LAKEHOUSE_MAX_METRICS if the names are real, then "
+                "`lakehouse replay --reason metric_limit`; or fix the devices that invent names",
+            )
+        )
+    else:
+        findings.append(Finding("metric names", OK, detail))
+    return findings
+
+
 def _object_store(root: str) -> list[Finding]:
     """The bucket answers with these credentials, a probe object can be written, listed and deleted, and which
     writers the Delta log store allows."""
@@ -359,6 +409,7 @@ def diagnose(settings: Settings, on_step: Callable[[str], None] | None = None) -
         ("Kafka", lambda: _kafka(settings)),
         ("lake", lambda: _lake(settings)),
         ("retention", lambda: _retention(settings)),
+        ("metrics", lambda: _metrics(settings)),
         ("memory", lambda: [_memory(settings)]),
     ]
     findings: list[Finding] = []

@@ -20,9 +20,10 @@ from lake.retention import retention_state
 from lake.rows import first_row
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
+from pipeline.stream import names
 from pipeline.stream.crash import crash_point
 from pipeline.stream.offsets import REASON_CODE as OFFSETS_LOST
-from pipeline.stream.parse import OUTPUT_DDL, PASSTHROUGH, Reason, Rules, arrow_parser
+from pipeline.stream.parse import NOT_READING_COLUMNS, OUTPUT_DDL, PASSTHROUGH, Reason, Rules, arrow_parser
 from pipeline.stream.writes import LakeWriter
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ def _selected(spark: SparkSession, paths: LakePaths, reason: str | None, since: 
         rows = rows.where(F.col("reason_code") == reason)
     if since is not None:
         rows = rows.where(F.col("quarantined_at") >= F.lit(since))
-    return rows.select(*RECORD, "reading_index", "reason_code", "reason")
+    return rows.select(*RECORD, "reading_index", "metric", "reason_code", "reason")
 
 
 def _missing_records(paths: LakePaths, targets: DataFrame, bronze: DataFrame) -> list[MissingRecords]:
@@ -166,18 +167,31 @@ def replay(
         .select(*PASSTHROUGH, "value")
         .mapInArrow(arrow_parser(Rules.from_settings(settings)), OUTPUT_DDL)
     )
-    # A message-level row stands for every entry of its record; a reading's row for the entry at its index.
+    # A message-level row stands for every entry of its record; a reading's row for the entry at its index; a
+    # metric's row for that metric of the reading.
     t, r = targets.alias("t"), reparsed.alias("r")
     on_record = [F.col(f"t.{c}") == F.col(f"r.{c}") for c in RECORD]
     at_index = (
         F.col("t.reading_index").isNull()
         | F.col("r.reading_index").isNull()  # the message as a whole is now unreadable
-        | (F.col("t.reading_index") == F.col("r.reading_index"))
+        | (
+            (F.col("t.reading_index") == F.col("r.reading_index"))
+            & (F.col("t.metric").isNull() | F.col("r.metric").isNull() | (F.col("t.metric") == F.col("r.metric")))
+        )
     )
-    fresh = r.join(t, [*on_record, at_index], "left_semi").localCheckpoint(eager=True)
+    fresh = r.join(t, [*on_record, at_index], "left_semi")
+    # The lake's limit on metric names holds for replayed readings as for the stream's.
+    known = names.KnownMetrics(spark, paths, settings.max_metrics)
+    listed = fresh.where("reason_code IS NULL").select("metric").distinct().limit(settings.max_metrics + 1)
+    admission = known.admit([row[0] for row in listed.collect()], fresh.where("reason_code IS NULL"))
+    if admission.allowed is not None:
+        fresh = names.refuse(fresh, admission.allowed, settings.max_metrics)
+    fresh = fresh.localCheckpoint(eager=True)
+    if admission.admitted:
+        known.record(admission.admitted).write.format("delta").mode("append").save(paths.table(Table.METRICS))
 
     writer = LakeWriter(spark, paths)
-    readings = fresh.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
+    readings = fresh.where("reason_code IS NULL").drop(*NOT_READING_COLUMNS)
     bounds = first_row(
         readings.agg(F.count("*"), F.min(F.unix_micros("timestamp")), F.max(F.unix_micros("timestamp"))),
         "the replayed readings' bounds",
@@ -205,14 +219,14 @@ def replay(
     # Each target row keeps its new reason or, now valid, is deleted; a message-level row whose message now reads
     # gives way to its invalid readings' own rows.
     still_bad = fresh.where("reason_code IS NOT NULL").select(
-        *RECORD, "reading_index", "reason_code", "reason", "raw", "kafka_timestamp"
+        *RECORD, "reading_index", "metric", "reason_code", "reason", "raw", "kafka_timestamp"
     )
     b = still_bad.alias("b")
     same_key = [F.col(f"t.{c}") == F.col(f"b.{c}") for c in RECORD] + [
-        F.col("t.reading_index").eqNullSafe(F.col("b.reading_index"))
+        F.col(f"t.{c}").eqNullSafe(F.col(f"b.{c}")) for c in ("reading_index", "metric")
     ]
     kept_or_dropped = t.join(b, same_key, "left").select(
-        *[F.col(f"t.{c}").alias(c) for c in (*RECORD, "reading_index")],
+        *[F.col(f"t.{c}").alias(c) for c in (*RECORD, "reading_index", "metric")],
         F.col("b.reason_code").alias("new_reason_code"),
         F.col("b.reason").alias("new_reason"),
         F.col("b.raw").alias("raw"),
@@ -221,6 +235,7 @@ def replay(
     added = b.join(t, same_key, "left_anti").select(
         *RECORD,
         "reading_index",
+        "metric",
         F.col("reason_code").alias("new_reason_code"),
         F.col("reason").alias("new_reason"),
         "raw",
@@ -233,7 +248,7 @@ def replay(
         .join(
             t,
             [F.col(f"c.{c}") == F.col(f"t.{c}") for c in RECORD]
-            + [F.col("c.reading_index").eqNullSafe(F.col("t.reading_index"))],
+            + [F.col(f"c.{c}").eqNullSafe(F.col(f"t.{c}")) for c in ("reading_index", "metric")],
         )
         .where("c.new_reason_code IS NOT NULL AND (c.new_reason_code <> t.reason_code OR c.new_reason <> t.reason)")
         .count()
@@ -244,7 +259,8 @@ def replay(
         .merge(
             changes.alias("c"),
             "q.topic = c.topic AND q.`partition` = c.`partition` AND q.`offset` = c.`offset` "
-            f"AND q.reading_index <=> c.reading_index AND q.reason_code <> '{OFFSETS_LOST}'",
+            "AND q.reading_index <=> c.reading_index AND q.metric <=> c.metric "
+            f"AND q.reason_code <> '{OFFSETS_LOST}'",
         )
         .whenMatchedDelete(condition="c.new_reason_code IS NULL")
         .whenMatchedUpdate(
@@ -254,7 +270,7 @@ def replay(
         .whenNotMatchedInsert(
             condition="c.new_reason_code IS NOT NULL",
             values={
-                **{c: f"c.`{c}`" for c in (*RECORD, "reading_index", "raw", "kafka_timestamp")},
+                **{c: f"c.`{c}`" for c in (*RECORD, "reading_index", "metric", "raw", "kafka_timestamp")},
                 "reason_code": "c.new_reason_code",
                 "reason": "c.new_reason",
                 "quarantined_at": "current_timestamp()",

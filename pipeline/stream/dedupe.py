@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lake.upgrade import silver_metric
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     import pyarrow as pa
     from pyspark.sql import DataFrame
 
-IDENTITY = ("device_id", "timestamp")
+IDENTITY = ("device_id", "metric", "timestamp")
 # Which of two records of one identity is the later (contract section 3):
 # - within one partition, the offset, then the index inside the message: Kafka's own order, whatever the topic's
 #   timestamp type (a `CreateTime` record carries its producer's clock, which may be hours behind) and whatever
@@ -22,6 +24,7 @@ _IN_PARTITION = ("offset", "reading_index")
 _ACROSS_PARTITIONS = ("kafka_timestamp", "topic", "partition", "offset", "reading_index")
 SILVER_COLUMNS = (
     "device_id",
+    "metric",
     "timestamp",
     "value",
     "topic",
@@ -124,9 +127,13 @@ def _repeated_hashes(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBat
 def merge_condition(lo_literal: str, hi_literal: str) -> str:
     """Identity match, with literal time bounds so that Delta skips files outside the batch's time range."""
     return (
-        "t.device_id = s.device_id AND t.`timestamp` = s.`timestamp` "
+        f"t.device_id = s.device_id AND {_TARGET_METRIC} = s.metric AND t.`timestamp` = s.`timestamp` "
         f"AND t.`timestamp` >= {lo_literal} AND t.`timestamp` <= {hi_literal}"
     )
+
+
+# Silver's stored metric: null in a reading written before metrics, which is metric `value` (lake.upgrade).
+_TARGET_METRIC = silver_metric("t")
 
 
 def newer_and_different() -> str:

@@ -23,17 +23,18 @@ from lake.kafka import watermarks as kafka_watermarks
 from lake.rows import first_row
 from lake.settings import Settings
 from lake.tables import LakePaths, Table
+from lake.upgrade import SILVER_METRIC
 from lake.watermark import Watermark
 from pipeline.errors import StreamStopped
-from pipeline.stream import offsets, rollups
+from pipeline.stream import names, offsets, rollups
 from pipeline.stream.crash import crash_point
-from pipeline.stream.parse import OUTPUT_DDL, PASSTHROUGH, Rules, arrow_parser
+from pipeline.stream.parse import NOT_READING_COLUMNS, OUTPUT_DDL, PASSTHROUGH, Rules, arrow_parser
 from pipeline.stream.spark import SMALL_BATCH_ROWS, BatchFit
 from pipeline.stream.writes import CLASSIFIED_SECONDS as SECONDS
 from pipeline.stream.writes import LakeWriter
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import DataFrame, Row, SparkSession
     from pyspark.sql.streaming import StreamingQuery
 
 log = logging.getLogger("lakehouse.pipeline")
@@ -106,12 +107,14 @@ class IngestJob:
     offset_tracker: offsets.OffsetTracker = field(default_factory=offsets.OffsetTracker)
     writer: LakeWriter = field(init=False)
     fit: BatchFit = field(init=False)
+    known_metrics: names.KnownMetrics = field(init=False)
     mark: Watermark | None = None  # the watermark after the last batch with readings; read from gold at first
     checked_silver: bool = False  # whether silver's newest entry was looked at (`_first_run`)
 
     def __post_init__(self, app_id: str | None) -> None:
         self.writer = LakeWriter(self.spark, self.paths, app_id)
         self.fit = BatchFit.of(self.spark)
+        self.known_metrics = names.KnownMetrics(self.spark, self.paths, self.settings.max_metrics)
 
     def _watermark(self) -> Watermark:
         if self.mark is None:
@@ -149,29 +152,15 @@ class IngestJob:
         )
         parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            counts = first_row(
-                parsed.agg(
-                    # Each record yields exactly one row with index 0 or a message-level row (index null).
-                    F.count_if(F.coalesce(F.col("reading_index"), F.lit(0)) == 0).alias("records"),
-                    F.count("device_id").alias("readings"),
-                    F.count("reason_code").alias("quarantined"),
-                    F.min(F.unix_micros("timestamp")).alias("lo"),
-                    F.max(F.unix_micros("timestamp")).alias("hi"),
-                    # The newest valid reading's time, each capped at its record's broker time (lake.watermark);
-                    # a quarantined row has no time (and `least` would give its broker time alone).
-                    F.max(
-                        F.when(
-                            F.col("reason_code").isNull() & F.col("timestamp").isNotNull(),
-                            F.least(F.unix_micros("timestamp"), F.unix_micros("kafka_timestamp")),
-                        )
-                    ).alias("event_high"),
-                    # The seconds it touches, up to a bound (past it, a backlog's seconds are not told apart).
-                    F.slice(F.collect_set(F.unix_micros(F.date_trunc("second", "timestamp"))), 1, SECONDS + 1).alias(
-                        "seconds"
-                    ),
-                ),
-                "the batch's counts",
-            )
+            counts = _batch_counts(parsed, self.settings.max_metrics)
+            admission = self.known_metrics.admit(counts["metrics"], parsed.where("reason_code IS NULL"))
+            if admission.allowed is not None:  # names past LAKEHOUSE_MAX_METRICS: their readings are quarantined
+                refused = names.refuse(parsed, admission.allowed, self.settings.max_metrics)
+                parsed.unpersist()
+                parsed = refused.persist(StorageLevel.MEMORY_AND_DISK)
+                counts = _batch_counts(parsed, self.settings.max_metrics)
+            if admission.admitted:
+                self.writer.append(self.known_metrics.record(admission.admitted), Table.METRICS, batch_id)
             report.records, report.readings, report.quarantined = (
                 counts["records"],
                 counts["readings"],
@@ -194,7 +183,7 @@ class IngestJob:
                 if first_run is not None:
                     lo_us, hi_us = min(lo_us, first_run[0]), max(hi_us, first_run[1])
                 lo, hi = f"timestamp_micros({lo_us})", f"timestamp_micros({hi_us})"
-                readings = parsed.where("reason_code IS NULL").drop("reason_code", "reason", "raw")
+                readings = parsed.where("reason_code IS NULL").drop(*NOT_READING_COLUMNS)
                 mark = recorded.advanced(
                     query,
                     batch_id,
@@ -220,12 +209,14 @@ class IngestJob:
                 "reason",
                 "raw",
                 "kafka_timestamp",
+                "metric",
             )
             gaps = self._lost_offsets(parsed)
             if gaps:
                 report.quarantined += len(gaps)
                 rows = [
-                    (g.topic, g.partition, g.first_lost, None, offsets.REASON_CODE, g.reason, None, None) for g in gaps
+                    (g.topic, g.partition, g.first_lost, None, offsets.REASON_CODE, g.reason, None, None, None)
+                    for g in gaps
                 ]
                 bad = bad.unionByName(self.spark.createDataFrame(rows, bad.schema))
             if report.quarantined:
@@ -295,9 +286,38 @@ class IngestJob:
         return gaps
 
 
+def _batch_counts(parsed: DataFrame, max_metrics: int) -> Row:
+    """A parsed batch's counts, time bounds and seconds, and its metric names (up to `max_metrics` + 1), in one
+    pass."""
+    from pyspark.sql import functions as F
+
+    valid = F.col("reason_code").isNull()
+    return first_row(
+        parsed.agg(
+            F.count_if("opens_record").alias("records"),
+            F.count("device_id").alias("readings"),
+            F.count("reason_code").alias("quarantined"),
+            F.min(F.unix_micros("timestamp")).alias("lo"),
+            F.max(F.unix_micros("timestamp")).alias("hi"),
+            # The newest valid reading's time, each capped at its record's broker time (lake.watermark); a
+            # quarantined row has no time (and `least` would give its broker time alone).
+            F.max(
+                F.when(
+                    valid & F.col("timestamp").isNotNull(),
+                    F.least(F.unix_micros("timestamp"), F.unix_micros("kafka_timestamp")),
+                )
+            ).alias("event_high"),
+            # The seconds it touches, up to a bound (past it, a backlog's seconds are not told apart).
+            F.slice(F.collect_set(F.unix_micros(F.date_trunc("second", "timestamp"))), 1, SECONDS + 1).alias("seconds"),
+            F.slice(F.collect_set(F.when(valid, F.col("metric"))), 1, max_metrics + 1).alias("metrics"),
+        ),
+        "the batch's counts",
+    )
+
+
 @dataclass
 class RollupsJob:
-    """The rollups query's state: each micro-batch holds the (device_id, timestamp) of silver rows that silver's new
+    """The rollups query's state: each micro-batch holds the (device_id, metric, timestamp) of silver rows that silver's new
     commits added or rewrote, and recomputes the rollup buckets they fall into."""
 
     spark: SparkSession
@@ -315,7 +335,8 @@ class RollupsJob:
 
         started = time.monotonic()
         self.spark.sparkContext.setLocalProperty(_POOL, checkpoint.ROLLUPS_QUERY)
-        keys = changes.select("device_id", "timestamp")
+        # A reading written before metrics, rewritten by a MERGE that corrected its file's neighbours, has no metric.
+        keys = changes.select("device_id", F.expr(SILVER_METRIC).alias("metric"), "timestamp")
         bounds = first_row(
             keys.agg(F.count("*"), F.min(F.unix_micros("timestamp")), F.max(F.unix_micros("timestamp"))),
             "the rollups batch's bounds",

@@ -1,4 +1,5 @@
-"""KPIs per UTC second (contract section 4), recomputed from silver for the seconds a micro-batch touched."""
+"""KPIs per metric and UTC second (contract section 4), recomputed from silver for the seconds a micro-batch
+touched (every metric of them)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ if TYPE_CHECKING:
 
 def fingerprint() -> Column:
     """The sum of a 32-bit hash of each reading: equal for the same readings in any order (integer sums are exact),
-    so a recompute whose floating-point rounding differs is not taken for a change."""
+    so a recompute whose floating-point rounding differs is not taken for a change. The metric is not hashed: a
+    bucket holds one metric's readings, and a lake upgraded from before metrics keeps its buckets' fingerprints."""
     from pyspark.sql import functions as F
 
     return F.sum(F.hash("device_id", "timestamp", "value").cast("bigint"))
@@ -62,14 +64,15 @@ def contract_kpis(centre: str | None = None) -> list[Column]:
 
 
 def kpis_per_second(readings: DataFrame, *more: Column) -> DataFrame:
-    """Gold rows for deduplicated readings (device_id, timestamp, value, arrival_watermark), at revision 0 (a
-    MERGE that updates a row counts its revisions); `more` are aggregates of the readings put beside them."""
+    """Gold rows for deduplicated readings (device_id, metric, timestamp, value, arrival_watermark), one per metric
+    and second, at revision 0 (a MERGE that updates a row counts its revisions); `more` are aggregates of the
+    readings put beside them."""
     from pyspark.sql import functions as F
 
     second = F.date_trunc("second", "timestamp")
     return (
-        centred(readings, second)
-        .groupBy(second.alias("timestamp"))
+        centred(readings, F.col("metric"), second)
+        .groupBy("metric", second.alias("timestamp"))
         .agg(
             *contract_kpis(CENTRE),
             fingerprint().alias("fingerprint"),
@@ -122,16 +125,16 @@ def kpis_after_merge(
 
     from pipeline.stream import dedupe
 
-    columns = ("device_id", "timestamp", "value", "arrival_watermark", *dedupe.ORDER)
+    columns = ("device_id", "metric", "timestamp", "value", "arrival_watermark", *dedupe.ORDER)
     t = in_seconds(silver, seconds, lo_literal, hi_literal).select(*columns).alias("t")
     s = latest.select(*columns).alias("s")
-    on = (F.col("t.device_id") == F.col("s.device_id")) & (F.col("t.timestamp") == F.col("s.timestamp"))
+    on = [F.col(f"t.{c}") == F.col(f"s.{c}") for c in dedupe.IDENTITY]
     joined = t.join(s, on, "full_outer")
     batch_wins = F.col("t.device_id").isNull() | (
         F.col("s.device_id").isNotNull() & F.expr(dedupe.newer_and_different())
     )
     after = joined.select(
-        *[F.when(batch_wins, F.col(f"s.{c}")).otherwise(F.col(f"t.{c}")).alias(c) for c in columns[:4]],
+        *[F.when(batch_wins, F.col(f"s.{c}")).otherwise(F.col(f"t.{c}")).alias(c) for c in columns[:5]],
         F.col("t.device_id").isNotNull().alias("held"),
     )
     return kpis_per_second(after, F.max("held").alias("held"))
@@ -144,6 +147,6 @@ GOLD_CHANGED = "NOT (t.reading_count <=> s.reading_count AND t.fingerprint <=> s
 
 def gold_merge_condition(lo_literal: str, hi_literal: str) -> str:
     return (
-        "t.`timestamp` = s.`timestamp` "
+        "t.metric = s.metric AND t.`timestamp` = s.`timestamp` "
         f"AND t.`timestamp` >= date_trunc('second', {lo_literal}) AND t.`timestamp` <= {hi_literal}"
     )

@@ -1,4 +1,4 @@
-"""The `rollups` table: KPIs per device and of the whole fleet per minute, hour and day.
+"""The `rollups` table: KPIs per metric, per device and of the whole fleet, per minute, hour and day.
 
 Each bucket is exact, not an approximation of its readings:
 - a device's minute is computed from its readings in silver, its standard deviation from the deviations from the
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 _FINER = {"hour": "minute", "day": "hour"}
 COLUMNS = (
     "grain",
+    "metric",
     "device_id",
     "timestamp",
     *KPI_FIELDS,
@@ -59,7 +60,8 @@ def _stddev(count: Column, m2: Column) -> Column:
 
 
 def device_minutes(readings: DataFrame) -> DataFrame:
-    """One row per device and minute of deduplicated readings (device_id, timestamp, value, arrival_watermark)."""
+    """One row per device, metric and minute of deduplicated readings (device_id, metric, timestamp, value,
+    arrival_watermark)."""
     from pyspark.sql import functions as F
 
     from pipeline.stream.kpi import CENTRE, centred, fingerprint, late_for
@@ -69,8 +71,8 @@ def device_minutes(readings: DataFrame) -> DataFrame:
     # Deviations from the minute's mean: small numbers, whose sums and variance are exact to rounding.
     deviation = F.col("value") - F.col(CENTRE)
     rows = (
-        centred(readings, F.col("device_id"), minute)
-        .groupBy("device_id", minute.alias("timestamp"))
+        centred(readings, F.col("device_id"), F.col("metric"), minute)
+        .groupBy("device_id", "metric", minute.alias("timestamp"))
         .agg(
             count.alias("reading_count"),
             F.lit(1).cast("bigint").alias("device_count"),
@@ -110,7 +112,7 @@ def combine(parts: DataFrame, grain: str, per_device: bool) -> DataFrame:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    keys = [F.date_trunc(grain, "timestamp").alias("timestamp")]
+    keys = [F.col("metric"), F.date_trunc(grain, "timestamp").alias("timestamp")]
     if per_device:
         keys.insert(0, F.col("device_id"))
     bucket = parts.select(
@@ -128,7 +130,7 @@ def combine(parts: DataFrame, grain: str, per_device: bool) -> DataFrame:
         "late_for_hour",
         "late_for_day",
     )
-    by = ["device_id", "timestamp"] if per_device else ["timestamp"]
+    by = ["device_id", "metric", "timestamp"] if per_device else ["metric", "timestamp"]
     window = Window.partitionBy(*by)
     n = F.col("reading_count")
     # Each part's mean less c (one part's rounded mean, the same for the whole bucket): the difference of two close
@@ -184,7 +186,8 @@ def from_readings(readings: DataFrame) -> DataFrame:
 
 def _replaced(stored: DataFrame, fresh: DataFrame) -> DataFrame:
     """Stored device buckets with the fresh ones in place of theirs."""
-    kept = stored.join(fresh.select("device_id", "timestamp"), ["device_id", "timestamp"], "left_anti")
+    keys = ["device_id", "metric", "timestamp"]
+    kept = stored.join(fresh.select(*keys), keys, "left_anti")
     return kept.unionByName(fresh)
 
 
@@ -206,13 +209,15 @@ def for_batch(
         return f"date_trunc('{grain}', {lo})", f"date_trunc('{grain}', {hi}) + INTERVAL 1 {grain.upper()}"
 
     minute_lo, minute_hi = span("minute")
-    touched = readings.select("device_id", F.date_trunc("minute", "timestamp").alias("minute")).distinct()
+    touched = readings.select("device_id", "metric", F.date_trunc("minute", "timestamp").alias("minute")).distinct()
     # Whole minutes: a touched minute also holds the device's earlier readings.
     in_minutes = silver.where(f"`timestamp` >= {minute_lo} AND `timestamp` < {minute_hi}").select(
-        "device_id", "timestamp", "value", "arrival_watermark"
+        "device_id", "metric", "timestamp", "value", "arrival_watermark"
     )
     keyed = in_minutes.withColumn("minute", F.date_trunc("minute", "timestamp"))
-    minutes = device_minutes(keyed.join(F.broadcast(touched), ["device_id", "minute"], "left_semi")).localCheckpoint()
+    minutes = device_minutes(
+        keyed.join(F.broadcast(touched), ["device_id", "metric", "minute"], "left_semi")
+    ).localCheckpoint()
 
     def within(grain: str, coarser: str) -> str:
         """Device buckets of `grain` inside the batch's buckets of grain `coarser`."""
@@ -227,8 +232,9 @@ def for_batch(
         return stored.where(within(grain, coarser))
 
     def touching(rows: DataFrame, changed: DataFrame, grain: str, per_device: bool) -> DataFrame:
-        """Rows that lie in a bucket of `grain` holding one of the changed rows (of the same device, if per device)."""
-        keys = ["device_id", "bucket"] if per_device else ["bucket"]
+        """Rows that lie in a bucket of `grain` holding one of the changed rows (of the same metric, and of the same
+        device if per device)."""
+        keys = ["device_id", "metric", "bucket"] if per_device else ["metric", "bucket"]
         marks = changed.select(*keys[:-1], F.date_trunc(grain, "timestamp").alias("bucket")).distinct()
         return (
             rows.withColumn("bucket", F.date_trunc(grain, "timestamp"))
@@ -263,6 +269,6 @@ CHANGED = (
 def merge_condition(lo: str, hi: str) -> str:
     """Key match, with literal time bounds so that Delta skips files outside the batch's days."""
     return (
-        "t.grain = s.grain AND t.device_id <=> s.device_id AND t.`timestamp` = s.`timestamp` "
+        "t.grain = s.grain AND t.metric = s.metric AND t.device_id <=> s.device_id AND t.`timestamp` = s.`timestamp` "
         f"AND t.`timestamp` >= date_trunc('day', {lo}) AND t.`timestamp` <= {hi}"
     )

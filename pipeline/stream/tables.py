@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lake import upgrade
 from lake.tables import SCHEMAS, LakePaths, Table
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ def create_tables(spark: SparkSession, paths: LakePaths, checkpoint_interval: in
     log reads overlap)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    # A lake written before metrics is upgraded first, by the one code that does it for every entry point.
+    upgrade.upgrade_lake(paths)
     with ThreadPoolExecutor(max_workers=len(SCHEMAS), thread_name_prefix="lakehouse-tables") as pool:
         made = [pool.submit(_create_table, spark, paths, t, ddl, checkpoint_interval) for t, ddl in SCHEMAS.items()]
         for done in made:
@@ -48,7 +51,8 @@ def _create_table(
     builder = DeltaTable.createIfNotExists(spark).location(paths.table(table)).addColumns(schema)
     if table in _PARTITIONS:
         builder = builder.partitionedBy(*_PARTITIONS[table])
-    properties = dict(_PROPERTIES.get(table, {}))
+    # A table made now has its `metric` column: no upgrade to do (lake.upgrade).
+    properties = upgrade.mark_new(_PROPERTIES.get(table, {}))
     if checkpoint_interval is not None:
         properties[CHECKPOINT_INTERVAL] = str(checkpoint_interval)
     for key, value in properties.items():

@@ -19,6 +19,7 @@ from lake import checkpoint, deltalog, watermark
 from lake.conflicts import retry_on_conflict
 from lake.rows import first_row
 from lake.tables import LakePaths, Table
+from lake.upgrade import SILVER_METRIC
 from lake.watermark import Watermark
 from pipeline.stream import dedupe, kpi, rollups
 from pipeline.stream.spark import SMALL_BATCH_ROWS
@@ -30,6 +31,14 @@ log = logging.getLogger("lakehouse.pipeline")
 # Past this many distinct seconds in one batch (a backlog), all of them are treated as held by silver.
 CLASSIFIED_SECONDS = 10_000
 _GOLD_FROM_BATCH_READINGS = 1_000_000
+
+
+def read_silver(spark: SparkSession, paths: LakePaths) -> DataFrame:
+    """Silver, its readings written before metrics (a null metric, lake.upgrade) read as metric `value`."""
+    from pyspark.sql import functions as F
+
+    silver = spark.read.format("delta").load(paths.table(Table.SILVER))
+    return silver.withColumn("metric", F.expr(SILVER_METRIC))
 
 
 @dataclass
@@ -70,6 +79,10 @@ class LakeWriter:
             if found is not None:
                 return found
         return None
+
+    def silver(self) -> DataFrame:
+        """Silver's readings, each with its metric (a reading written before metrics reads as `value`)."""
+        return read_silver(self.spark, self.paths)
 
     def append(self, frame: DataFrame, table: Table, batch_id: int) -> None:
         writer = (
@@ -174,7 +187,7 @@ class LakeWriter:
         if gold_first:
             # Gold first, for every second the batch touched: answers wait for gold, not silver. A second's KPIs
             # are those of silver's readings in it as the MERGE below leaves them, computed before it.
-            silver = self.spark.read.format("delta").load(silver_path)
+            silver = self.silver()
             fresh = kpi.kpis_after_merge(silver, latest, touched, lo, hi)
             fresh = fresh.localCheckpoint(eager=True)  # a row per second, which MERGE reads more than once
             corrections = bool(fresh.where("held").limit(1).collect())
@@ -215,7 +228,7 @@ class LakeWriter:
         holds between its bounds, deleting those silver holds nothing in; `lo` and `hi` bound them all."""
         from pyspark.sql import functions as F
 
-        silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
+        silver = self.silver()
         gone = None
         if first_run is not None:
             # Every second of the first run's range that gold or silver holds: gold's may have lost their readings,
@@ -234,7 +247,7 @@ class LakeWriter:
 
     def _holds_any(self, silver_path: str, seconds: list[int], lo: str, hi: str) -> bool:
         """Whether silver holds a reading in one of the given seconds (Unix microseconds)."""
-        silver = self.spark.read.format("delta").load(silver_path)
+        silver = self.silver()
         return bool(kpi.in_seconds(silver, seconds, lo, hi).limit(1).collect())
 
     def _merge_silver(self, latest: DataFrame, lo: str, hi: str, corrections: bool) -> None:
@@ -275,7 +288,7 @@ class LakeWriter:
         (`read_stored_once`: see `rollups.for_batch`)."""
 
         def recompute_and_merge() -> None:
-            silver = self.spark.read.format("delta").load(self.paths.table(Table.SILVER))
+            silver = self.silver()
             stored = self.spark.read.format("delta").load(self.paths.table(Table.ROLLUPS))
             # Computed once from the table as it stands, before the MERGE reads its source; again after a conflict.
             fresh = rollups.for_batch(silver, stored, readings, lo, hi, read_stored_once).localCheckpoint(eager=True)
