@@ -293,19 +293,59 @@ def s3_stop(port: Annotated[int, S3_PORT] = 9000) -> None:
     console.print("S3Proxy stopped" if stopped else "S3Proxy was not running")
 
 
+FLEET_PANEL = "Synthetic fleet (with --synthetic)"
+
+
 @app.command()
 def produce(
     path: Annotated[Path | None, typer.Argument(help="NDJSON file, one message per line; '-' for stdin")] = None,
     synthetic: Annotated[bool, typer.Option(help="send a generated device fleet instead of a file")] = False,
-    devices: Annotated[int, typer.Option(help="synthetic: number of devices")] = 20,
-    messages: Annotated[int, typer.Option(help="synthetic: number of messages")] = 2000,
-    batch_share: Annotated[float, typer.Option(help="synthetic: share of messages that are batches")] = 0.1,
-    full_batches: Annotated[int, typer.Option(help="synthetic: batches filled up to the message size limit")] = 1,
-    span_seconds: Annotated[int, typer.Option(help="synthetic: readings spread over this many seconds")] = 600,
-    start: Annotated[str, typer.Option(help="synthetic: time of the first reading")] = "2024-07-30T12:00:00Z",
-    seed: Annotated[int, typer.Option(help="synthetic: random seed")] = 7,
-    save: Annotated[Path | None, typer.Option(help="synthetic: also write the messages to this NDJSON file")] = None,
     rate: Annotated[float, typer.Option(help="messages per second; 0 sends as fast as possible")] = 0.0,
+    devices: Annotated[int, typer.Option(help="number of devices", rich_help_panel=FLEET_PANEL)] = 20,
+    kinds: Annotated[
+        str, typer.Option(help="device kinds, comma-separated: ids are pump-0000, ...", rich_help_panel=FLEET_PANEL)
+    ] = "pump,valve,meter,sensor",
+    messages: Annotated[int, typer.Option(help="number of messages", rich_help_panel=FLEET_PANEL)] = 2000,
+    metrics: Annotated[
+        int,
+        typer.Option(
+            help="named metrics (pressure_bar, flow_m3h, temperature_c, battery_pct, ..., then metric_19, ...), "
+            "some devices sending only some; 0 sends `value` alone",
+            rich_help_panel=FLEET_PANEL,
+        ),
+    ] = 0,
+    batch_share: Annotated[
+        float, typer.Option(help="share of messages that are batches", rich_help_panel=FLEET_PANEL)
+    ] = 0.1,
+    full_batches: Annotated[
+        int, typer.Option(help="batches filled up to the message size limit", rich_help_panel=FLEET_PANEL)
+    ] = 1,
+    in_order: Annotated[
+        bool,
+        typer.Option(
+            help="each device's readings in time order, dated just before they are sent, as real devices send "
+            "(otherwise at random in the span, so that many arrive late)",
+            rich_help_panel=FLEET_PANEL,
+        ),
+    ] = False,
+    bad_share: Annotated[
+        float,
+        typer.Option(
+            help="share of readings sent broken, for the quarantine: a bad metric name or value, both `value` and "
+            "`metrics`, no timestamp, a message cut short",
+            rich_help_panel=FLEET_PANEL,
+        ),
+    ] = 0.0,
+    span_seconds: Annotated[
+        int, typer.Option(help="readings spread over this many seconds", rich_help_panel=FLEET_PANEL)
+    ] = 600,
+    start: Annotated[
+        str, typer.Option(help="time of the first reading", rich_help_panel=FLEET_PANEL)
+    ] = "2024-07-30T12:00:00Z",
+    seed: Annotated[int, typer.Option(help="random seed", rich_help_panel=FLEET_PANEL)] = 7,
+    save: Annotated[
+        Path | None, typer.Option(help="also write the messages to this NDJSON file", rich_help_panel=FLEET_PANEL)
+    ] = None,
 ) -> None:
     """Send NDJSON lines (or a synthetic fleet) to the topic, keyed by device_id."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
@@ -320,16 +360,24 @@ def produce(
     total: int | None = None  # bytes to send, for the progress bar, when known
     resources = ExitStack()
     if synthetic:
-        fleet = Fleet(
-            devices=devices,
-            messages=messages,
-            batch_share=batch_share,
-            full_batches=full_batches,
-            max_message_bytes=current.max_message_bytes,
-            start=from_us(parse_timestamp_us(start)),
-            span_seconds=span_seconds,
-            seed=seed,
-        )
+        try:
+            fleet = Fleet(
+                devices=devices,
+                messages=messages,
+                batch_share=batch_share,
+                full_batches=full_batches,
+                max_message_bytes=current.max_message_bytes,
+                start=from_us(parse_timestamp_us(start)),
+                span_seconds=span_seconds,
+                seed=seed,
+                metrics=metrics,
+                max_metrics_per_reading=current.max_metrics_per_reading,
+                in_order=in_order,
+                bad_share=bad_share,
+                kinds=tuple(kind.strip() for kind in kinds.split(",")),
+            )
+        except ValueError as exc:
+            _fail(str(exc))
         source = generate(fleet)
         if save is not None:
             lines = list(source)
@@ -670,7 +718,8 @@ API_FLAGS = [flag for flag in SETTING_FLAGS.values() if flag.serve_flag is not N
 @app.command(cls=ServeCommand)
 @_with_setting_flags(API_FLAGS, lambda flag: str(flag.serve_flag))
 def serve(workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1, **api_flags: object) -> None:
-    """Run the HTTP API and dashboard: GET /, /kpis, /kpis/{timestamp}, /devices, /health, /metrics, OpenAPI at /schema."""
+    """Run the HTTP API and dashboard: GET /, /kpis, /kpis/{timestamp}, /kpis/{timestamp}/metrics, /catalog/metrics,
+    /devices, /health, /metrics (Prometheus), OpenAPI at /schema."""
     import uvicorn
 
     _overrides.update(_given(api_flags))
@@ -702,7 +751,7 @@ def sql(
         typer.Option("--export", help="write the four tables into this DuckDB database file (a snapshot) and exit"),
     ] = None,
 ) -> None:
-    """DuckDB over the lake, with views bronze, silver, gold and quarantine."""
+    """DuckDB over the lake, with views bronze, silver, gold, rollups, quarantine and metrics."""
     import duckdb
 
     from lake.duck import connect
