@@ -54,6 +54,7 @@ class Plan:
     """Sizes of one run; `quick()` is the smoke run CI makes."""
 
     ingest_mib: int = 1024
+    ingest_metrics: int = 8  # metrics per reading of the second ingest run (`metrics` form); 0: no second run
     freshness_readings: int = 60
     freshness_rate: float = 2.0
     # Sent at the same rate just before the measured readings, not measured: the stream's JVM compiles its hot code
@@ -132,9 +133,9 @@ def _produce(settings: Settings, payloads: list[bytes]) -> None:
 # ---------------------------------------------------------------------------------------------------- ingest
 
 
-def ingest_messages(mib: int, max_message_bytes: int) -> list[bytes]:
+def ingest_messages(mib: int, max_message_bytes: int, metrics: int = 0) -> list[bytes]:
     """The ingest part's backlog: about `mib` MiB of batch messages filled up to `max_message_bytes`, from a fleet of
-    200 devices over an hour (deterministic)."""
+    200 devices over an hour (deterministic); with `metrics`, readings of that many metrics in the `metrics` form."""
     from pipeline.kafka.synthetic import Fleet, generate
 
     count = max(1, round(mib * MIB / max_message_bytes))
@@ -145,40 +146,61 @@ def ingest_messages(mib: int, max_message_bytes: int) -> list[bytes]:
         max_message_bytes=max_message_bytes,
         span_seconds=3600,
         seed=3,
+        metrics=metrics,
     )
     return list(generate(fleet))
 
 
-def bench_ingest(ctx: Context) -> None:
-    settings = ctx.part("ingest")
-    ctx.say(f"ingest: generating {ctx.plan.ingest_mib} MiB of messages of up to 5 MiB")
-    payloads = ingest_messages(ctx.plan.ingest_mib, settings.max_message_bytes)
+@dataclass
+class IngestRun:
+    total: int  # bytes of messages
+    readings: int  # rows into silver and gold: metric values
+    batches: int
+    processing: float  # from the first micro-batch's start to the last one's end
+    wall: float
+    spent: str  # seconds per stage, over all batches
+    memory: PeakSampler
+
+
+def _ingest_run(ctx: Context, name: str, metrics: int) -> IngestRun:
+    settings = ctx.part(name)
+    form = f"{metrics} metrics per reading" if metrics else "one value per reading"
+    ctx.say(f"{name}: generating {ctx.plan.ingest_mib} MiB of messages of up to 5 MiB, {form}")
+    payloads = ingest_messages(ctx.plan.ingest_mib, settings.max_message_bytes, metrics)
     total = sum(len(p) for p in payloads)
     _produce(settings, payloads)
+    del payloads
 
-    ctx.say(f"ingest: the pipeline on {total / MIB:.0f} MiB already in Kafka")
-    report = ctx.folder / "ingest-batches.jsonl"
+    ctx.say(f"{name}: the pipeline on {total / MIB:.0f} MiB already in Kafka")
+    report = ctx.folder / f"{name}-batches.jsonl"
     started = time.monotonic()
-    log = ctx.folder / "ingest-pipeline.log"
+    log = ctx.folder / f"{name}-pipeline.log"
     pipeline = start_lakehouse(settings, "pipeline", "--available-now", "--report", str(report), log=log)
     with PeakSampler(pipeline.pid) as memory:
         pipeline.wait()
     wall = time.monotonic() - started
     if pipeline.returncode != 0:
         raise RuntimeError(f"the pipeline failed; see {log}")
-    ctx.say(f"ingest: {memory.describe()}")
+    ctx.say(f"{name}: {memory.describe()}")
     # From the first micro-batch's start to the last one's end: Spark's start is left out, the work between
     # micro-batches (offsets, checkpoint commits) is counted.
     batches = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
     if not batches:
         raise RuntimeError(f"the pipeline reported no micro-batch in {report}; see {log}")
     processing = batches[-1]["finished_at"] - (batches[0]["finished_at"] - batches[0]["seconds"])
-    readings = sum(batch["readings"] for batch in batches)
     stages: dict[str, float] = {}
     for batch in batches:
-        for name, seconds in batch["stages"].items():
-            stages[name] = stages.get(name, 0.0) + seconds
-    spent = ", ".join(f"{name} {seconds:,.1f} s" for name, seconds in stages.items())
+        for stage, seconds in batch["stages"].items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
+    spent = ", ".join(f"{stage} {seconds:,.1f} s" for stage, seconds in stages.items())
+    readings = sum(batch["readings"] for batch in batches)
+    return IngestRun(total, readings, len(batches), processing, wall, spent, memory)
+
+
+def bench_ingest(ctx: Context) -> None:
+    settings = ctx.part("ingest")
+    run = _ingest_run(ctx, "ingest", 0)
+    total, readings, processing, memory = run.total, run.readings, run.processing, run.memory
 
     ctx.say("ingest: the floor, raw append then from_json + explode append of the same records")
     from bench.floors import ingest_floor
@@ -196,8 +218,8 @@ def bench_ingest(ctx: Context) -> None:
             floor_name,
             "≥ 1.0x floor",
             ours_mb >= floor_mb,
-            f"{readings:,} readings in {len(batches)} micro-batch{'' if len(batches) == 1 else 'es'} ({spent}); "
-            f"{wall:.0f} s wall with Spark's start; floor: raw {floor.raw_seconds:.1f} s + parsed "
+            f"{readings:,} readings in {run.batches} micro-batch{'' if run.batches == 1 else 'es'} ({run.spent}); "
+            f"{run.wall:.0f} s wall with Spark's start; floor: raw {floor.raw_seconds:.1f} s + parsed "
             f"{floor.parsed_seconds:.1f} s",
         )
     )
@@ -225,6 +247,24 @@ def bench_ingest(ctx: Context) -> None:
             f"{least_mb / floor_mb:.2f}x the floor",
         )
     )
+    if ctx.plan.ingest_metrics:
+        named = _ingest_run(ctx, "ingest-metrics", ctx.plan.ingest_metrics)
+        values_rate = named.readings / named.processing
+        ctx.figures.append(
+            Figure(
+                f"ingest metric values/s, {ctx.plan.ingest_metrics} metrics per reading, Kafka to gold",
+                values_rate,
+                "values/s",
+                ours_rate,
+                "readings/s of the one-value fleet above",
+                "≥ 1.0x",
+                values_rate >= ours_rate,
+                f"{named.readings:,} metric values ({named.total / MIB:.0f} MiB, `metrics` form, most devices all "
+                f"{ctx.plan.ingest_metrics}) in {named.batches} micro-batches ({named.spent}); "
+                f"{named.total / 1e6 / named.processing:.2f} MB/s; {named.wall:.0f} s wall with Spark's start; "
+                f"JVM peak {named.memory.jvm_rss / MIB:,.0f} MiB",
+            )
+        )
     heap = settings.spark_driver_memory
     from pipeline.ops.doctor import parse_memory
 

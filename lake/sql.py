@@ -55,7 +55,10 @@ def interactive(connection: duckdb.DuckDBPyConnection) -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    print("DuckDB over the lake: views bronze, silver, gold, quarantine. End statements with ';', .quit to leave.")
+    print(
+        "DuckDB over the lake: views bronze, silver, gold, rollups, quarantine, metrics. "
+        "End statements with ';', .quit to leave."
+    )
     buffer: list[str] = []
     while True:
         try:

@@ -173,7 +173,7 @@ def assert_rollups_equal(got: dict[RollupKey, dict[str, object]], want: dict[Rol
         assert_kpis_equal(got[key], values, f"rollup {key}")
 
 
-HistoryKey = tuple[str, str | None, datetime]  # grain, device (None: the fleet), bucket start
+HistoryKey = tuple[str, str | None, datetime, str]  # grain, device (None: the fleet), bucket start, metric
 
 
 @dataclass
@@ -187,14 +187,14 @@ class History:
     revision: dict[HistoryKey, int] = field(default_factory=dict)
     late: dict[HistoryKey, int] = field(default_factory=dict)
 
-    def batch(self, readings: Sequence[tuple[str, datetime, float]]) -> None:
-        """One micro-batch of readings of metric `value`."""
+    def batch(self, readings: Sequence[tuple[str, datetime, float] | tuple[str, datetime, float, str]]) -> None:
+        """One micro-batch of readings: (device, time, value[, metric])."""
         latest = Reference.of(readings).readings
         changed = {k: v for k, v in latest.items() if self.reference.readings.get(k) != v}
-        held = {key for device, moment, _ in self.reference.readings for key in _keys(device, moment)}
+        held = {key for device, moment, metric in self.reference.readings for key in _keys(device, moment, metric)}
         revised: set[HistoryKey] = set()
-        for device, moment, _ in changed:
-            for key in _keys(device, moment):
+        for device, moment, metric in changed:
+            for key in _keys(device, moment, metric):
                 if key in held:
                     revised.add(key)
                 if self.watermark is not None and key[2] + GRAINS[key[0]] <= self.watermark:
@@ -207,16 +207,16 @@ class History:
             candidate = max(reading[1] for reading in readings) - self.lateness
             self.watermark = candidate if self.watermark is None else max(self.watermark, candidate)
 
-    def state(self, grain: str, device: str | None, start: datetime) -> dict[str, object]:
-        """What the API says of a bucket beside its KPIs."""
-        key = (grain, device, start)
+    def state(self, grain: str, device: str | None, start: datetime, metric: str = DEFAULT_METRIC) -> dict[str, object]:
+        """What the API says of a bucket of one metric beside its KPIs."""
+        key = (grain, device, start, metric)
         final = self.watermark is not None and start + GRAINS[grain] <= self.watermark
         return {"final": final, "revision": self.revision.get(key, 0), "late_readings": self.late.get(key, 0)}
 
 
-def _keys(device: str, moment: datetime) -> list[HistoryKey]:
+def _keys(device: str, moment: datetime, metric: str) -> list[HistoryKey]:
     keys = []
     for grain, width in GRAINS.items():
         start = EPOCH + (moment - EPOCH) // width * width
-        keys += [(grain, None, start), (grain, device, start)]
+        keys += [(grain, None, start, metric), (grain, device, start, metric)]
     return keys

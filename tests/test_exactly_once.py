@@ -99,7 +99,7 @@ def test_new_seconds_are_inserted_and_held_seconds_corrected(spark, tmp_path: Pa
 
     def check(where: str) -> None:
         silver = spark.read.format("delta").load(paths.table(Table.SILVER)).collect()
-        assert {(r.device_id, r.timestamp.replace(tzinfo=UTC)): r.value for r in silver} == reference.readings
+        assert {(r.device_id, r.timestamp.replace(tzinfo=UTC), r.metric): r.value for r in silver} == reference.readings
         assert len(silver) == len(reference.readings), f"{where}: an identity is in silver twice"
         lake = duck.connect(paths)
         got = gold_kpis(lake)
@@ -174,7 +174,7 @@ def test_a_write_between_silvers_read_and_its_merge_is_counted(  # type: ignore[
     for device, offset, value in [("a", 0.1, 5.0), ("b", 0.3, 10.0), ("c", 1.5, 3.0)]:
         reference.add(device, t0 + timedelta(seconds=offset), value)
     silver = spark.read.format("delta").load(paths.table(Table.SILVER)).collect()
-    assert {(r.device_id, r.timestamp.replace(tzinfo=UTC)): r.value for r in silver} == reference.readings
+    assert {(r.device_id, r.timestamp.replace(tzinfo=UTC), r.metric): r.value for r in silver} == reference.readings
     lake = duck.connect(paths)
     got = gold_kpis(lake)
     lake.close()

@@ -107,8 +107,10 @@ def check_lake(settings: Settings, expected: Reference) -> None:
 
     lake = duck.connect(LakePaths.from_settings(settings))
     silver = {
-        (device, moment.astimezone(UTC)): value
-        for device, moment, value in lake.execute('SELECT device_id, "timestamp", value FROM silver').fetchall()
+        (device, moment.astimezone(UTC), metric): value
+        for device, moment, value, metric in lake.execute(
+            'SELECT device_id, "timestamp", value, metric FROM silver'
+        ).fetchall()
     }
     assert silver == expected.readings
     got, want = gold_kpis(lake), expected.buckets("second")

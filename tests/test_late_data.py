@@ -1,6 +1,7 @@
-"""Late data end to end: a device held back for an hour sends its readings after the watermark passed them. Each
-bucket's `final`, `revision` and `late_readings` are checked against an independent replay of the batches
-(tests.reference.History) through the API and `lakehouse sql`, after two kill -9s in the late batch."""
+"""Late data end to end: a device held back for an hour sends its readings after the watermark passed them, and a
+pump its metrics. Each bucket's `final`, `revision` and `late_readings`, per metric, are checked against an
+independent replay of the batches (tests.reference.History) through the API and `lakehouse sql`, after two kill -9s
+in the late batch."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from lake.settings import Settings
 from lake.tables import LakePaths, Table
 from pipeline.stream.source import RECORD_DDL
 from tests.reference import GRAINS, History, Reference, assert_kpis_equal, expected_rollups, gold_kpis
-from tests.stream import Stream
+from tests.stream import Stream, dumps
 
 pytestmark = pytest.mark.spark
 
@@ -43,6 +44,17 @@ def late_stream(fleet: Stream) -> Stream:
     stream = Stream()
     held_back = [(T0 + timedelta(seconds=30 * j, milliseconds=500), 100.0 + j) for j in range(120)]
     stream.batch("late-1", held_back)
+    # A pump held back half an hour: its flow and pressure, late for every bucket of theirs, and no `value`.
+    pumped = [
+        (T0 + timedelta(minutes=j, milliseconds=700), {"flow_m3h": 10.0 + j, "pressure_bar": 2.0 + j / 100})
+        for j in range(30)
+    ]
+    stream.metrics_batch("pump-1", pumped)
+    # One of them corrected (flow alone) in the same batch: the later record wins; the pressure stays.
+    stream.send(
+        dumps({"device_id": "pump-1", "timestamp": stamp_us(pumped[3][0]), "metric": "flow_m3h", "value": -1.0}),
+        [("pump-1", pumped[3][0], -1.0, "flow_m3h")],
+    )
     stream.repeat(fleet.sent[0])  # sent again unchanged: changes nothing, counts nowhere
     # Quarantined, and no reading time to move the watermark (its broker time, two years on, must not either).
     stream.send(b"not json", quarantined=[("not_json", None)])
@@ -57,8 +69,12 @@ def stamp(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def api_state(base: str, grain: str, device: str | None, start: datetime) -> dict[str, object]:
-    query = {"grain": grain, **({"device_id": device} if device else {})}
+def stamp_us(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def api_state(base: str, grain: str, device: str | None, start: datetime, metric: str = "value") -> dict[str, object]:
+    query = {"grain": grain, "metric": metric, **({"device_id": device} if device else {})}
     answer = httpx.get(f"{base}/kpis/{stamp(start)}", params=query, timeout=10)
     assert answer.status_code == 200, answer.text
     return answer.json()  # type: ignore[no-any-return]
@@ -73,6 +89,8 @@ PROBES = [
     ("hour", None, T0),  # final: every late reading is late for it
     ("hour", None, T0 + timedelta(hours=1)),  # not final
     ("day", None, T0.replace(hour=0)),
+    ("minute", None, T0 + timedelta(minutes=3), "flow_m3h"),  # the corrected flow's minute, all of it late
+    ("hour", "pump-1", T0, "pressure_bar"),
 ]
 
 
@@ -91,7 +109,9 @@ def test_late_readings_are_counted_and_final_buckets_revised_through_kill_9s(
     assert history.watermark == T0 + timedelta(minutes=89, seconds=40, milliseconds=300) - LATENESS
 
     with running_api(settings) as base:
-        before = {probe: api_state(base, *probe) for probe in PROBES}
+        before = {probe: api_state(base, *probe) for probe in PROBES if len(probe) == 3}  # the pump comes late
+        unknown = httpx.get(f"{base}/kpis/{stamp(T0)}", params={"metric": "flow_m3h"}, timeout=10)
+        assert unknown.status_code == 404 and "value" in unknown.json()["detail"]
     for probe, answer in before.items():
         assert {k: answer[k] for k in ("final", "revision", "late_readings")} == history.state(*probe), probe
     assert before[PROBES[2]]["final"] is False and before[PROBES[0]]["final"] is True
@@ -116,7 +136,8 @@ def test_late_readings_are_counted_and_final_buckets_revised_through_kill_9s(
         "sql",
         "--output",
         "csv",
-        'SELECT "timestamp", reading_count, final, revision, late_readings FROM gold ORDER BY "timestamp"',
+        "SELECT \"timestamp\", reading_count, final, revision, late_readings FROM gold WHERE metric = 'value' "
+        'ORDER BY "timestamp"',
     )
     assert listed.returncode == 0, listed.stderr
     gold = {
@@ -138,19 +159,37 @@ def test_late_readings_are_counted_and_final_buckets_revised_through_kill_9s(
     from lake.duck import connect
 
     lake = connect(LakePaths.from_settings(settings))
-    for second, values in gold_kpis(lake).items():
-        assert_kpis_equal(values, want[second], f"gold {second}")
-    rows = lake.sql(
-        'SELECT grain, device_id, "timestamp", reading_count, final, revision, late_readings FROM rollups'
-    ).fetchall()
-    rollups = {(g, d, t.astimezone(UTC)): rest for g, d, t, *rest in rows}
-    assert set(rollups) == set(expected_rollups(reference))
-    for key, (count, final, revision, late_readings) in rollups.items():
-        state = history.state(*key)
-        assert (count, {"final": final, "revision": revision, "late_readings": late_readings}) == (
-            expected_rollups(reference)[key]["reading_count"],
-            state,
-        ), key
+    assert reference.metrics() == ["flow_m3h", "pressure_bar", "value"]
+    for metric in reference.metrics():
+        seconds = reference.buckets("second", metric=metric)
+        for second, values in gold_kpis(lake, metric).items():
+            assert_kpis_equal(values, seconds[second], f"gold {metric} {second}")
+        states = lake.execute(
+            'SELECT "timestamp", final, revision, late_readings FROM gold WHERE metric = $metric', {"metric": metric}
+        ).fetchall()
+        assert {t.astimezone(UTC) for t, *_ in states} == set(seconds), metric
+        for second, final, revision, late_readings in states:
+            state = history.state("second", None, second.astimezone(UTC), metric)
+            assert {"final": final, "revision": revision, "late_readings": late_readings} == state, (metric, second)
+        rows = lake.execute(
+            'SELECT grain, device_id, "timestamp", reading_count, final, revision, late_readings FROM rollups '
+            "WHERE metric = $metric",
+            {"metric": metric},
+        ).fetchall()
+        rollups = {(g, d, t.astimezone(UTC)): rest for g, d, t, *rest in rows}
+        expected = expected_rollups(reference, metric)
+        assert set(rollups) == set(expected), metric
+        for key, (count, final, revision, late_readings) in rollups.items():
+            state = history.state(*key, metric)
+            assert (count, {"final": final, "revision": revision, "late_readings": late_readings}) == (
+                expected[key]["reading_count"],
+                state,
+            ), (metric, key)
+    # The pump's half hour came late, all 30 of each metric (the correction, in the same batch, replaced one).
+    late_flow = sum(n for (grain, _, _, metric), n in history.late.items() if (grain, metric) == ("second", "flow_m3h"))
+    assert (
+        late_flow == 30 and reference.value("pump-1", T0 + timedelta(minutes=3, milliseconds=700), "flow_m3h") == -1.0
+    )
     assert lake.sql("SELECT watermark FROM watermark").fetchone()[0] == history.watermark  # type: ignore[index]
     lake.close()
 
@@ -162,11 +201,12 @@ def test_late_readings_are_counted_and_final_buckets_revised_through_kill_9s(
         open_ = httpx.get(f"{base}/kpis", params={**minutes, "final": "false"}, timeout=10).json()
         freshness = done["freshness"]
     for probe, answer in after.items():
-        grain, device, start = probe
+        grain, device, start, *metric = probe
         assert {k: answer[k] for k in ("final", "revision", "late_readings")} == history.state(*probe), probe
-        assert_kpis_equal(answer, reference.buckets(grain, device)[start], f"API {probe}")
+        assert answer["metric"] == (metric[0] if metric else "value")
+        assert_kpis_equal(answer, reference.buckets(grain, device, *metric)[start], f"API {probe}")
     assert datetime.fromisoformat(freshness["watermark"]) == history.watermark
-    minute_starts = sorted(reference.buckets("minute"))
+    minute_starts = sorted(reference.buckets("minute"))  # of metric `value`, which the series answers by default
     final_minutes = [m for m in minute_starts if m + GRAINS["minute"] <= history.watermark]  # type: ignore[operator]
     assert [datetime.fromisoformat(i["timestamp"]) for i in done["items"]] == final_minutes
     assert all(i["final"] for i in done["items"]) and not any(i["final"] for i in open_["items"])
@@ -174,9 +214,9 @@ def test_late_readings_are_counted_and_final_buckets_revised_through_kill_9s(
 
     print("\nlate data, the API before and after the late batch (final, revision, late_readings, reading_count):")
     for probe in PROBES:
-        was, now = before[probe], after[probe]
+        was, now = before.get(probe, {k: "-" for k in after[probe]}), after[probe]
         print(
-            f"  {probe[0]:6} {probe[1] or 'fleet':5} {stamp(probe[2])}: "
+            f"  {probe[0]:6} {probe[1] or 'fleet':6} {stamp(probe[2])} {probe[3] if len(probe) > 3 else 'value':12}: "
             f"{was['final']}, {was['revision']}, {was['late_readings']}, {was['reading_count']} -> "
             f"{now['final']}, {now['revision']}, {now['late_readings']}, {now['reading_count']}"
         )

@@ -106,7 +106,7 @@ def test_every_part_works_on_an_s3a_lake_through_a_kill_9(
     total, distinct = lake.sql('SELECT count(*), count(DISTINCT (topic, "partition", "offset")) FROM bronze').fetchone()
     assert total == distinct == len(stream.messages)
     silver = lake.sql('SELECT device_id, "timestamp", value FROM silver').fetchall()
-    assert {(d, t.astimezone(UTC)): v for d, t, v in silver} == reference.readings
+    assert {(d, t.astimezone(UTC), "value"): v for d, t, v in silver} == reference.readings
     assert Counter(lake.sql("SELECT reason_code, reading_index FROM quarantine").fetchall()) == expected_quarantine
     lake.close()
     assert_lake_matches(settings, reference)
@@ -135,7 +135,7 @@ def test_every_part_works_on_an_s3a_lake_through_a_kill_9(
         assert httpx.get(f"{base}/kpis/2024-07-30T13:00:00Z", timeout=10).status_code == 404
         minute = httpx.get(f"{base}/kpis/2024-07-30T12:00:30Z?grain=minute", timeout=10)
         assert minute.status_code == 200
-        assert minute.json()["reading_count"] == sum(1 for _, t in reference.readings if t < T0 + timedelta(minutes=1))
+        assert minute.json()["reading_count"] == sum(1 for _, t, _ in reference.readings if t < T0 + timedelta(minutes=1))
 
     stores = refresh_cost_before_replay(s3, settings, tmp_path)
 

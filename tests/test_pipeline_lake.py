@@ -120,14 +120,19 @@ def client(pipeline_lake: PipelineLake, tmp_path: Path) -> Iterator[TestClient]:
         yield test_client
 
 
-def _series(client: TestClient, grain: str, device_id: str | None) -> dict[datetime, dict[str, object]]:
-    """Every bucket of the day at `grain` as the API's series pages give it."""
+def _series(
+    client: TestClient, grain: str, device_id: str | None, metric: str | None = None
+) -> dict[datetime, dict[str, object]]:
+    """Every bucket of the day at `grain` (of `metric`, the API's default `value` when None) as the API's series
+    pages give it."""
     params: dict[str, object] = {
         "start": iso(FLEET_DAY),
         "end": iso(FLEET_DAY + timedelta(days=1)),
         "grain": grain,
         "limit": 500,
     }
+    if metric is not None:
+        params["metric"] = metric
     if device_id is not None:
         params["device_id"] = device_id
     items: list[dict[str, object]] = []
@@ -141,6 +146,7 @@ def _series(client: TestClient, grain: str, device_id: str | None) -> dict[datet
         answer = client.get(body["next"])
     found = {datetime.fromisoformat(str(item["timestamp"])): item for item in items}
     assert len(found) == len(items)
+    assert body["metric"] == (metric or "value")
     return found
 
 
@@ -162,6 +168,28 @@ def test_api_answers_every_grain_of_the_fleet_and_each_device(client: TestClient
                 body = answer.json()
                 assert (body["timestamp"], body["grain"], body.get("device_id")) == (iso(start), grain, scope)
                 misses += _misses({start: body}, {start: expected[start]}, f"{label}, point lookup")
+    # The pumps' metrics, each on its own, for the fleet and each pump that sends it.
+    for metric in reference.metrics():
+        if metric == "value":
+            continue
+        pumps = sorted({device for device, _, name in reference.readings if name == metric})
+        for grain in GRAINS:
+            for scope in (None, *pumps):
+                label = f"API {metric} {grain} of {scope or 'the fleet'}"
+                misses += _misses(_series(client, grain, scope, metric), reference.buckets(grain, scope, metric), label)
+    assert not misses, "\n".join(misses)
+
+
+def test_one_request_answers_every_metric_of_a_bucket(client: TestClient, pipeline_lake: PipelineLake) -> None:
+    reference = pipeline_lake.reference
+    hour = FLEET_DAY + timedelta(hours=3)
+    answer = client.get(f"/kpis/{iso(hour)}/metrics", params={"grain": "hour"})
+    assert answer.status_code == 200, answer.text
+    rows = {row["metric"]: row for row in answer.json()["metrics"]}
+    assert sorted(rows) == reference.metrics()
+    misses = []
+    for metric, row in rows.items():
+        misses += _misses({hour: row}, {hour: reference.buckets("hour", None, metric)[hour]}, f"hour {metric}")
     assert not misses, "\n".join(misses)
 
 

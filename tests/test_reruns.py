@@ -40,7 +40,7 @@ def assert_gold_is(spark, paths: LakePaths, reference: Reference) -> None:  # ty
     from lake import duck
 
     silver = spark.read.format("delta").load(paths.table(Table.SILVER)).collect()
-    assert {(r.device_id, r.timestamp.replace(tzinfo=UTC)): r.value for r in silver} == reference.readings
+    assert {(r.device_id, r.timestamp.replace(tzinfo=UTC), r.metric): r.value for r in silver} == reference.readings
     lake = duck.connect(paths)
     got = gold_kpis(lake)
     lake.close()
