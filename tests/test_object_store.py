@@ -135,7 +135,9 @@ def test_every_part_works_on_an_s3a_lake_through_a_kill_9(
         assert httpx.get(f"{base}/kpis/2024-07-30T13:00:00Z", timeout=10).status_code == 404
         minute = httpx.get(f"{base}/kpis/2024-07-30T12:00:30Z?grain=minute", timeout=10)
         assert minute.status_code == 200
-        assert minute.json()["reading_count"] == sum(1 for _, t, _ in reference.readings if t < T0 + timedelta(minutes=1))
+        assert minute.json()["reading_count"] == sum(
+            1 for _, t, _ in reference.readings if t < T0 + timedelta(minutes=1)
+        )
 
     stores = refresh_cost_before_replay(s3, settings, tmp_path)
 
