@@ -204,7 +204,7 @@ def fleet_day(seed: int = 41) -> Stream:
                 ),
             )
     stream.repeat(stream.sent[5])
-    corrected = stream.sent[7].readings[0]
+    corrected = [m for m in stream.sent if m.readings and m.readings[0][0] in THERMOMETERS][7].readings[0]
     stream.single(corrected[0], corrected[1], corrected[2] + 0.25)
     pumped = next(m for m in stream.sent if m.readings and m.readings[0][0] == "pump-0").readings[0]
     flow = {"device_id": pumped[0], "timestamp": stamp(pumped[1]), "metric": pumped[3], "value": pumped[2] - 0.5}

@@ -154,7 +154,9 @@ def test_late_readings_are_counted_and_final_buckets_revised_through_kill_9s(
             "late_readings": int(row["late_readings"]),
         }
         assert (got, int(row["reading_count"])) == (state, want[second]["reading_count"]), second
-    assert sum(history.late.get(("second", None, s), 0) for s in want) == 121  # the held-back hour and the correction
+    assert (
+        sum(history.late.get(("second", None, s, "value"), 0) for s in want) == 121
+    )  # the held-back hour and the correction
 
     from lake.duck import connect
 
@@ -186,7 +188,11 @@ def test_late_readings_are_counted_and_final_buckets_revised_through_kill_9s(
                 state,
             ), (metric, key)
     # The pump's half hour came late, all 30 of each metric (the correction, in the same batch, replaced one).
-    late_flow = sum(n for (grain, _, _, metric), n in history.late.items() if (grain, metric) == ("second", "flow_m3h"))
+    late_flow = sum(
+        n
+        for (grain, device, _, metric), n in history.late.items()
+        if (grain, device, metric) == ("second", None, "flow_m3h")
+    )
     assert (
         late_flow == 30 and reference.value("pump-1", T0 + timedelta(minutes=3, milliseconds=700), "flow_m3h") == -1.0
     )
