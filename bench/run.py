@@ -153,6 +153,7 @@ def ingest_messages(mib: int, max_message_bytes: int, metrics: int = 0) -> list[
 
 @dataclass
 class IngestRun:
+    settings: Settings  # its topic and lake
     total: int  # bytes of messages
     readings: int  # rows into silver and gold: metric values
     batches: int
@@ -194,12 +195,12 @@ def _ingest_run(ctx: Context, name: str, metrics: int) -> IngestRun:
             stages[stage] = stages.get(stage, 0.0) + seconds
     spent = ", ".join(f"{stage} {seconds:,.1f} s" for stage, seconds in stages.items())
     readings = sum(batch["readings"] for batch in batches)
-    return IngestRun(total, readings, len(batches), processing, wall, spent, memory)
+    return IngestRun(settings, total, readings, len(batches), processing, wall, spent, memory)
 
 
 def bench_ingest(ctx: Context) -> None:
-    settings = ctx.part("ingest")
     run = _ingest_run(ctx, "ingest", 0)
+    settings = run.settings
     total, readings, processing, memory = run.total, run.readings, run.processing, run.memory
 
     ctx.say("ingest: the floor, raw append then from_json + explode append of the same records")
