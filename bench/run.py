@@ -66,8 +66,10 @@ class Plan:
     lookup_rate: float = 500
     lookup_duration_s: float = 10
     tutorial_requests: int = 20
-    serving_readings: int = 100_000_000  # device-seconds of the serving lake (devices at 1 Hz, before its gaps)
-    serving_devices: int = 100
+    # Device-metric-seconds of the serving lake (devices at 1 Hz, before its gaps): 1,000 devices of 8 metrics over
+    # 12,500 seconds.
+    serving_readings: int = 100_000_000
+    serving_devices: int = 1000
     serving_requests: int = 300  # timed requests per question, one client
     serving_checks: int = 10  # answers per question checked against the formula
 
@@ -83,8 +85,8 @@ class Plan:
             lookup_duration_s=3,
             tutorial_requests=5,
             # Two UTC days of 16 devices: the lake of tests/test_serving_scale.py, built once for both.
-            serving_readings=16 * 2 * 86_400,
-            serving_devices=16,
+            serving_readings=16 * 2 * 86_400,  # 1,000 devices of 8 metrics over 345 seconds
+            serving_devices=1000,
             serving_requests=50,
             serving_checks=3,
         )

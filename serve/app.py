@@ -1,5 +1,6 @@
-"""The Litestar app factory: the lake's snapshot and the Kafka watch opened in the lifespan, dependencies,
-middleware, problem details and routes (`serve.controllers`), the dashboard at `/`, OpenAPI at /schema."""
+"""The Litestar app factory: the lake upgraded if it predates metrics, then its snapshot and the Kafka watch opened
+in the lifespan, dependencies, middleware, problem details and routes (`serve.controllers`), the dashboard at `/`,
+OpenAPI at /schema."""
 
 from __future__ import annotations
 
@@ -41,6 +42,19 @@ def provide_kafka_watch(state: State) -> KafkaWatch:
     return state.kafka_watch
 
 
+def upgrade_lake(paths: LakePaths) -> None:
+    """Bring a lake written before metrics to this release's tables (lake.upgrade: idempotent, and a read of the
+    tables' properties when there is nothing to do), before the store reads them: a `metric` column the store's
+    keys need, its readings as metric `value`."""
+    from lake import objectstore
+    from lake.upgrade import upgrade_lake as upgrade  # only at start: the module writes Delta tables
+
+    if objectstore.is_s3(paths.root):
+        # What is missing (credentials, the server, the bucket) in one line, rather than delta-rs's first failure.
+        objectstore.check_access(paths.root)
+    upgrade(paths)
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings()
     paths = LakePaths.from_settings(settings)
@@ -48,6 +62,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def open_lake(app: Litestar) -> AsyncIterator[None]:
+        await asyncio.to_thread(upgrade_lake, paths)
         store = SnapshotStore(paths, settings.store_dir, settings.api_memory_limit)
         if not store.current.from_store:
             # A never-seen lake (or one made anew): pin its versions and answer from it while the file is built.
@@ -100,6 +115,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             controllers.KpiController,
             controllers.DeviceController,
+            controllers.CatalogController,
             controllers.HealthController,
             controllers.DashboardController,
             controllers.static_files,

@@ -1,5 +1,6 @@
-"""The API's routes: KPIs of a bucket and of a range, devices, health and liveness, and the dashboard; answers
-to reads carry the snapshot's ETag and are 304 when the client holds it."""
+"""The API's routes: KPIs of one metric in a bucket or over a range, every metric of a bucket, the metrics' catalog,
+devices, health and liveness, and the dashboard; answers to reads carry the snapshot's ETag and are 304 when the
+client holds it."""
 
 from __future__ import annotations
 
@@ -14,17 +15,19 @@ from litestar import Controller, MediaType, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
+from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.static_files import create_static_files_router
 
 from lake import checkpoint, deltalog, duck, kafka, watermark
 from lake.errors import LakeError
 from lake.settings import Settings
-from lake.tables import KPI_FIELDS, Table
+from lake.tables import DEFAULT_METRIC, KPI_FIELDS, METRIC_NAME, Table
 from lake.timestamps import MAX_US, Grain, TimestampError, format_utc, from_us, parse_timestamp_us
 from serve import queries
 from serve.background import KafkaWatch, records_behind
 from serve.errors import problem
 from serve.schemas import (
+    BucketMetricsResponse,
     DeviceResponse,
     DevicesResponse,
     Freshness,
@@ -33,6 +36,9 @@ from serve.schemas import (
     KpiResponse,
     KpiSeriesResponse,
     LiveResponse,
+    MetricKpis,
+    MetricResponse,
+    MetricsResponse,
     PartitionLagResponse,
     PipelineLagResponse,
     Problem,
@@ -54,9 +60,26 @@ _READ_RESPONSES = {
     429: _problem_spec("Too many requests from this address (when LAKEHOUSE_API_RATE_LIMIT is set)"),
     503: _problem_spec("The lake has no gold and silver tables yet (or no rollups, for a minute, hour or day)"),
 }
-_KPI_RESPONSES = {**_READ_RESPONSES, 404: _problem_spec("The bucket has no readings")}
+_UNKNOWN_METRIC = "the lake holds no readings of the metric (the body's `known_metrics` names some it does)"
+_KPI_RESPONSES = {
+    **_READ_RESPONSES,
+    404: _problem_spec(f"The bucket has no readings of the metric, or {_UNKNOWN_METRIC}"),
+}
+_BUCKET_RESPONSES = {**_READ_RESPONSES, 404: _problem_spec("The bucket has no readings")}
+_METRIC_RESPONSES = {**_READ_RESPONSES, 404: _problem_spec(f"Unknown metric: {_UNKNOWN_METRIC}")}
 _DEVICE_ID = Parameter(description="KPIs of this device only", min_length=1, max_length=512)
 _GRAIN = Parameter(description="bucket size")
+_METRIC_RULE = "a letter, then up to 63 letters, digits, '_', '.' or '-'; GET /catalog/metrics lists them"
+# The name rule, anchored as a JSON Schema pattern must be (it matches anywhere in the text otherwise).
+METRIC_PATTERN = f"^{METRIC_NAME.pattern}$"
+_METRIC = Parameter(
+    description=f"the metric whose KPIs to answer ({_METRIC_RULE}); `value` is the reading's bare `value`",
+    pattern=METRIC_PATTERN,
+    min_length=1,
+    max_length=64,
+)
+# How many of the names the lake knows a 404 for an unknown metric names.
+KNOWN_METRICS_SHOWN = 20
 
 
 def _utc(moment: datetime | None) -> str | None:
@@ -66,6 +89,23 @@ def _utc(moment: datetime | None) -> str | None:
 def _watermark_us(store: SnapshotStore, snapshot: Snapshot) -> int | None:
     """The watermark recorded at the snapshot's gold version (read once per version)."""
     return watermark.at_version(store.paths.table(Table.GOLD), snapshot.gold_version).watermark_us
+
+
+def _unknown_metric(source: queries.Source, metric: str) -> ProblemDetailsException:
+    """The 404 of a metric the snapshot holds no reading of, naming the first of those it does, and where all are
+    listed."""
+    names = queries.metric_names(source, KNOWN_METRICS_SHOWN + 1)
+    if not names:
+        known = "it holds no readings yet; run `lakehouse pipeline`"
+    else:
+        more = ", ..." if len(names) > KNOWN_METRICS_SHOWN else ""
+        known = f"it knows {', '.join(names[:KNOWN_METRICS_SHOWN])}{more} (GET /catalog/metrics lists them all)"
+    return problem(
+        404,
+        "Unknown metric",
+        f"the lake holds no readings of metric {metric!r}; {known}",
+        known_metrics=names[:KNOWN_METRICS_SHOWN],
+    )
 
 
 def _state(row: queries.Kpis, watermark_us: int | None) -> dict[str, object]:
@@ -109,6 +149,13 @@ def _conditional(request: Request, snapshot: Snapshot, body: object) -> Response
     return Response(content=body, headers=headers)
 
 
+def _metric_name(metric: str) -> str:
+    """The metric parameter, whole: `$` of the schema's pattern also lets a name end with a newline."""
+    if not METRIC_NAME.fullmatch(metric):
+        raise problem(400, "Bad metric", f"metric {metric[:80]!r} is not a metric name: {_METRIC_RULE}")
+    return metric
+
+
 def _instant(name: str, text: str) -> int:
     try:
         return parse_timestamp_us(text)
@@ -144,16 +191,22 @@ class KpiController(Controller):
         timestamp: Annotated[str, Parameter(description=_TIMESTAMP_DOC, max_length=64)],
         grain: Annotated[Grain, _GRAIN] = Grain.SECOND,
         device_id: Annotated[str | None, _DEVICE_ID] = None,
+        metric: Annotated[str, _METRIC] = DEFAULT_METRIC,
     ) -> Response[KpiResponse]:
-        instant_us = _instant("timestamp", timestamp)
-        with _reading(store) as (snapshot, freshness, cursor, watermark_us):
-            found = queries.kpis(cursor, instant_us, grain, device_id)
+        instant_us, metric = _instant("timestamp", timestamp), _metric_name(metric)
         bucket = format_utc(from_us(grain.bucket_start_us(instant_us)))
+        with _reading(store) as (snapshot, freshness, source, watermark_us):
+            found = queries.kpis(source, instant_us, grain, device_id, metric)
+            if found is None and not queries.is_known(source, metric):
+                raise _unknown_metric(source, metric)
         if found is None:
-            who = f" for device {device_id!r}" if device_id else ""
-            raise problem(404, "No readings", f"no readings in the {grain.value} starting {bucket}{who}")
+            who = f" of device {device_id!r}" if device_id else ""
+            raise problem(
+                404, "No readings", f"no readings of metric {metric!r} in the {grain.value} starting {bucket}{who}"
+            )
         body = KpiResponse(
             timestamp=bucket,
+            metric=metric,
             grain=grain.value,
             device_id=device_id,
             freshness=freshness,
@@ -162,10 +215,40 @@ class KpiController(Controller):
         return _conditional(request, snapshot, body)
 
     @get(
+        "/{timestamp:str}/metrics",
+        sync_to_thread=True,
+        summary="KPIs of every metric with readings in the bucket that contains an instant, ordered by metric",
+        responses=_BUCKET_RESPONSES,
+    )
+    def get_bucket_metrics(
+        self,
+        request: Request,
+        store: NamedDependency[SnapshotStore],
+        timestamp: Annotated[str, Parameter(description=_TIMESTAMP_DOC, max_length=64)],
+        grain: Annotated[Grain, _GRAIN] = Grain.SECOND,
+        device_id: Annotated[str | None, _DEVICE_ID] = None,
+    ) -> Response[BucketMetricsResponse]:
+        instant_us = _instant("timestamp", timestamp)
+        with _reading(store) as (snapshot, freshness, source, watermark_us):
+            found = queries.bucket_metrics(source, instant_us, grain, device_id)
+        bucket = format_utc(from_us(grain.bucket_start_us(instant_us)))
+        if not found:
+            who = f" of device {device_id!r}" if device_id else ""
+            raise problem(404, "No readings", f"no readings of any metric in the {grain.value} starting {bucket}{who}")
+        body = BucketMetricsResponse(
+            timestamp=bucket,
+            grain=grain.value,
+            device_id=device_id,
+            metrics=[MetricKpis(metric=row.metric, **_state(row, watermark_us)) for row in found],  # type: ignore[arg-type]
+            freshness=freshness,
+        )
+        return _conditional(request, snapshot, body)
+
+    @get(
         "/",
         sync_to_thread=True,
-        summary="KPIs of every bucket with readings in a range, oldest first, a page at a time",
-        responses=_READ_RESPONSES,
+        summary="KPIs of one metric in every bucket with readings in a range, oldest first, a page at a time",
+        responses=_METRIC_RESPONSES,
     )
     def get_kpi_series(
         self,
@@ -180,13 +263,14 @@ class KpiController(Controller):
         ],
         grain: Annotated[Grain, _GRAIN] = Grain.SECOND,
         device_id: Annotated[str | None, _DEVICE_ID] = None,
+        metric: Annotated[str, _METRIC] = DEFAULT_METRIC,
         limit: Annotated[int, Parameter(description="most buckets in this page", ge=1, le=MAX_PAGE)] = 1000,
         final: Annotated[
             bool | None,
             Parameter(description="only final buckets (true), or only those that may still change (false)"),
         ] = None,
     ) -> Response[KpiSeriesResponse]:
-        start_us, end_us = _instant("start", start), _instant("end", end)
+        start_us, end_us, metric = _instant("start", start), _instant("end", end), _metric_name(metric)
         if start_us > end_us:
             raise problem(400, "Bad range", f"start {start} is after end {end}; give start <= end")
         first_us = grain.bucket_start_us(start_us)
@@ -206,7 +290,7 @@ class KpiController(Controller):
                     f"allowed (LAKEHOUSE_API_MAX_RANGE_BUCKETS); narrow it or use a coarser grain"
                 ),
             )
-        with _reading(store) as (snapshot, freshness, cursor, watermark_us):
+        with _reading(store) as (snapshot, freshness, source, watermark_us):
             # A bucket is final when it ends at or before the watermark: those start before the watermark's bucket.
             boundary_us = first_us if watermark_us is None else max(first_us, grain.bucket_start_us(watermark_us))
             low_us, high_us = first_us, stop_us
@@ -214,12 +298,17 @@ class KpiController(Controller):
                 high_us = min(stop_us, boundary_us)
             elif final is False:
                 low_us = max(first_us, min(boundary_us, stop_us))
-            rows = queries.kpi_series(cursor, low_us, high_us, grain, device_id, limit + 1) if low_us < high_us else []
+            rows = []
+            if low_us < high_us:
+                rows = queries.kpi_series(source, low_us, high_us, grain, device_id, limit + 1, metric)
+            if not rows and not queries.is_known(source, metric):  # an empty page of a metric that exists is a 200
+                raise _unknown_metric(source, metric)
         next_page = None
         if len(rows) > limit:
             query = {
                 "start": format_utc(from_us(rows[limit].bucket_start_us)),
                 "end": end,
+                "metric": metric,
                 "grain": grain.value,
                 "limit": limit,
             }
@@ -233,6 +322,7 @@ class KpiController(Controller):
             for row in rows[:limit]
         ]
         body = KpiSeriesResponse(
+            metric=metric,
             grain=grain.value,
             device_id=device_id,
             start=format_utc(from_us(first_us)),
@@ -250,8 +340,8 @@ class DeviceController(Controller):
     @get(
         "/",
         sync_to_thread=True,
-        summary="Known devices with their first and last reading time and reading count, ordered by id",
-        responses=_READ_RESPONSES,
+        summary="Known devices with the metrics they sent, first and last reading time and reading count, by id",
+        responses=_METRIC_RESPONSES,
     )
     def get_devices(
         self,
@@ -260,23 +350,65 @@ class DeviceController(Controller):
         after: Annotated[
             str | None, Parameter(description="start after this device id (from `next`)", min_length=1, max_length=512)
         ] = None,
+        metric: Annotated[
+            str | None,
+            Parameter(
+                description=f"only the devices that sent this metric, with its reading times and count ({_METRIC_RULE})",
+                pattern=METRIC_PATTERN,
+                min_length=1,
+                max_length=64,
+            ),
+        ] = None,
         limit: Annotated[int, Parameter(description="most devices in this page", ge=1, le=MAX_PAGE)] = 1000,
     ) -> Response[DevicesResponse]:
-        with _reading(store) as (snapshot, freshness, cursor, _):
-            found = queries.devices(cursor, after, limit + 1)
+        metric = None if metric is None else _metric_name(metric)
+        with _reading(store) as (snapshot, freshness, source, _):
+            found = queries.devices(source, after, limit + 1, metric)
+            if not found and metric is not None and not queries.is_known(source, metric):
+                raise _unknown_metric(source, metric)
         items = [
             DeviceResponse(
                 device_id=d.device_id,
                 first_reading=format_utc(d.first_reading),
                 last_reading=format_utc(d.last_reading),
                 reading_count=d.reading_count,
+                metrics=list(d.metrics),
             )
             for d in found[:limit]
         ]
         next_page = None
         if len(found) > limit:
-            next_page = f"/devices?{urlencode({'after': items[-1].device_id, 'limit': limit})}"
+            query: dict[str, object] = {"after": items[-1].device_id, "limit": limit}
+            if metric is not None:
+                query["metric"] = metric
+            next_page = f"/devices?{urlencode(query)}"
         return _conditional(request, snapshot, DevicesResponse(items=items, next=next_page, freshness=freshness))
+
+
+class CatalogController(Controller):
+    path = "/catalog"
+
+    @get(
+        "/metrics",
+        sync_to_thread=True,
+        summary="The metrics the lake holds readings of, with how many devices sent each, when and how often, by name",
+        responses=_READ_RESPONSES,
+    )
+    def get_metrics(self, request: Request, store: NamedDependency[SnapshotStore]) -> Response[MetricsResponse]:
+        # No paging: the lake keeps at most LAKEHOUSE_MAX_METRICS names (1,000 by default), a row each.
+        with _reading(store) as (snapshot, freshness, source, _):
+            found = queries.metric_catalog(source)
+        items = [
+            MetricResponse(
+                metric=m.metric,
+                device_count=m.device_count,
+                first_reading=format_utc(m.first_reading),
+                last_reading=format_utc(m.last_reading),
+                reading_count=m.reading_count,
+            )
+            for m in found
+        ]
+        return _conditional(request, snapshot, MetricsResponse(items=items, freshness=freshness))
 
 
 class HealthController(Controller):

@@ -23,8 +23,9 @@ from serve.schemas import Problem
 MAX_HEAD_BYTES = 16 * 1024
 
 
-def problem(status: int, title: str, detail: str) -> ProblemDetailsException:
-    return ProblemDetailsException(status_code=status, title=title, detail=detail)
+def problem(status: int, title: str, detail: str, **extensions: object) -> ProblemDetailsException:
+    """The API's own error; `extensions` are members of the body beside detail (RFC 9457 section 3.2)."""
+    return ProblemDetailsException(status_code=status, title=title, detail=detail, extra=extensions or None)
 
 
 _WHAT_TO_DO = {

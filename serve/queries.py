@@ -1,12 +1,21 @@
-"""The API's queries over a serving snapshot (`serve.snapshot`): KPIs of one bucket or of a range, and devices.
+"""The API's queries over a serving snapshot (`serve.snapshot`): KPIs of one metric in one bucket or over a range,
+every metric of one bucket, the metrics the lake knows, and devices.
 
 What answers which question:
-- a second of the fleet: gold's row;
-- a minute, hour or day of the fleet or of one device: the one `rollups` row of (grain, device, bucket start);
-- a second of one device: silver's readings of that device in that second, read from the lake at the snapshot's
-  silver version with the time range as constants, so that DuckDB skips the files outside it.
+- a second of the fleet: gold's row of (metric, second);
+- a minute, hour or day of the fleet or of one device: the one `rollups` row of (grain, metric, device, bucket start);
+- a second of one device: silver's readings of that device and metric in that second, read from the lake at the
+  snapshot's silver version with the time range as constants, so that DuckDB skips the files outside it;
+- every metric of one bucket: the same rows, one key per metric the catalog holds, in one lookup;
+- the metrics, and the devices with their metrics: the store's summary per device and metric.
 From the store file, gold and rollups are point or range reads of an ART index; while the file is built, the same
 rows come from `delta_scan` of the lake at the snapshot's pinned versions.
+
+Which metrics the lake knows is read from the store's summary of silver, not from the lake's `metrics` table: the
+summary is at the snapshot's silver version and read in the request's own transaction, so a name is known exactly
+when the snapshot holds readings of it, and "no such metric" never contradicts an answer given under the same ETag.
+The `metrics` table would be a fourth table to follow, may name a metric whose readings are not committed yet (or
+no longer kept), and holds neither the device counts nor the reading times the catalog answers with.
 """
 
 from __future__ import annotations
@@ -17,9 +26,10 @@ from datetime import datetime, timedelta
 import duckdb
 
 from lake.errors import LakeError
-from lake.tables import KPI_FIELDS, KpiValues, Table
+from lake.tables import DEFAULT_METRIC, KPI_FIELDS, KpiValues, Table
 from lake.timestamps import EPOCH, MAX_US, Grain, from_us
-from serve.snapshot import Snapshot, rollup_key, timestamp_literal
+from lake.upgrade import SILVER_METRIC
+from serve.snapshot import Snapshot, gold_key, rollup_key, timestamp_literal
 
 # The KPIs of KPI_FIELDS, in that order, over the readings of one bucket, each beside its bucket's mean
 # (`bucket_mean`). DuckDB's stddev_samp keeps a running mean rounded to the values' ulp, 1.5e-8 at 1e8: for a meter
@@ -37,11 +47,14 @@ _COLUMNS = (*KPI_FIELDS, *HISTORY_FIELDS)
 _DEVICE_SECOND_HISTORY = (
     "NULL::BIGINT, count_if(arrival_watermark >= date_trunc('second', \"timestamp\") + INTERVAL 1 SECOND)"
 )
+# Rows of one bucket with every metric: the lake holds at most LAKEHOUSE_MAX_METRICS names, far fewer than this.
+_EVERY_METRIC = 1_000_000
 
 
 class Kpis(KpiValues, kw_only=True):
-    """The KPIs of the bucket of `grain` that starts at `bucket_start_us`."""
+    """The KPIs of one metric in the bucket of `grain` that starts at `bucket_start_us`."""
 
+    metric: str
     bucket_start_us: int
     grain: Grain
     revision: int | None  # null for one device's second (computed from silver, whose history is not kept)
@@ -51,6 +64,16 @@ class Kpis(KpiValues, kw_only=True):
 @dataclass(frozen=True)
 class DeviceSummary:
     device_id: str
+    first_reading: datetime
+    last_reading: datetime
+    reading_count: int
+    metrics: tuple[str, ...]  # the names of the metrics it sent, sorted
+
+
+@dataclass(frozen=True)
+class MetricSummary:
+    metric: str
+    device_count: int  # devices that sent it
     first_reading: datetime
     last_reading: datetime
     reading_count: int
@@ -73,23 +96,59 @@ class Source:
         return f"delta_scan(${table.value}, version := {int(version)})"
 
 
-def kpis(source: Source, instant_us: int, grain: Grain = Grain.SECOND, device_id: str | None = None) -> Kpis | None:
-    """KPIs of the bucket that holds the instant; None when it has no readings."""
+def kpis(
+    source: Source,
+    instant_us: int,
+    grain: Grain = Grain.SECOND,
+    device_id: str | None = None,
+    metric: str = DEFAULT_METRIC,
+) -> Kpis | None:
+    """KPIs of one metric in the bucket that holds the instant; None when it has no readings of that metric."""
     start_us = grain.bucket_start_us(instant_us)
-    if source.snapshot.from_store and (grain is not Grain.SECOND or device_id is None):
-        parameters: dict[str, object]
-        # One equality on an ART-indexed column: DuckDB answers it from the index, not from a scan.
-        if grain is Grain.SECOND:
-            query, parameters = f'SELECT {_FIELDS} FROM gold WHERE "timestamp" = $start', {"start": from_us(start_us)}
-        else:
-            _need_rollups(source)
-            query = f"SELECT {_FIELDS} FROM rollups WHERE bucket_key = $key"
-            parameters = {"key": rollup_key(grain.value, device_id, start_us)}
-        rows = _fetch(source.cursor, query, parameters)
-        return Kpis(bucket_start_us=start_us, grain=grain, **dict(zip(_COLUMNS, rows[0]))) if rows else None
-    end_us = min(start_us + grain.micros, MAX_US)  # the last day of year 9999 ends at the last instant
-    found = kpi_series(source, start_us, end_us, grain, device_id, limit=1)
+    if _indexed(source, grain, device_id):
+        found = _lookup(source, start_us, grain, device_id, [metric])
+        return found[0] if found else None
+    found = kpi_series(source, start_us, _bucket_end_us(start_us, grain), grain, device_id, limit=1, metric=metric)
     return found[0] if found else None
+
+
+def bucket_metrics(source: Source, instant_us: int, grain: Grain, device_id: str | None = None) -> list[Kpis]:
+    """KPIs of every metric with readings in the bucket that holds the instant, ordered by metric."""
+    start_us = grain.bucket_start_us(instant_us)
+    if _indexed(source, grain, device_id):
+        return _lookup(source, start_us, grain, device_id, metric_names(source))
+    end_us = _bucket_end_us(start_us, grain)
+    return kpi_series(source, start_us, end_us, grain, device_id, limit=_EVERY_METRIC, metric=None)
+
+
+def _indexed(source: Source, grain: Grain, device_id: str | None) -> bool:
+    """Whether the store file holds the bucket's rows under a key (all but a device's second, read from silver)."""
+    return source.snapshot.from_store and (grain is not Grain.SECOND or device_id is None)
+
+
+def _bucket_end_us(start_us: int, grain: Grain) -> int:
+    return min(start_us + grain.micros, MAX_US)  # the last day of year 9999 ends at the last instant
+
+
+def _lookup(source: Source, start_us: int, grain: Grain, device_id: str | None, metrics: list[str]) -> list[Kpis]:
+    """The store's rows of one bucket for each of `metrics`, by key: equality on an ART-indexed column, or an IN list
+    of them, which DuckDB answers from the index rather than a scan."""
+    if not metrics:
+        return []
+    if grain is Grain.SECOND:
+        table, column = "gold", "gold_key"
+        keys = [gold_key(metric, start_us) for metric in metrics]
+    else:
+        _need_rollups(source)
+        table, column = "rollups", "bucket_key"
+        keys = [rollup_key(grain.value, metric, device_id, start_us) for metric in metrics]
+    parameters: dict[str, object] = {f"key_{index}": key for index, key in enumerate(keys)}
+    wanted = ", ".join(f"${name}" for name in parameters)
+    query = f"SELECT metric, {_FIELDS} FROM {table} WHERE {column} IN ({wanted}) ORDER BY metric"
+    return [
+        Kpis(metric=row[0], bucket_start_us=start_us, grain=grain, **dict(zip(_COLUMNS, row[1:])))
+        for row in _fetch(source.cursor, query, parameters)
+    ]
 
 
 def _need_rollups(source: Source) -> None:
@@ -98,51 +157,70 @@ def _need_rollups(source: Source) -> None:
 
 
 def kpi_series(
-    source: Source, start_us: int, end_us: int, grain: Grain, device_id: str | None, limit: int
+    source: Source,
+    start_us: int,
+    end_us: int,
+    grain: Grain,
+    device_id: str | None,
+    limit: int,
+    metric: str | None = DEFAULT_METRIC,
 ) -> list[Kpis]:
-    """Buckets with readings whose start lies in [start, end), oldest first, at most `limit` of them; both ends are
-    bucket starts (the API makes them so)."""
+    """Buckets with readings of `metric` whose start lies in [start, end), oldest first, at most `limit` of them;
+    both ends are bucket starts (the API makes them so). With `metric` None, the rows of every metric, by bucket
+    and then by metric."""
     parameters: dict[str, object] = {"limit": limit}
+    of_metric = "TRUE"
+    if metric is not None:
+        of_metric, parameters["metric"] = "metric = $metric", metric
     if grain is Grain.SECOND and device_id is None:
         if source.snapshot.from_store:
             table, in_range = "gold", '"timestamp" >= $start AND "timestamp" < $end'
             parameters |= {"start": from_us(start_us), "end": from_us(end_us)}
         else:
             table, in_range = _lake(source, Table.GOLD, parameters, start_us, end_us)
-        query = f'SELECT "timestamp", {_FIELDS} FROM {table} WHERE {in_range} ORDER BY "timestamp"'
+        query = (
+            f'SELECT "timestamp", metric, {_FIELDS} FROM {table} WHERE {of_metric} AND {in_range} '
+            'ORDER BY "timestamp", metric'
+        )
     elif grain is Grain.SECOND:
         # A device's seconds: its readings in silver, the range as constants so that Delta files are skipped.
         table, in_range = _lake(source, Table.SILVER, parameters, start_us, end_us)
         parameters["device"] = device_id
-        readings = (
-            f"SELECT *, avg(value) OVER (PARTITION BY date_trunc('second', \"timestamp\")) AS bucket_mean "
+        device_readings = (
+            f'SELECT device_id, {SILVER_METRIC} AS metric, "timestamp", value, arrival_watermark '
             f"FROM {table} WHERE {in_range} AND device_id = $device"
         )
+        readings = (
+            "SELECT *, avg(value) OVER (PARTITION BY date_trunc('second', \"timestamp\"), metric) AS bucket_mean "
+            f"FROM ({device_readings}) WHERE {of_metric}"
+        )
         query = (
-            f"SELECT date_trunc('second', \"timestamp\") AS bucket, {KPI_AGGREGATES}, {_DEVICE_SECOND_HISTORY} "
-            f"FROM ({readings}) GROUP BY bucket ORDER BY bucket"
+            f"SELECT date_trunc('second', \"timestamp\") AS bucket, metric, {KPI_AGGREGATES}, "
+            f"{_DEVICE_SECOND_HISTORY} FROM ({readings}) GROUP BY bucket, metric ORDER BY bucket, metric"
         )
     elif source.snapshot.from_store:
         _need_rollups(source)
-        # Rows are appended in key order per sync, so DuckDB's per-block min/max of grain, device and time skip most
-        # blocks of a range (ART indexes serve equality only).
+        # Rows are appended in key order per sync, so DuckDB's per-block min/max of grain, metric, device and time
+        # skip most blocks of a range (ART indexes serve equality only).
         parameters |= {"grain": grain.value, "start": from_us(start_us), "end": from_us(end_us)}
         device = "device_id IS NULL"
         if device_id is not None:
             device, parameters["device"] = "device_id = $device", device_id
         query = (
-            f'SELECT "timestamp", {_FIELDS} FROM rollups WHERE grain = $grain AND {device} '
-            'AND "timestamp" >= $start AND "timestamp" < $end ORDER BY "timestamp"'
+            f'SELECT "timestamp", metric, {_FIELDS} FROM rollups WHERE grain = $grain AND {of_metric} AND {device} '
+            'AND "timestamp" >= $start AND "timestamp" < $end ORDER BY "timestamp", metric'
         )
     else:
         table, in_range = _lake(source, Table.ROLLUPS, parameters, start_us, end_us)
         parameters |= {"grain": grain.value, "device": device_id}
         query = (
-            f'SELECT "timestamp", {_FIELDS} FROM {table} WHERE grain = $grain '
-            f'AND device_id IS NOT DISTINCT FROM $device AND {in_range} ORDER BY "timestamp"'
+            f'SELECT "timestamp", metric, {_FIELDS} FROM {table} WHERE grain = $grain AND {of_metric} '
+            f'AND device_id IS NOT DISTINCT FROM $device AND {in_range} ORDER BY "timestamp", metric'
         )
     rows = _fetch(source.cursor, query + " LIMIT $limit", parameters)
-    return [Kpis(bucket_start_us=_us(row[0]), grain=grain, **dict(zip(_COLUMNS, row[1:]))) for row in rows]
+    return [
+        Kpis(metric=row[1], bucket_start_us=_us(row[0]), grain=grain, **dict(zip(_COLUMNS, row[2:]))) for row in rows
+    ]
 
 
 def _lake(source: Source, table: Table, parameters: dict[str, object], start_us: int, end_us: int) -> tuple[str, str]:
@@ -156,25 +234,78 @@ def _lake(source: Source, table: Table, parameters: dict[str, object], start_us:
     return scan, in_range
 
 
-def devices(source: Source, after: str | None, limit: int) -> list[DeviceSummary]:
-    """Known devices ordered by id, starting after the id `after`: the store's `devices` summary, or while the store
-    file is built, the same summary computed over silver."""
-    parameters: dict[str, object] = {"limit": limit}
+def _summary(source: Source, parameters: dict[str, object]) -> str:
+    """The summary per device and metric: the store's table, or while the store file is built, the same summary
+    computed over silver (once, until the file serves)."""
     if source.snapshot.from_store:
-        query = "SELECT device_id, first_reading, last_reading, reading_count FROM devices"
+        return "device_metrics"
+    parameters["silver"] = source.locations[Table.SILVER]
+    return (
+        f'(SELECT device_id, {SILVER_METRIC} AS metric, min("timestamp") AS first_reading, '
+        f'max("timestamp") AS last_reading, count(*) AS reading_count FROM {source.scan(Table.SILVER)} '
+        "GROUP BY ALL)"
+    )
+
+
+def metric_catalog(source: Source) -> list[MetricSummary]:
+    """Every metric the snapshot holds readings of, ordered by name: the store's catalog (a row per metric), or the
+    same folded from the summary while the store file is built."""
+    parameters: dict[str, object] = {}
+    if source.snapshot.from_store:
+        query = "SELECT metric, device_count, first_reading, last_reading, reading_count FROM metrics"
+    else:
+        query = (
+            "SELECT metric, count(*), min(first_reading), max(last_reading), sum(reading_count)::BIGINT "
+            f"FROM {_summary(source, parameters)} GROUP BY metric"
+        )
+    return [MetricSummary(*row) for row in _fetch(source.cursor, query + " ORDER BY metric", parameters)]
+
+
+def metric_names(source: Source, limit: int | None = None) -> list[str]:
+    """The names of the metrics the snapshot holds readings of, sorted; the first `limit` of them with a limit."""
+    parameters: dict[str, object] = {}
+    if source.snapshot.from_store:
+        query = "SELECT metric FROM metrics"
     else:
         parameters["silver"] = source.locations[Table.SILVER]
-        query = (
-            'SELECT device_id, min("timestamp"), max("timestamp"), count(*) '
-            f"FROM {source.scan(Table.SILVER)} GROUP BY device_id"
-        )
-        query = f"SELECT * FROM ({query})"
+        query = f"SELECT DISTINCT {SILVER_METRIC} AS metric FROM {source.scan(Table.SILVER)}"
+    query += " ORDER BY metric"
+    if limit is not None:
+        query, parameters["limit"] = query + " LIMIT $limit", limit
+    return [row[0] for row in _fetch(source.cursor, query, parameters)]
+
+
+def is_known(source: Source, metric: str) -> bool:
+    """Whether the snapshot holds any reading of `metric`."""
+    parameters: dict[str, object] = {"metric": metric}
+    if source.snapshot.from_store:
+        query = "SELECT 1 FROM metrics WHERE metric = $metric"
+    else:
+        parameters["silver"] = source.locations[Table.SILVER]
+        query = f"SELECT 1 FROM {source.scan(Table.SILVER)} WHERE {SILVER_METRIC} = $metric LIMIT 1"
+    return bool(_fetch(source.cursor, query, parameters))
+
+
+def devices(source: Source, after: str | None, limit: int, metric: str | None = None) -> list[DeviceSummary]:
+    """Known devices ordered by id, starting after the id `after`, each with the metrics it sent; with `metric`, only
+    the devices that sent it, their first and last reading and count being that metric's."""
+    parameters: dict[str, object] = {"limit": limit}
+    only = ""
+    if metric is not None:
+        only, parameters["metric"] = " FILTER (WHERE metric = $metric)", metric
+    query = (
+        f"SELECT device_id, min(first_reading){only}, max(last_reading){only}, "
+        f"CAST(sum(reading_count){only} AS BIGINT), "
+        f"list(metric ORDER BY metric) FROM {_summary(source, parameters)}"
+    )
     if after is not None:
         query += " WHERE device_id > $after"
         parameters["after"] = after
-    return [
-        DeviceSummary(*row) for row in _fetch(source.cursor, query + " ORDER BY device_id LIMIT $limit", parameters)
-    ]
+    query += " GROUP BY device_id"
+    if metric is not None:
+        query += " HAVING bool_or(metric = $metric)"
+    rows = _fetch(source.cursor, query + " ORDER BY device_id LIMIT $limit", parameters)
+    return [DeviceSummary(row[0], row[1], row[2], row[3], tuple(row[4])) for row in rows]
 
 
 def _fetch(connection: duckdb.DuckDBPyConnection, query: str, parameters: dict[str, object]) -> list[tuple]:

@@ -1,4 +1,5 @@
-"""The bodies the API answers with, as msgspec structs: KPIs, devices, health and problem details."""
+"""The bodies the API answers with, as msgspec structs: KPIs, the metrics' catalog, devices, health and problem
+details."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class BucketKpis(KpiValues, kw_only=True):
 
 class KpiResponse(BucketKpis, kw_only=True, omit_defaults=True):
     timestamp: str
+    metric: str
     grain: str
     device_id: str | None = None
     freshness: Freshness | None = None
@@ -38,7 +40,24 @@ class KpiPoint(BucketKpis, kw_only=True):
     timestamp: str
 
 
+class MetricKpis(BucketKpis, kw_only=True):
+    """One metric's KPIs in a bucket that holds several."""
+
+    metric: str
+
+
+class BucketMetricsResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Every metric with readings in one bucket, ordered by name."""
+
+    timestamp: str
+    grain: str
+    device_id: str | None = None
+    metrics: list[MetricKpis]
+    freshness: Freshness
+
+
 class KpiSeriesResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    metric: str
     grain: str
     device_id: str | None = None
     start: str  # start of the first bucket of the range
@@ -53,6 +72,20 @@ class DeviceResponse(msgspec.Struct, kw_only=True):
     first_reading: str
     last_reading: str
     reading_count: int
+    metrics: list[str]  # the names of the metrics it sent, sorted
+
+
+class MetricResponse(msgspec.Struct, kw_only=True):
+    metric: str
+    device_count: int  # devices that sent it
+    first_reading: str
+    last_reading: str
+    reading_count: int
+
+
+class MetricsResponse(msgspec.Struct, kw_only=True):
+    items: list[MetricResponse]
+    freshness: Freshness
 
 
 class DevicesResponse(msgspec.Struct, kw_only=True):
@@ -97,3 +130,4 @@ class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
     detail: str | None = None
     type: str | None = None
     errors: list[dict[str, str]] | None = None  # what failed validation, parameter by parameter
+    known_metrics: list[str] | None = None  # for a metric the lake does not know: the first names it does, sorted

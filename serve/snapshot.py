@@ -1,5 +1,6 @@
-"""The API's serving store: a DuckDB database file on local disk holding gold, the rollups and a per-device summary
-as of given Delta versions, synced per version; memory is bounded by DuckDB's `memory_limit`, not by history.
+"""The API's serving store: a DuckDB database file on local disk holding gold, the rollups and a summary per device
+and metric (with the metrics' catalog folded from it) as of given Delta versions, synced per version; memory is
+bounded by DuckDB's `memory_limit`, not by history.
 
 - A worker claims a slot (`slot-N.duckdb` under the store folder, held with an `fcntl` lock), since DuckDB lets one
   process write a file; with `--workers 2` the two workers hold slots 0 and 1.
@@ -12,12 +13,12 @@ as of given Delta versions, synced per version; memory is bounded by DuckDB's `m
   `_delta_log` (whose listing is as long as the log: see lake.deltalog): one lookup per table when nothing changed
   (on S3 a HEAD; there it reads the tables' first commits only when a version moved). When a version moved on, it
   follows the table by commit, not by any writer's clock: it reads the commits since the version it holds, and
-  the rows of the data files they added replace the store's rows of the same key (gold's second, a rollup's
-  bucket key; silver's are folded into the devices' summary). A replay that computed its rows before a stream
-  batch and committed after it is loaded like any other commit. Files that a compaction rewrote without changing
-  a row are skipped. A table whose commits cannot be followed by their files (one deleted rows, as a DELETE, a
-  MERGE that deleted or a RESTORE does; or the log no longer holds them after a checkpoint) is copied again whole
-  at its new version. Either way the changes and the new versions are applied in one transaction. A reader
+  the rows of the data files they added replace the store's rows of the same key (gold's metric and second, a
+  rollup's bucket key; silver's are folded into the summary per device and metric), so a commit of one metric
+  leaves the others' rows as they were. A replay that computed its rows before a stream batch and committed after
+  it is loaded like any other commit. Files that a compaction rewrote without changing a row are skipped. A table
+  whose commits cannot be followed by their files (one deleted rows, as a DELETE, a MERGE that deleted or a
+  RESTORE does; or the log no longer holds them after a checkpoint) is copied again whole at its new version. Either way the changes and the new versions are applied in one transaction. A reader
   queries inside its own transaction, so the versions it reports are those of the rows it read.
 - A device's seconds are the only answers still read from readings: from silver in the lake at the snapshot's
   version, with a time filter so that DuckDB skips the other files.
@@ -45,24 +46,32 @@ from lake.errors import LakeError
 from lake.rows import fetch_one
 from lake.settings import Settings, local_path
 from lake.tables import LakePaths, Table
+from lake.upgrade import SILVER_METRIC
 
 # Bumped whenever the store's tables change shape: a file of another format is built again.
-# 2: gold and the rollups hold fingerprint, revision and late_readings; 3: loaded by commit, no `*_since` columns.
-STORE_FORMAT = 3
+# 2: gold and the rollups hold fingerprint, revision and late_readings; 3: loaded by commit, no `*_since` columns;
+# 4: keyed by metric (gold by metric and second), the summary per device and metric, and the metrics' catalog.
+STORE_FORMAT = 4
 TABLES = (Table.GOLD, Table.SILVER, Table.ROLLUPS)
 # Microseconds from 0001-01-01 to the Unix epoch: bucket keys count from year 1 so that they are never negative.
 _YEAR_ONE_US = 62_135_596_800_000_000
-# One VARCHAR per rollup row, `grain|device|microseconds since year 1` (20 digits; the fleet's device is empty, which
-# no device id is): DuckDB's ART index serves single-column lookups only, and this key orders a series.
-ROLLUP_KEY_SQL = (
-    "grain || '|' || coalesce(device_id, '') || '|' || "
-    "lpad(CAST(epoch_us(\"timestamp\") + 62135596800000000 AS VARCHAR), 20, '0')"
-)
+# One VARCHAR key per row, as DuckDB's ART index serves single-column lookups only (a second condition beside the
+# indexed one makes it scan): gold's `metric|microseconds since year 1` (20 digits), a rollup's
+# `grain|metric|device|microseconds` (the fleet's device is empty, which no device id is). Neither a grain nor a
+# metric name holds a `|` (lake.tables.METRIC_NAME), and the microseconds have a fixed width, so a device id that
+# holds one cannot make two keys meet.
+_MICROS_KEY_SQL = "lpad(CAST(epoch_us(\"timestamp\") + 62135596800000000 AS VARCHAR), 20, '0')"
+GOLD_KEY_SQL = f"metric || '|' || {_MICROS_KEY_SQL}"
+ROLLUP_KEY_SQL = f"grain || '|' || metric || '|' || coalesce(device_id, '') || '|' || {_MICROS_KEY_SQL}"
 log = logging.getLogger("kpi_lakehouse.store")
 
 
-def rollup_key(grain: str, device_id: str | None, start_us: int) -> str:
-    return f"{grain}|{device_id or ''}|{start_us + _YEAR_ONE_US:020d}"
+def gold_key(metric: str, start_us: int) -> str:
+    return f"{metric}|{start_us + _YEAR_ONE_US:020d}"
+
+
+def rollup_key(grain: str, metric: str, device_id: str | None, start_us: int) -> str:
+    return f"{grain}|{metric}|{device_id or ''}|{start_us + _YEAR_ONE_US:020d}"
 
 
 def timestamp_literal(moment: datetime) -> str:
@@ -110,7 +119,14 @@ _META_COLUMNS = (
 )
 _SNAPSHOT_COLUMNS = "gold_version, silver_version, gold_committed_at, newest_event, loaded_at, rollups_version"
 _SNAPSHOT_SQL = f"SELECT {_SNAPSHOT_COLUMNS} FROM store_meta"
-_DEVICE_COLUMNS = 'device_id, "timestamp"'  # what the devices' summary reads of silver
+# A reading's identity: what the summary reads of silver (whose rows written before metrics hold a null metric, which
+# every reader takes as `value`: lake.upgrade).
+_READING_COLUMNS = f'device_id, {SILVER_METRIC} AS metric, "timestamp"'
+# The metrics' catalog from the summary per device and metric: a row per metric the snapshot holds readings of.
+_CATALOG_SQL = (
+    "SELECT metric, count(*) AS device_count, min(first_reading) AS first_reading, "
+    "max(last_reading) AS last_reading, sum(reading_count)::BIGINT AS reading_count FROM device_metrics"
+)
 
 
 def claim_slot(store_dir: Path) -> tuple[int, IO[str]]:
@@ -290,8 +306,8 @@ class SnapshotStore:
         return f"SELECT {columns} FROM delta_scan(${table.value}, version := {int(version)})"
 
     def _build(self) -> None:
-        """Copy gold, the rollups and silver's per-device summary at pinned versions into the file, in one
-        transaction; then serve from it."""
+        """Copy gold, the rollups and silver's summary per device and metric at pinned versions into the file, in
+        one transaction; then serve from it."""
         found = {t: deltalog.latest_version(self.paths.table(t)) for t in TABLES}
         gold, silver, rollups = (found[t] for t in TABLES)
         if gold is None or silver is None:
@@ -302,7 +318,7 @@ class SnapshotStore:
         generation = self._generation + 1
         try:
             cursor.begin()
-            for name in ("store_meta", "gold", "rollups", "devices"):
+            for name in ("store_meta", "gold", "rollups", "device_metrics", "metrics"):
                 cursor.execute(f"DROP TABLE IF EXISTS {name}")
             self._create_gold(cursor, gold.version, _only(params, "gold"))
             if rollups is not None:
@@ -360,8 +376,12 @@ class SnapshotStore:
         )
 
     def _create_gold(self, cursor: duckdb.DuckDBPyConnection, version: int, params: dict[str, str]) -> None:
-        cursor.execute(f'CREATE TABLE gold AS {self._scan(Table.GOLD, version)} ORDER BY "timestamp"', params)
-        cursor.execute('CREATE INDEX gold_timestamp ON gold ("timestamp")')
+        cursor.execute(
+            f"CREATE TABLE gold AS SELECT {GOLD_KEY_SQL} AS gold_key, * "
+            f"FROM ({self._scan(Table.GOLD, version)}) ORDER BY gold_key",
+            params,
+        )
+        cursor.execute("CREATE INDEX gold_key ON gold (gold_key)")
 
     def _create_rollups(self, cursor: duckdb.DuckDBPyConnection, version: int, params: dict[str, str]) -> None:
         cursor.execute(
@@ -372,13 +392,15 @@ class SnapshotStore:
         cursor.execute("CREATE INDEX rollups_bucket ON rollups (bucket_key)")
 
     def _create_devices(self, cursor: duckdb.DuckDBPyConnection, version: int, params: dict[str, str]) -> None:
+        """The summary per device and metric (`device_metrics`) of silver at `version`, and the metrics' catalog."""
         cursor.execute(
-            'CREATE TABLE devices AS SELECT device_id, min("timestamp") AS first_reading, '
+            'CREATE TABLE device_metrics AS SELECT device_id, metric, min("timestamp") AS first_reading, '
             'max("timestamp") AS last_reading, count(*) AS reading_count '
-            f"FROM ({self._scan(Table.SILVER, version, _DEVICE_COLUMNS)}) GROUP BY device_id "
-            "ORDER BY device_id",
+            f"FROM ({self._scan(Table.SILVER, version, _READING_COLUMNS)}) GROUP BY device_id, metric "
+            "ORDER BY device_id, metric",
             params,
         )
+        cursor.execute(f"CREATE TABLE metrics AS {_CATALOG_SQL} GROUP BY metric ORDER BY metric")
 
     def _reload(self, cursor: duckdb.DuckDBPyConnection, table: Table, version: int, params: dict[str, str]) -> int:
         """Copy a table whole again at `version` (silver as the devices' summary), inside the caller's transaction:
@@ -392,9 +414,10 @@ class SnapshotStore:
             self._create_rollups(cursor, version, params)
             query = "SELECT count(*) FROM rollups"
         else:
-            cursor.execute("DROP TABLE IF EXISTS devices")
+            cursor.execute("DROP TABLE IF EXISTS device_metrics")
+            cursor.execute("DROP TABLE IF EXISTS metrics")
             self._create_devices(cursor, version, params)
-            query = "SELECT coalesce(sum(reading_count), 0) FROM devices"
+            query = "SELECT coalesce(sum(reading_count), 0) FROM device_metrics"
         return int(fetch_one(cursor.execute(query), f"{table.value} copied")[0])
 
     def wait_built(self, timeout_s: float = 60) -> bool:
@@ -443,8 +466,8 @@ class SnapshotStore:
                 if table is Table.GOLD:
                     newest_second = fetch_one(writer.execute('SELECT max("timestamp") FROM changed_rows'), "gold")[0]
                     newest_event = max(filter(None, [newest_event, newest_second]), default=None)
-                    writer.execute('DELETE FROM gold WHERE "timestamp" IN (SELECT "timestamp" FROM changed_rows)')
-                    writer.execute('INSERT INTO gold BY NAME SELECT * FROM changed_rows ORDER BY "timestamp"')
+                    writer.execute("DELETE FROM gold WHERE gold_key IN (SELECT gold_key FROM changed_rows)")
+                    writer.execute("INSERT INTO gold BY NAME SELECT * FROM changed_rows ORDER BY gold_key")
                 elif table is Table.ROLLUPS:
                     writer.execute("DELETE FROM rollups WHERE bucket_key IN (SELECT bucket_key FROM changed_rows)")
                     writer.execute("INSERT INTO rollups BY NAME SELECT * FROM changed_rows ORDER BY bucket_key")
@@ -488,7 +511,8 @@ class SnapshotStore:
 
     def _load_files(self, writer: duckdb.DuckDBPyConnection, table: Table, files: tuple[deltalog.DataFile, ...]) -> int:
         """Read the rows of a table's data files into the temporary table `changed_rows`, with the columns and
-        types the store keeps (gold's and the rollups' by name; silver's identities); returns how many there are.
+        types the store keeps (gold's and the rollups' by name, with their keys; silver's identities); returns how
+        many there are.
 
         The files are read as Parquet, not through `delta_scan`, which would list every file of the version and
         cannot skip those not named: the commits already say which files hold the changes. A partitioned table's
@@ -516,13 +540,17 @@ class SnapshotStore:
                 quoted = name.replace('"', '""')
                 partition_columns += f', CAST($value_{group}_{index} AS VARCHAR) AS "{quoted}"'
             parts.append(f"SELECT COLUMNS(c -> c NOT IN ({names})){partition_columns} FROM {read}")
+        if table is Table.SILVER:
+            # Silver's files written before metrics lack the column, which a metadata commit added (lake.upgrade):
+            # an empty part that has it lets a union of such files alone name it too (null, read as `value`).
+            parts.append("SELECT NULL::VARCHAR AS metric WHERE false")
         # Timestamps as the store keeps them (a writer may store Parquet timestamps without a time zone).
         if table is Table.SILVER:
-            columns = 'device_id, "timestamp"::TIMESTAMPTZ AS "timestamp"'
+            columns = f'device_id, {SILVER_METRIC} AS metric, "timestamp"::TIMESTAMPTZ AS "timestamp"'
         elif table is Table.ROLLUPS:
             columns = f'{ROLLUP_KEY_SQL} AS bucket_key, * REPLACE ("timestamp"::TIMESTAMPTZ AS "timestamp")'
         else:
-            columns = '* REPLACE ("timestamp"::TIMESTAMPTZ AS "timestamp")'
+            columns = f'{GOLD_KEY_SQL} AS gold_key, * REPLACE ("timestamp"::TIMESTAMPTZ AS "timestamp")'
         writer.execute(
             f"CREATE OR REPLACE TEMP TABLE changed_rows AS SELECT {columns} FROM ({' UNION ALL BY NAME '.join(parts)})",
             parameters,
@@ -538,31 +566,41 @@ class SnapshotStore:
         self.current = snapshot
 
     def _update_devices(self, writer: duckdb.DuckDBPyConnection, old_version: int, params: dict[str, str]) -> None:
-        """Fold silver's changed rows into the per-device summary. A changed row is a new reading unless its
-        identity was in silver at the version the store had (then it is a correction, which moves no count and no
-        time); that version is read only over the changed rows' time range, so DuckDB skips the other files."""
+        """Fold silver's changed rows into the summary per device and metric, then the catalog rows of the metrics
+        they touched. A changed row is a new reading unless its identity (device, metric, instant) was in silver at
+        the version the store had (then it is a correction, which moves no count and no time); that version is read
+        only over the changed rows' time range, so DuckDB skips the other files."""
         span = fetch_one(writer.execute('SELECT min("timestamp"), max("timestamp") FROM changed_rows'), "changed rows")
         earlier = (
-            f'SELECT device_id, "timestamp" FROM delta_scan($silver, version := {int(old_version)}) '
+            f"SELECT {_READING_COLUMNS} FROM delta_scan($silver, version := {int(old_version)}) "
             f'WHERE "timestamp" >= {timestamp_literal(span[0])} AND "timestamp" <= {timestamp_literal(span[1])}'
         )
         writer.execute(
             "CREATE OR REPLACE TEMP TABLE device_changes AS "
-            'SELECT c.device_id, min(c."timestamp") AS first_reading, max(c."timestamp") AS last_reading, '
+            'SELECT c.device_id, c.metric, min(c."timestamp") AS first_reading, max(c."timestamp") AS last_reading, '
             "count(*) FILTER (WHERE e.device_id IS NULL) AS added "
-            f'FROM changed_rows c LEFT JOIN ({earlier}) e ON e.device_id = c.device_id AND e."timestamp" = c."timestamp" '
-            "GROUP BY c.device_id",
+            f"FROM changed_rows c LEFT JOIN ({earlier}) e "
+            'ON e.device_id = c.device_id AND e.metric = c.metric AND e."timestamp" = c."timestamp" '
+            "GROUP BY c.device_id, c.metric",
             params,
         )
         writer.execute(
             "CREATE OR REPLACE TEMP TABLE merged_devices AS "
-            "SELECT c.device_id, least(d.first_reading, c.first_reading) AS first_reading, "
+            "SELECT c.device_id, c.metric, least(d.first_reading, c.first_reading) AS first_reading, "
             "greatest(d.last_reading, c.last_reading) AS last_reading, "
             "coalesce(d.reading_count, 0) + c.added AS reading_count "
-            "FROM device_changes c LEFT JOIN devices d USING (device_id)"
+            "FROM device_changes c LEFT JOIN device_metrics d USING (device_id, metric)"
         )
-        writer.execute("DELETE FROM devices WHERE device_id IN (SELECT device_id FROM merged_devices)")
-        writer.execute("INSERT INTO devices SELECT * FROM merged_devices ORDER BY device_id")
+        writer.execute(
+            "DELETE FROM device_metrics d USING merged_devices m WHERE d.device_id = m.device_id AND d.metric = m.metric"
+        )
+        writer.execute("INSERT INTO device_metrics SELECT * FROM merged_devices ORDER BY device_id, metric")
+        # The catalog's rows of the touched metrics, again from the summary: a fleet's rows per metric, not history.
+        writer.execute("DELETE FROM metrics WHERE metric IN (SELECT metric FROM merged_devices)")
+        writer.execute(
+            f"INSERT INTO metrics SELECT * FROM ({_CATALOG_SQL} "
+            "WHERE metric IN (SELECT metric FROM merged_devices) GROUP BY metric) ORDER BY metric"
+        )
         writer.execute("DROP TABLE device_changes")
         writer.execute("DROP TABLE merged_devices")
 

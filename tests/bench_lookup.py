@@ -2,8 +2,8 @@
 
     .venv/bin/python -m tests.bench_lookup --seconds 300000 --lookups 2000
 
-Builds a lake with the project's Spark session (one reading per device per second, two devices), then times random
-second lookups three ways: the query a request ran before the cache (DuckDB views over delta_scan, which replay
+Builds a lake with the project's Spark session (one reading of metric `value` per device per second, two devices),
+then times random second lookups three ways: the query a request ran before the cache (DuckDB views over delta_scan, which replay
 the Delta log and open the files on every query), the same lookup on the serving store, and the whole HTTP
 request under uvicorn, both for `serve.app` (serving store) and for a minimal app whose handler runs the query
 the way the API did before the cache.
@@ -26,7 +26,7 @@ import httpx
 
 from lake import duck
 from lake.settings import Settings
-from lake.tables import LakePaths, Table
+from lake.tables import DEFAULT_METRIC, LakePaths, Table
 from lake.timestamps import Grain, from_us, parse_timestamp_us
 from serve import queries
 from serve.snapshot import SnapshotStore
@@ -52,6 +52,8 @@ def build_lake(root: Path, seconds: int) -> None:
         "0 AS reading_index",
         "CAST(NULL AS TIMESTAMP) AS kafka_timestamp",
         "current_timestamp() AS updated_at",
+        "CAST(NULL AS TIMESTAMP) AS arrival_watermark",
+        f"'{DEFAULT_METRIC}' AS metric",
     )
     silver.write.format("delta").mode("append").save(paths.table(Table.SILVER))
     spark.read.format("delta").load(paths.table(Table.SILVER)).createOrReplaceTempView("silver")
@@ -59,7 +61,7 @@ def build_lake(root: Path, seconds: int) -> None:
         "SELECT timestamp_seconds(CAST(unix_micros(`timestamp`) DIV 1000000 AS BIGINT)) AS `timestamp`, "
         "count(*) AS reading_count, count(DISTINCT device_id) AS device_count, avg(value) AS average_value, "
         "min(value) AS min_value, max(value) AS max_value, sum(value) AS sum_value, stddev_samp(value) AS stddev_value, "
-        "current_timestamp() AS updated_at FROM silver GROUP BY 1"
+        "current_timestamp() AS updated_at, metric FROM silver GROUP BY 1, metric"
     ).write.format("delta").mode("append").save(paths.table(Table.GOLD))
     spark.stop()
 
@@ -82,9 +84,10 @@ def uncached_app(paths: LakePaths):  # type: ignore[no-untyped-def]
 
 
 def _uncached_kpis(cursor: duckdb.DuckDBPyConnection, instant: str) -> tuple | None:
-    """Gold's row of the second that holds the instant, through a view over delta_scan."""
+    """Gold's row of `value` in the second that holds the instant, through a view over delta_scan."""
     second = from_us(Grain.SECOND.bucket_start_us(parse_timestamp_us(instant)))
-    return cursor.execute('SELECT reading_count FROM gold WHERE "timestamp" = $t', {"t": second}).fetchone()
+    query = 'SELECT reading_count FROM gold WHERE metric = $metric AND "timestamp" = $t'
+    return cursor.execute(query, {"t": second, "metric": DEFAULT_METRIC}).fetchone()
 
 
 def timed(lookup: Callable[[str], object], instants: list[str]) -> tuple[float, float]:

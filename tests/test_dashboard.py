@@ -1,5 +1,6 @@
 """The dashboard in a real headless Chromium (Debian's package, driven by Playwright): it loads from this service
-alone, its chart holds the values the API returns, and it redraws when new data lands."""
+alone, its chart holds the values the API returns, it redraws when new data lands, and its chart, table and
+freshness line follow the metric chosen in its picker."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lake.tables import LakePaths
 from lake.watermark import USER_METADATA_CONF, Watermark
 from tests.conftest import REPO
 from tests.reference import Reference
-from tests.serve_lake import START, LakeWriter, Reading, api_settings, make_readings, serving
+from tests.serve_lake import METRICS, START, LakeWriter, Reading, api_settings, iso, make_readings, serving
 
 pytestmark = pytest.mark.spark
 CHROMIUM = "/usr/bin/chromium"
@@ -58,6 +59,62 @@ def _newest_version(table: Path) -> int:
 
 def _epoch(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
+
+
+def _table(page, selector: str) -> list[list[str]]:  # type: ignore[no-untyped-def]
+    return page.eval_on_selector_all(
+        f"{selector} tbody tr", "rows => rows.map((r) => Array.from(r.cells).map((c) => c.textContent))"
+    )
+
+
+def _check_metric_picker(page, base: str, readings: list[Reading]) -> None:  # type: ignore[no-untyped-def]
+    """The picker lists the catalog's metrics, `value` chosen first; choosing another draws that metric's series and
+    lists its buckets, its devices and its freshness; a metric's name in the every-metric table picks it."""
+    catalog = httpx.get(base + "/catalog/metrics").json()["items"]
+    options = page.eval_on_selector_all("#metric option", "options => options.map((o) => o.value)")
+    assert options == [m["metric"] for m in catalog] == sorted(METRICS)
+    assert page.input_value("#metric") == "value" and "metric=value" in page.evaluate("() => window.kpiDashboard.url")
+    value_chart = _chart_columns(page)
+
+    page.select_option("#metric", "pressure_bar")
+    page.wait_for_function("() => window.kpiDashboard.url.includes('metric=pressure_bar')", timeout=20_000)
+    url = page.evaluate("() => window.kpiDashboard.url")
+    chart = _chart_columns(page)
+    assert chart == _api_columns(base, url) and chart != value_chart
+    pressure = Reference.of(readings).buckets("second", metric="pressure_bar")
+    assert chart[4] == [k["reading_count"] for k in pressure.values()]
+    assert max(chart[3]) <= 4.0  # pressures, not values
+    # The table: the newest buckets of pressure first, as the series holds them.
+    rows = _table(page, "#kpi-table")
+    newest = list(pressure.items())[::-1][: len(rows)]
+    assert len(rows) == min(20, len(pressure))
+    assert [(row[0], int(row[1])) for row in rows] == [(iso(t), k["reading_count"]) for t, k in newest]
+    assert page.text_content("#table-title").startswith("pressure_bar")
+    # The freshness line names the metric and its newest reading, from the catalog.
+    summary = next(m for m in catalog if m["metric"] == "pressure_bar")
+    freshness = page.text_content("#freshness")
+    assert freshness.startswith(f"pressure_bar: newest reading {summary['last_reading']}, 2 devices")
+    # The device picker offers the devices that send pressure: meter-3 sends none.
+    devices = page.eval_on_selector_all("#device option", "options => options.map((o) => o.value)")
+    assert devices == ["", "pump-1", "pump-2"]
+    # Every metric of the newest bucket, from GET /kpis/{timestamp}/metrics, pressure's row marked.
+    bucket = httpx.get(f"{base}/kpis/{iso(list(pressure)[-1])}/metrics").json()
+    shown = _table(page, "#metrics-table")
+    assert [row[0] for row in shown] == [m["metric"] for m in bucket["metrics"]]
+    assert [int(row[1]) for row in shown] == [m["reading_count"] for m in bucket["metrics"]]
+    assert page.eval_on_selector_all("#metrics-table tr.chosen", "rows => rows.map((r) => r.cells[0].textContent)") == [
+        "pressure_bar"
+    ]
+
+    # A metric's name in that table picks it (`value` is measured at every instant: that second has it).
+    other = "temperature_c" if "temperature_c" in [row[0] for row in shown] else "value"
+    page.click(f"#metrics-table button:text-is('{other}')")
+    page.wait_for_function("(m) => window.kpiDashboard.url.includes('metric=' + m)", arg=other, timeout=20_000)
+    assert page.input_value("#metric") == other
+    assert _chart_columns(page)[4] == [
+        k["reading_count"] for k in Reference.of(readings).buckets("second", metric=other).values()
+    ]
+    assert page.evaluate("() => document.getElementById('freshness').dataset.metric") == other
 
 
 def test_dashboard_draws_the_api_values_and_follows_new_data(spark, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -153,6 +210,7 @@ def test_dashboard_draws_the_api_values_and_follows_new_data(spark, tmp_path: Pa
             page.wait_for_function(
                 "(n) => window.kpiDashboard.data[0].length === n", arg=len(expected) + 1, timeout=20_000
             )
+            _check_metric_picker(page, base, readings)
 
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)

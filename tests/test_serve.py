@@ -1,6 +1,8 @@
-"""The HTTP API over a real Delta lake: series, devices, freshness, ETags, lag, metrics and hardening, each answer
-checked against KPIs computed here in Python. The lakes here are written by tests.serve_lake, in the shapes each
-test needs; tests/test_pipeline_lake.py asks the same of a lake the pipeline wrote from Kafka."""
+"""The HTTP API over a real Delta lake of several metrics: KPIs of each metric (`value` when none is named), every
+metric of a bucket, the metrics' catalog, series, devices, freshness, ETags, lag, Prometheus metrics and hardening,
+each answer checked against KPIs computed here in Python; and a lake written before metrics, upgraded at the API's
+start, answering as before. The lakes here are written by tests.serve_lake, in the shapes each test needs;
+tests/test_pipeline_lake.py asks the same of a lake the pipeline wrote from Kafka."""
 
 from __future__ import annotations
 
@@ -16,14 +18,16 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 
+from lake import upgrade
 from lake.kafka import Watermarks, lag
-from lake.tables import LakePaths
+from lake.tables import METRIC_NAME, LakePaths
 from lake.timestamps import Grain, parse_timestamp_us
 from serve import queries
 from serve.app import create_app
 from serve.snapshot import SnapshotStore
-from tests.reference import Reference, assert_kpis_equal
-from tests.serve_lake import DEVICES, START, LakeWriter, Reading, api_settings, iso, make_readings
+from tests.reference import EPOCH, Reference, assert_kpis_equal
+from tests.reference import GRAINS as GRAIN_WIDTHS
+from tests.serve_lake import DEVICES, METRICS, START, LakeWriter, Reading, api_settings, iso, make_readings
 
 pytestmark = pytest.mark.spark
 PROBLEM = "application/problem+json"
@@ -31,7 +35,8 @@ PROBLEM = "application/problem+json"
 
 @pytest.fixture(scope="module")
 def lake(spark, tmp_path_factory) -> tuple[Path, list[Reading], LakeWriter]:  # type: ignore[no-untyped-def]
-    """A lake whose silver holds the readings in two commits and whose gold holds their per-second KPIs."""
+    """A lake whose silver holds the readings of three metrics in two commits, and whose gold holds their KPIs per
+    metric and second."""
     root = tmp_path_factory.mktemp("served") / "lake"
     readings = make_readings()
     writer = LakeWriter(spark, LakePaths.from_settings(api_settings(root)))
@@ -61,6 +66,7 @@ def _all_pages(client: TestClient, params: dict) -> list[dict]:
     while True:
         assert answer.status_code == 200, answer.text
         body = answer.json()
+        assert body["metric"] == params.get("metric", "value")
         items += body["items"]
         pages += 1
         if body["next"] is None:
@@ -70,15 +76,23 @@ def _all_pages(client: TestClient, params: dict) -> list[dict]:
 
 
 @pytest.mark.parametrize("grain", ["second", "minute", "hour", "day"])
-@pytest.mark.parametrize("device_id", [None, "pump-1"])
-def test_series_pages_equal_python_kpis(client: TestClient, lake, grain: str, device_id: str | None) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("device_id", "metric"), [(None, None), ("pump-1", None), (None, "pressure_bar"), ("meter-3", "temperature_c")]
+)
+def test_series_pages_equal_python_kpis(  # type: ignore[no-untyped-def]
+    client: TestClient, lake, grain: str, device_id: str | None, metric: str | None
+) -> None:
+    """Every page of a series, of the fleet or of one device, of `value` when no metric is named or of the metric
+    named (each `next` link keeps it), equals the reference's buckets of that metric."""
     readings = lake[1]
-    expected = Reference.of(readings).buckets(grain, device_id)
+    expected = Reference.of(readings).buckets(grain, device_id, metric or "value")
     params: dict = {"start": "2024-07-30T11:59:59.5Z", "end": "2024-08-01T00:00:00Z", "grain": grain, "limit": 37}
     if grain == "second":
         params["end"] = "2024-07-31T00:00:01Z"  # under the range limit of a million seconds
     if device_id:
         params["device_id"] = device_id
+    if metric:
+        params["metric"] = metric
     items = _all_pages(client, params)
     end = datetime.fromisoformat(params["end"])
     expected = {k: v for k, v in expected.items() if k < end}
@@ -105,6 +119,7 @@ def test_point_lookup_carries_freshness_and_etag(client: TestClient, lake, spark
     answer = client.get(f"/kpis/{iso(second + timedelta(milliseconds=250))}")
     assert answer.status_code == 200
     body = answer.json()
+    assert body["metric"] == "value"  # the tutorial's request: the bare `value` of the readings
     assert_kpis_equal(body, Reference.of(readings).buckets("second")[second], "point lookup")
     freshness = body["freshness"]
     assert (freshness["gold_version"], freshness["silver_version"]) == (gold_version, silver_version)
@@ -138,6 +153,132 @@ def test_devices_equal_python_summary(client: TestClient, lake) -> None:  # type
         assert item["reading_count"] == len(own)
         assert datetime.fromisoformat(item["first_reading"]) == min(own)
         assert datetime.fromisoformat(item["last_reading"]) == max(own)
+        assert item["metrics"] == sorted({r.metric for r in readings if r.device_id == item["device_id"]})
+    assert items[0]["device_id"] == "meter-3" and "pressure_bar" not in items[0]["metrics"]
+
+    # Only the devices that sent a metric, with that metric's reading times and count; its pages keep the metric.
+    first = client.get("/devices", params={"metric": "pressure_bar", "limit": 1}).json()
+    second = client.get(first["next"]).json()
+    assert "metric=pressure_bar" in first["next"] and second["next"] is None
+    for item in first["items"] + second["items"]:
+        own = [r.timestamp for r in readings if r.device_id == item["device_id"] and r.metric == "pressure_bar"]
+        assert (item["reading_count"], item["first_reading"], item["last_reading"]) == (
+            len(own),
+            _utc_text(min(own)),
+            _utc_text(max(own)),
+        )
+    assert [i["device_id"] for i in first["items"] + second["items"]] == ["pump-1", "pump-2"]
+
+
+def _bucket(instant: datetime, grain: str) -> datetime:
+    width = GRAIN_WIDTHS[grain]
+    return EPOCH + (instant - EPOCH) // width * width
+
+
+def _utc_text(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def test_a_metric_is_named_in_the_request_and_the_answer(client: TestClient, lake) -> None:  # type: ignore[no-untyped-def]
+    """The same bucket answers each metric's own KPIs, of the fleet and of one device, at every grain."""
+    reference = Reference.of(lake[1])
+    instant = START + timedelta(seconds=42, milliseconds=250)
+    for metric in METRICS:
+        for grain in ("second", "minute", "hour", "day"):
+            for device_id in (None, "pump-2"):
+                params = {"metric": metric, "grain": grain} | ({"device_id": device_id} if device_id else {})
+                answer = client.get(f"/kpis/{iso(instant)}", params=params)
+                expected = reference.buckets(grain, device_id, metric).get(_bucket(instant, grain))
+                if expected is None:  # no reading of the metric in that second
+                    assert answer.status_code == 404 and answer.json()["title"] == "No readings", answer.text
+                    continue
+                assert answer.status_code == 200, answer.text
+                body = answer.json()
+                assert (body["metric"], body["grain"], body.get("device_id")) == (metric, grain, device_id)
+                assert body["timestamp"] == iso(_bucket(instant, grain))
+                assert_kpis_equal(body, expected, f"{metric} {params}")
+    # Values of different metrics are never combined: the minute's readings of each add up to the minute's total.
+    minute = {m: client.get(f"/kpis/{iso(START)}", params={"metric": m, "grain": "minute"}).json() for m in METRICS}
+    in_minute = [r for r in lake[1] if START <= r.timestamp < START + timedelta(minutes=1)]
+    assert sum(body["reading_count"] for body in minute.values()) == len(in_minute)
+    assert minute["pressure_bar"]["max_value"] <= 4.0 < minute["value"]["max_value"]
+
+
+def test_an_unknown_metric_is_404_naming_the_known_ones(client: TestClient, lake) -> None:  # type: ignore[no-untyped-def]
+    known = sorted(METRICS)
+    series = {"start": iso(START), "end": iso(START + timedelta(minutes=5)), "metric": "flow"}
+    for path, params in (
+        (f"/kpis/{iso(START)}", {"metric": "flow"}),
+        (f"/kpis/{iso(START)}", {"metric": "Value", "grain": "minute", "device_id": "pump-1"}),  # case matters
+        ("/kpis", series),
+        ("/kpis", series | {"final": "true"}),
+        ("/devices", {"metric": "flow"}),
+    ):
+        answer = client.get(path, params=params)
+        assert answer.status_code == 404, (path, params, answer.text)
+        assert answer.headers["content-type"].startswith(PROBLEM)
+        problem = answer.json()
+        assert problem["title"] == "Unknown metric" and problem["known_metrics"] == known
+        assert repr(params["metric"]) in problem["detail"]
+        assert all(name in problem["detail"] for name in known) and "/catalog/metrics" in problem["detail"]
+    # A metric the lake knows, in a bucket without readings of it, is the bucket's 404, not the metric's.
+    empty = client.get(f"/kpis/{iso(START + timedelta(hours=3))}", params={"metric": "pressure_bar"})
+    assert empty.status_code == 404 and empty.json()["title"] == "No readings"
+    assert "known_metrics" not in empty.json() and "pressure_bar" in empty.json()["detail"]
+    # So is a range without readings: an empty page, not a 404.
+    quiet = client.get(
+        "/kpis", params={"start": "2024-07-29T00:00:00Z", "end": "2024-07-29T01:00:00Z", "metric": "pressure_bar"}
+    )
+    assert quiet.status_code == 200 and quiet.json()["items"] == [] and quiet.json()["metric"] == "pressure_bar"
+
+
+def test_every_metric_of_a_bucket_in_one_answer(client: TestClient, lake) -> None:  # type: ignore[no-untyped-def]
+    """GET /kpis/{timestamp}/metrics: each metric with readings in the bucket, by name, each as GET /kpis/{timestamp}
+    answers it for that metric, all equal to the reference."""
+    reference = Reference.of(lake[1])
+    for grain in ("second", "minute", "hour", "day"):
+        for device_id in (None, "meter-3", "pump-1"):
+            # A bucket where the device has readings: the middle one of its `value` buckets.
+            buckets = list(reference.buckets(grain, device_id))
+            instant = buckets[len(buckets) // 2] + timedelta(milliseconds=250)
+            params = {"grain": grain} | ({"device_id": device_id} if device_id else {})
+            answer = client.get(f"/kpis/{iso(instant)}/metrics", params=params)
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            bucket = _bucket(instant, grain)
+            expected = {
+                metric: found[bucket]
+                for metric in sorted(METRICS)
+                if bucket in (found := reference.buckets(grain, device_id, metric))
+            }
+            assert (body["timestamp"], body["grain"], body.get("device_id")) == (iso(bucket), grain, device_id)
+            assert [item["metric"] for item in body["metrics"]] == list(expected), params
+            if device_id == "meter-3":
+                assert "pressure_bar" not in expected  # it sends none
+            for item, kpis in zip(body["metrics"], expected.values(), strict=True):
+                assert_kpis_equal(item, kpis, f"{item['metric']} in {params}")
+                one = client.get(f"/kpis/{iso(instant)}", params=params | {"metric": item["metric"]}).json()
+                assert item == {name: one[name] for name in item}
+    assert body["freshness"]["gold_version"] >= 1
+    empty = client.get(f"/kpis/{iso(START + timedelta(hours=3))}/metrics")
+    assert empty.status_code == 404 and empty.headers["content-type"].startswith(PROBLEM)
+    assert client.get("/kpis/yesterday/metrics").status_code == 400
+
+
+def test_catalog_lists_each_metric_with_its_devices_and_readings(client: TestClient, lake) -> None:  # type: ignore[no-untyped-def]
+    readings = lake[1]
+    answer = client.get("/catalog/metrics")
+    assert answer.status_code == 200 and "etag" in answer.headers
+    items = answer.json()["items"]
+    assert [item["metric"] for item in items] == sorted(METRICS)
+    for item in items:
+        own = [r for r in readings if r.metric == item["metric"]]
+        assert item["device_count"] == len({r.device_id for r in own})
+        assert item["reading_count"] == len(own)
+        assert item["first_reading"] == _utc_text(min(r.timestamp for r in own))
+        assert item["last_reading"] == _utc_text(max(r.timestamp for r in own))
+    assert {item["metric"]: item["device_count"] for item in items}["pressure_bar"] == 2
+    assert answer.json()["freshness"]["served_from"] in ("store", "lake")
 
 
 @pytest.mark.parametrize(
@@ -158,6 +299,15 @@ def test_devices_equal_python_summary(client: TestClient, lake) -> None:  # type
         ("/kpis/2024-07-30T12:00:00Z?grain=week", "grain"),
         ("/devices?limit=-1", "limit"),
         ("/devices?after=", "after"),
+        ("/kpis/2024-07-30T12:00:00Z?metric=", "metric"),
+        ("/kpis/2024-07-30T12:00:00Z?metric=1st", "metric"),
+        ("/kpis/2024-07-30T12:00:00Z?metric=temp%20c", "metric"),
+        ("/kpis/2024-07-30T12:00:00Z?metric=" + "m" * 65, "metric"),
+        ("/kpis?start=2024-07-30T12:00:00Z&end=2024-07-30T12:01:00Z&metric=a%7Cb", "metric"),
+        ("/kpis?start=2024-07-30T12:00:00Z&end=2024-07-30T12:01:00Z&metric=%27%3B--", "metric"),
+        ("/devices?metric=_flow", "metric"),
+        ("/kpis/2024-07-30T12:00:00Z?metric=value%0A", "metric"),
+        ("/kpis/2024-07-30T12:00:00Z/metrics?grain=week", "grain"),
     ],
 )
 def test_bad_input_is_400_problem_details(client: TestClient, path: str, detail_part: str) -> None:
@@ -239,34 +389,51 @@ def _store(root: Path | str, **overrides: object) -> SnapshotStore:
 
 
 def _assert_every_grain(store: SnapshotStore, readings: list[Reading], where: str) -> None:
-    """Every bucket of every grain, of the fleet and of each device, as the store answers it now, against the
-    reference; also the devices' summary."""
+    """Every bucket of every metric and grain, of the fleet and of each device, as the store answers it now, against
+    the reference; every metric of a bucket at once; also the devices' summary and the metrics' catalog."""
     reference = Reference.of(readings)
     first, stop = parse_timestamp_us("2024-07-30T00:00:00Z"), parse_timestamp_us("2024-08-01T00:00:00Z")
     with store.read() as (snapshot, cursor):
         source = queries.Source(cursor, snapshot, store.locations)
-        for grain in GRAINS:
-            for device_id in (None, *DEVICES, "pump-9"):
-                expected = reference.buckets(grain.value, device_id)
-                found = queries.kpi_series(source, first, stop, grain, device_id, limit=10_000)
-                label = f"{where}, {grain.value} of {device_id or 'the fleet'}"
-                assert [row.bucket_start_us for row in found] == [
-                    parse_timestamp_us(iso(start)) for start in expected
-                ], label
-                for row, kpis in zip(found, expected.values(), strict=True):
-                    assert_kpis_equal({name: getattr(row, name) for name in kpis}, kpis, label)
-                one = next(iter(expected), None)
-                if one is not None:  # a point lookup at an instant inside the first bucket
-                    point = queries.kpis(source, parse_timestamp_us(iso(one)) + 1, grain, device_id)
-                    assert point is not None and point.reading_count == expected[one]["reading_count"], label
+        for metric in (*reference.metrics(), "flow"):
+            for grain in GRAINS:
+                for device_id in (None, *DEVICES, "pump-9"):
+                    expected = reference.buckets(grain.value, device_id, metric)
+                    found = queries.kpi_series(source, first, stop, grain, device_id, limit=10_000, metric=metric)
+                    label = f"{where}, {metric} by {grain.value} of {device_id or 'the fleet'}"
+                    assert [row.bucket_start_us for row in found] == [
+                        parse_timestamp_us(iso(start)) for start in expected
+                    ], label
+                    for row, kpis in zip(found, expected.values(), strict=True):
+                        assert row.metric == metric, label
+                        assert_kpis_equal({name: getattr(row, name) for name in kpis}, kpis, label)
+                    one = next(iter(expected), None)
+                    if one is not None:  # a point lookup at an instant inside the first bucket, and its metrics
+                        instant_us = parse_timestamp_us(iso(one)) + 1
+                        point = queries.kpis(source, instant_us, grain, device_id, metric)
+                        assert point is not None and point.reading_count == expected[one]["reading_count"], label
+                        every = queries.bucket_metrics(source, instant_us, grain, device_id)
+                        assert [row.metric for row in every] == [
+                            name
+                            for name in reference.metrics()
+                            if one in reference.buckets(grain.value, device_id, name)
+                        ], label
         summary = {d.device_id: d for d in queries.devices(source, None, 100)}
+        catalog = {m.metric: m for m in queries.metric_catalog(source)}
+        assert queries.metric_names(source) == reference.metrics() and not queries.is_known(source, "flow")
     by_device: dict[str, list[datetime]] = {}
-    for device_id, moment in reference.readings:
+    for device_id, moment, _ in reference.readings:
         by_device.setdefault(device_id, []).append(moment)
     assert sorted(summary) == sorted(by_device), where
     for device_id, moments in by_device.items():
         got = summary[device_id]
         assert (got.reading_count, got.first_reading, got.last_reading) == (len(moments), min(moments), max(moments))
+        assert got.metrics == tuple(sorted({m for d, _, m in reference.readings if d == device_id})), where
+    assert sorted(catalog) == reference.metrics(), where
+    for metric, got in catalog.items():
+        own = [(device, moment) for device, moment, name in reference.readings if name == metric]
+        assert (got.device_count, got.reading_count) == (len({device for device, _ in own}), len(own)), where
+        assert (got.first_reading, got.last_reading) == (min(m for _, m in own), max(m for _, m in own)), where
 
 
 def test_lake_and_store_answer_every_grain_exactly(lake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -306,7 +473,9 @@ def test_new_commits_and_corrections_are_served_without_restart(spark, tmp_path:
         late = [
             Reading("pump-9", START + timedelta(microseconds=5), 1000.0),
             Reading("pump-9", START + timedelta(seconds=30), 3.0),
-            Reading(corrected.device_id, corrected.timestamp, corrected.value + 500.0),
+            corrected._replace(value=corrected.value + 500.0),
+            # A metric the lake has not seen before.
+            Reading("pump-9", START + timedelta(seconds=30), 12.5, "flow_lpm"),
         ]
         readings += late
         writer.append(late, readings)
@@ -327,8 +496,12 @@ def test_new_commits_and_corrections_are_served_without_restart(spark, tmp_path:
             expected[START + timedelta(seconds=30)],
             "new second",
         )
-        devices = {d["device_id"]: d["reading_count"] for d in client.get("/devices").json()["items"]}
-        assert devices["pump-9"] == 2
+        devices = {d["device_id"]: d for d in client.get("/devices").json()["items"]}
+        assert devices["pump-9"]["reading_count"] == 3 and devices["pump-9"]["metrics"] == ["flow_lpm", "value"]
+        flow = client.get(f"/kpis/{iso(START + timedelta(seconds=30))}", params={"metric": "flow_lpm"}).json()
+        assert (flow["metric"], flow["reading_count"], flow["sum_value"]) == ("flow_lpm", 1, 12.5)
+        catalog = {m["metric"]: m for m in client.get("/catalog/metrics").json()["items"]}
+        assert catalog["flow_lpm"]["device_count"] == 1 and sorted(catalog) == ["flow_lpm", *sorted(METRICS)]
         assert_kpis_equal(
             client.get(f"/kpis/{iso(START)}?grain=minute").json(),
             Reference.of(readings).buckets("minute")[START],
@@ -404,9 +577,9 @@ def test_a_restarted_service_answers_what_the_lake_gained_while_it_was_down(  # 
     built = Reference.of(readings).buckets("second")[START]
 
     # While the service is down, a correction of a reading in the first second.
-    at = next(i for i, r in enumerate(readings) if r.timestamp.replace(microsecond=0) == START)
+    at = next(i for i, r in enumerate(readings) if r.timestamp.replace(microsecond=0) == START and r.metric == "value")
     changed = readings[at]
-    readings[at] = Reading(changed.device_id, changed.timestamp, changed.value + 1000.0)
+    readings[at] = changed._replace(value=changed.value + 1000.0)
     writer.append([readings[at]], readings)
     now = Reference.of(readings).buckets("second")[START]
     assert now["sum_value"] != built["sum_value"]
@@ -424,7 +597,7 @@ def test_a_restarted_service_answers_what_the_lake_gained_while_it_was_down(  # 
     assert first["freshness"]["served_from"] == "store"
     assert_kpis_equal(first, now, "first answer after a restart")
 
-    readings[at] = Reading(changed.device_id, changed.timestamp, changed.value + 2000.0)
+    readings[at] = changed._replace(value=changed.value + 2000.0)
     writer.append([readings[at]], readings)
     later = Reference.of(readings).buckets("second")[START]
     settings = api_settings(root, api_refresh_seconds=3600, api_catch_up_seconds=0.1)
@@ -503,5 +676,45 @@ def test_object_store_lake_without_credentials_says_what_is_missing(monkeypatch:
 def test_openapi_describes_every_route(client: TestClient) -> None:
     assert client.get("/livez").json() == {"status": "ok"}
     paths = client.get("/schema/openapi.json").json()["paths"]
-    assert {"/kpis/{timestamp}", "/kpis", "/devices", "/health", "/livez"} <= set(paths)
+    routes = {"/kpis/{timestamp}", "/kpis/{timestamp}/metrics", "/kpis", "/catalog/metrics", "/devices", "/health"}
+    assert routes | {"/livez"} <= set(paths)
     assert httpx.codes.NOT_MODIFIED.value == 304 and "304" in paths["/kpis"]["get"]["responses"]
+    # The metric a KPI request names: its default, the name rule, and the 404 of a metric the lake does not know.
+    for route in ("/kpis/{timestamp}", "/kpis"):
+        metric = next(p for p in paths[route]["get"]["parameters"] if p["name"] == "metric")
+        assert metric["required"] is False and metric["schema"]["default"] == "value"
+        assert metric["schema"]["pattern"] == f"^{METRIC_NAME.pattern}$" and metric["schema"]["maxLength"] == 64
+        assert "known_metrics" in paths[route]["get"]["responses"]["404"]["description"]
+
+
+def test_a_lake_written_before_metrics_is_upgraded_at_start_and_answers_as_before(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The tutorial's lake, written by a release before metrics: the API's start upgrades it in place, and every
+    answer is what it was, now naming metric `value`, the one metric the catalog lists."""
+    root = tmp_path / "lake"
+    readings = make_readings(seed=13, seconds=20, metrics=("value",))
+    paths = LakePaths.from_settings(api_settings(root))
+    writer = LakeWriter(spark, paths, before_metrics=True)
+    half = len(readings) // 2
+    writer.append(readings[:half], readings[:half])
+    writer.append(readings[half:], readings)
+    assert upgrade.needs_upgrade(paths)
+    reference = Reference.of(readings)
+    with TestClient(create_app(api_settings(root))) as client:
+        assert not upgrade.needs_upgrade(paths)
+        for grain in ("second", "minute"):
+            for device_id in (None, "pump-2"):
+                params = {"grain": grain} | ({"device_id": device_id} if device_id else {})
+                for bucket, kpis in reference.buckets(grain, device_id).items():
+                    answer = client.get(f"/kpis/{iso(bucket)}", params=params)
+                    assert answer.status_code == 200, answer.text
+                    assert answer.json()["metric"] == "value"
+                    assert_kpis_equal(answer.json(), kpis, f"{grain} {iso(bucket)} of {device_id or 'the fleet'}")
+        series = client.get("/kpis", params={"start": iso(START), "end": iso(START + timedelta(minutes=1))}).json()
+        in_minute = [second for second in reference.buckets("second") if second < START + timedelta(minutes=1)]
+        assert series["metric"] == "value" and [i["timestamp"] for i in series["items"]] == [iso(s) for s in in_minute]
+        catalog = client.get("/catalog/metrics").json()["items"]
+        assert [(m["metric"], m["reading_count"]) for m in catalog] == [("value", len(readings))]
+        assert {tuple(d["metrics"]) for d in client.get("/devices").json()["items"]} == {("value",)}
+        every = client.get(f"/kpis/{iso(START)}/metrics").json()["metrics"]
+        assert [m["metric"] for m in every] == ["value"]
+        assert client.get(f"/kpis/{iso(START)}", params={"metric": "pressure_bar"}).json()["known_metrics"] == ["value"]

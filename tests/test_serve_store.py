@@ -1,7 +1,8 @@
 """The serving store follows the lake by commit: what a commit wrote is served after a refresh whatever `updated_at`
-its rows carry, deleted rows are gone, and a compaction loads nothing; on a local disk and on S3 (S3Proxy). The
-lake's commits are written with delta-rs, as a replay, a MERGE that deletes, OPTIMIZE and log cleanup leave them,
-so no Spark is needed."""
+its rows carry, deleted rows are gone, and a compaction loads nothing; each metric's rows by their own key, so a
+commit of one metric leaves the others as they were; on a local disk and on S3 (S3Proxy). The lake's commits are
+written with delta-rs, as a replay, a MERGE that deletes, OPTIMIZE and log cleanup leave them, so no Spark is
+needed."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pytest
 from deltalake import write_deltalake
 
-from lake import deltalog, objectstore
+from lake import deltalog, objectstore, upgrade
 from lake.deltars import open_table
 from lake.tables import SCHEMAS, LakePaths, Table
 from lake.timestamps import Grain
@@ -51,10 +52,11 @@ def rows(table: Table, values: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in values], schema=schema)
 
 
-def second_row(second: int, count: int, value: float, updated_at: datetime) -> dict:
-    """Gold's row of the second START + `second`: `count` readings of `value` from one device."""
+def second_row(second: int, count: int, value: float, updated_at: datetime, metric: str = "value") -> dict:
+    """Gold's row of `metric` in the second START + `second`: `count` readings of `value` from one device."""
     kpis = {"average_value": value, "min_value": value, "max_value": value, "sum_value": value * count}
     return {
+        "metric": metric,
         "timestamp": START + timedelta(seconds=second),
         "reading_count": count,
         "device_count": 1,
@@ -66,10 +68,11 @@ def second_row(second: int, count: int, value: float, updated_at: datetime) -> d
     }
 
 
-def bucket_row(count: int, value: float, updated_at: datetime, grain: str = "minute") -> dict:
-    """The rollups' row of the fleet's bucket that START begins."""
+def bucket_row(count: int, value: float, updated_at: datetime, grain: str = "minute", metric: str = "value") -> dict:
+    """The rollups' row of `metric` in the fleet's bucket that START begins."""
     return {
         "grain": grain,
+        "metric": metric,
         "device_id": None,
         "timestamp": START,
         "reading_count": count,
@@ -85,9 +88,11 @@ def bucket_row(count: int, value: float, updated_at: datetime, grain: str = "min
     }
 
 
-def reading(device_id: str, second: int) -> dict:
+def reading(device_id: str, second: int, metric: str | None = "value") -> dict:
+    """Silver's row of a reading; metric None as in rows written before metrics existed."""
     moment = START + timedelta(seconds=second)
     return {
+        "metric": metric,
         "device_id": device_id,
         "timestamp": moment,
         "value": 1.0,
@@ -170,12 +175,22 @@ def store(lake: LakePaths, tmp_path: Path) -> Iterator[SnapshotStore]:
         opened.close()
 
 
-def second_of(store: SnapshotStore, second: int, grain: Grain = Grain.SECOND) -> queries.Kpis | None:
-    """The KPIs a request for the bucket of START + `second` gets now, from the store file."""
+def second_of(
+    store: SnapshotStore, second: int, grain: Grain = Grain.SECOND, metric: str = "value"
+) -> queries.Kpis | None:
+    """The KPIs of `metric` a request for the bucket of START + `second` gets now, from the store file."""
     with store.read() as (snapshot, cursor):
         assert snapshot.from_store
         instant_us = int((START + timedelta(seconds=second)).timestamp() * 1_000_000)
-        return queries.kpis(queries.Source(cursor, snapshot, store.locations), instant_us, grain)
+        return queries.kpis(queries.Source(cursor, snapshot, store.locations), instant_us, grain, metric=metric)
+
+
+def every_metric_of(store: SnapshotStore, second: int, grain: Grain = Grain.SECOND) -> dict[str, int]:
+    """Reading counts by metric in the bucket of START + `second`, as GET /kpis/{timestamp}/metrics reads them."""
+    with store.read() as (snapshot, cursor):
+        instant_us = int((START + timedelta(seconds=second)).timestamp() * 1_000_000)
+        found = queries.bucket_metrics(queries.Source(cursor, snapshot, store.locations), instant_us, grain)
+    return {row.metric: row.reading_count for row in found}
 
 
 def device_counts(store: SnapshotStore) -> dict[str, int]:
@@ -184,14 +199,21 @@ def device_counts(store: SnapshotStore) -> dict[str, int]:
     return {device.device_id: device.reading_count for device in found}
 
 
+def catalog(store: SnapshotStore) -> dict[str, tuple[int, int]]:
+    """The metrics' catalog as GET /catalog/metrics reads it: (device count, reading count) by metric."""
+    with store.read() as (snapshot, cursor):
+        found = queries.metric_catalog(queries.Source(cursor, snapshot, store.locations))
+    return {m.metric: (m.device_count, m.reading_count) for m in found}
+
+
 def test_a_replay_committed_after_newer_rows_is_served(lake: LakePaths, store: SnapshotStore) -> None:
     """A replay computes its rows before a stream batch and commits them after it: its rows carry an `updated_at`
     older than rows the store already holds, and are served all the same."""
     assert second_of(store, 0).reading_count == 1  # type: ignore[union-attr]
     # The replay's corrected second 0, a second 5 that it alone found, and the minute that holds them.
     replayed = [second_row(0, 4, 2.0, REPLAY_COMPUTED), second_row(5, 2, 3.0, REPLAY_COMPUTED)]
-    merge(lake, Table.GOLD, replayed, on="timestamp")
-    merge(lake, Table.ROLLUPS, [bucket_row(8, 2.5, REPLAY_COMPUTED)], on="grain,timestamp")
+    merge(lake, Table.GOLD, replayed, on="metric,timestamp")
+    merge(lake, Table.ROLLUPS, [bucket_row(8, 2.5, REPLAY_COMPUTED)], on="grain,metric,timestamp")
     append(lake, Table.SILVER, [reading("pump-2", 5)])
 
     report = store.refresh()
@@ -210,10 +232,79 @@ def test_a_replay_committed_after_newer_rows_is_served(lake: LakePaths, store: S
     assert report.rows == {"gold": 2, "silver": 1, "rollups": 1}
 
 
+def test_each_metric_is_served_and_corrected_by_its_own_key(lake: LakePaths, store: SnapshotStore) -> None:
+    """A stream batch of a second metric adds its rows beside the first's: the same second and minute hold both, and
+    the catalog and the devices' summary count each metric apart. A replay that corrects one metric's second loads
+    that row alone and leaves the other metric's second as it was."""
+    append(lake, Table.SILVER, [reading("pump-1", 0, "pressure"), reading("pump-2", 0, "pressure")])
+    append(lake, Table.SILVER, [reading("pump-2", 1, "pressure")])
+    append(lake, Table.GOLD, [second_row(0, 2, 2.5, STREAM_COMPUTED, "pressure")])
+    append(lake, Table.GOLD, [second_row(1, 1, 2.5, STREAM_COMPUTED, "pressure")])
+    append(lake, Table.ROLLUPS, [bucket_row(3, 2.5, STREAM_COMPUTED, metric="pressure")])
+
+    store.refresh()
+
+    assert every_metric_of(store, 0) == {"pressure": 2, "value": 1}
+    assert every_metric_of(store, 0, Grain.MINUTE) == {"pressure": 3, "value": 2}
+    assert every_metric_of(store, 0, Grain.HOUR) == {"value": 2}  # no hour of pressure was written
+    assert every_metric_of(store, 9) == {}
+    pressure = second_of(store, 0, metric="pressure")
+    assert pressure is not None and (pressure.metric, pressure.reading_count, pressure.sum_value) == (
+        "pressure",
+        2,
+        5.0,
+    )
+    assert second_of(store, 0).sum_value == 1.0  # type: ignore[union-attr]
+    assert catalog(store) == {"pressure": (2, 3), "value": (1, 2)}
+    with store.read() as (snapshot, cursor):
+        source = queries.Source(cursor, snapshot, store.locations)
+        summary = {d.device_id: (d.reading_count, d.metrics) for d in queries.devices(source, None, 100)}
+        of_pressure = {d.device_id: d.reading_count for d in queries.devices(source, None, 100, metric="pressure")}
+        assert queries.is_known(source, "pressure") and not queries.is_known(source, "flow")
+    assert summary == {"pump-1": (3, ("pressure", "value")), "pump-2": (2, ("pressure",))}
+    assert of_pressure == {"pump-1": 1, "pump-2": 2}
+
+    merge(lake, Table.GOLD, [second_row(0, 2, 4.0, REPLAY_COMPUTED, "pressure")], on="metric,timestamp")
+    report = store.refresh()
+
+    assert report.rows == {"gold": 1}
+    assert second_of(store, 0, metric="pressure").sum_value == 8.0  # type: ignore[union-attr]
+    assert second_of(store, 0).sum_value == 1.0  # type: ignore[union-attr]
+    assert second_of(store, 1, metric="pressure").sum_value == 2.5  # type: ignore[union-attr]
+    assert second_of(store, 0, metric="flow") is None
+
+
+def test_readings_written_before_metrics_count_as_value(tmp_path: Path) -> None:
+    """A lake written before metrics, upgraded as the API's start does it (lake.upgrade): silver's old files lack the
+    column and its rows stay null, gold's rows are filled with `value`. The store serves them as metric `value`,
+    and so a reading appended later with a null metric."""
+    paths = LakePaths(root=str(tmp_path / "lake"), checkpoints=str(tmp_path / "checkpoints"))
+    for table, values in (
+        (Table.SILVER, [reading("pump-1", 0)]),
+        (Table.GOLD, [second_row(0, 1, 1.0, STREAM_COMPUTED)]),
+    ):
+        write_deltalake(paths.table(table), rows(table, values).drop_columns(["metric"]))
+    assert upgrade.upgrade_lake(paths) == [Table.SILVER, Table.GOLD]
+    store = SnapshotStore(paths, tmp_path / "store")
+    try:
+        store.refresh()
+        assert store.wait_built(60), store.build_error
+        assert catalog(store) == {"value": (1, 1)}
+        assert second_of(store, 0).reading_count == 1  # type: ignore[union-attr]
+
+        append(paths, Table.SILVER, [reading("pump-2", 1, metric=None)])
+        store.refresh()
+
+        assert catalog(store) == {"value": (2, 2)}
+        assert device_counts(store) == {"pump-1": 1, "pump-2": 1}
+    finally:
+        store.close()
+
+
 def test_deleted_rows_are_no_longer_served(lake: LakePaths, store: SnapshotStore) -> None:
     """A batch re-run that yields fewer seconds deletes gold's other rows with its MERGE; retention deletes
     silver's old readings."""
-    merge(lake, Table.GOLD, [second_row(0, 3, 1.0, REPLAY_COMPUTED)], "timestamp", True)
+    merge(lake, Table.GOLD, [second_row(0, 3, 1.0, REPLAY_COMPUTED)], "metric,timestamp", True)
     open_table(lake.table(Table.SILVER)).delete(f"\"timestamp\" > '{START.isoformat()}'")
 
     store.refresh()
@@ -254,9 +345,12 @@ def test_commits_that_log_cleanup_removed_are_read_as_the_newest_version(
 ) -> None:
     """The store was down while gold moved on, was checkpointed and its older commits cleaned up: the commits it
     would follow are gone, so it copies gold again at the newest version."""
-    merge(lake, Table.GOLD, [second_row(1, 6, 1.0, REPLAY_COMPUTED)], "timestamp", True)
+    merge(lake, Table.GOLD, [second_row(1, 6, 1.0, REPLAY_COMPUTED)], "metric,timestamp", True)
     merge(
-        lake, Table.GOLD, [second_row(1, 6, 1.0, REPLAY_COMPUTED), second_row(9, 1, 1.0, REPLAY_COMPUTED)], "timestamp"
+        lake,
+        Table.GOLD,
+        [second_row(1, 6, 1.0, REPLAY_COMPUTED), second_row(9, 1, 1.0, REPLAY_COMPUTED)],
+        "metric,timestamp",
     )
     table = open_table(lake.table(Table.GOLD))
     table.create_checkpoint()

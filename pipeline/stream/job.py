@@ -156,9 +156,10 @@ class IngestJob:
             admission = self.known_metrics.admit(counts["metrics"], parsed.where("reason_code IS NULL"))
             if admission.allowed is not None:  # names past LAKEHOUSE_MAX_METRICS: their readings are quarantined
                 refused = names.refuse(parsed, admission.allowed, self.settings.max_metrics)
+                refused = refused.persist(StorageLevel.MEMORY_AND_DISK)
+                counts = _batch_counts(refused, self.settings.max_metrics)  # computed from the parse kept so far
                 parsed.unpersist()
-                parsed = refused.persist(StorageLevel.MEMORY_AND_DISK)
-                counts = _batch_counts(parsed, self.settings.max_metrics)
+                parsed = refused
             if admission.admitted:
                 self.writer.append(self.known_metrics.record(admission.admitted), Table.METRICS, batch_id)
             report.records, report.readings, report.quarantined = (
