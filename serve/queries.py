@@ -276,7 +276,11 @@ def metric_names(source: Source, limit: int | None = None) -> list[str]:
 
 
 def is_known(source: Source, metric: str) -> bool:
-    """Whether the snapshot holds any reading of `metric`."""
+    """Whether the snapshot holds any reading of `metric`. The tutorial's `value`, which every request that names no
+    metric asks for, is always known: a lake without its readings yet (a new one) answers a series with an empty
+    page and a bucket with "No readings", as before metrics existed, rather than "Unknown metric"."""
+    if metric == DEFAULT_METRIC:
+        return True
     parameters: dict[str, object] = {"metric": metric}
     if source.snapshot.from_store:
         query = "SELECT 1 FROM metrics WHERE metric = $metric"

@@ -269,12 +269,13 @@ def _fast_path(payload: bytes, source: int, out: ParsedMessage, rules: Rules) ->
                 return False
             timestamp_us = parse_timestamp_us(item.timestamp)
             if item.metrics is UNSET:
-                metric = DEFAULT_METRIC if item.metric is UNSET else item.metric
-                if (
-                    not isinstance(item.value, float)
-                    or not isinstance(metric, str)
-                    or not METRIC_NAME.fullmatch(metric)
-                ):
+                if not isinstance(item.value, float):
+                    return False
+                if item.metric is UNSET:  # the tutorial's form: no name to check
+                    metric = DEFAULT_METRIC
+                elif isinstance(item.metric, str) and METRIC_NAME.fullmatch(item.metric):
+                    metric = item.metric
+                else:
                     return False
                 rows.append((device, timestamp_us, metric, item.value, index))
             else:
