@@ -502,6 +502,7 @@ def bench_lookups(ctx: Context) -> None:
         "CAST((1 + id % 40) * (50 + (id % 1000) / 10) AS DOUBLE) AS sum_value",
         "CAST(CASE WHEN id % 40 = 0 THEN NULL ELSE 3.5 END AS DOUBLE) AS stddev_value",
         "current_timestamp() AS updated_at",
+        "'value' AS metric",  # the metric a request that names none asks for
     ).repartition(4).write.format("delta").mode("append").save(paths.table(Table.GOLD))
 
     csv_folder = ctx.folder / "lookups" / "tutorial-csv"
