@@ -49,6 +49,10 @@ def _exists(paths: LakePaths, table: Table) -> bool:
 
 def pending(paths: LakePaths) -> list[Table]:
     """The tables that still need the upgrade: they exist and lack the mark (a read of each table's log tail)."""
+    if objectstore.is_s3(paths.root):
+        # Missing credentials, a server that does not answer or a missing bucket are named as such, not as a
+        # table that cannot be opened.
+        objectstore.check_access(paths.root)
     waiting = []
     for table in _UPGRADED:
         if _exists(paths, table) and open_table(paths.table(table)).metadata().configuration.get(MARK) != DONE:

@@ -98,6 +98,7 @@ def test_every_part_works_on_an_s3a_lake_through_a_kill_9(
         "_checkpoints",
         "bronze",
         "gold",
+        "metrics",
         "quarantine",
         "rollups",
         "silver",
