@@ -731,9 +731,12 @@ def serve(workers: Annotated[int, typer.Option(help="uvicorn worker processes")]
     # The app factory reads settings from the environment, also in worker processes.
     os.environ.update(current.as_env())
     # The app logs each request as a JSON line itself, so uvicorn's access log stays off.
+    from serve.app import NoDelayHttp
+
     uvicorn.run(
         "serve.app:create_app",
         factory=True,
+        http=NoDelayHttp,
         host=current.http_host,
         port=current.http_port,
         workers=workers,

@@ -11,7 +11,7 @@ import asyncio
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 
 
@@ -20,6 +20,12 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # the generator's own CPU time (its thread), which the server did not get
+
+    @property
+    def cpu_share(self) -> float:
+        """The generator's CPU as a share of one core over the run."""
+        return self.cpu_seconds / self.seconds if self.seconds else 0.0
 
     @property
     def requests(self) -> int:
@@ -150,12 +156,20 @@ def open_loop(
     host: str, port: int, paths: Callable[[], str], rate: float, seconds: float, connections: int = 64
 ) -> LoadResult:
     """`rate` requests per second for `seconds`, each on an idle keep-alive connection (opened as needed)."""
-    return asyncio.run(_open_loop(host, port, paths, rate, seconds, connections))
+    return _timed(_open_loop(host, port, paths, rate, seconds, connections))
 
 
 def closed_loop(host: str, port: int, paths: Callable[[], str], seconds: float, connections: int = 16) -> LoadResult:
     """As many requests as `connections` keep-alive connections complete in `seconds`."""
-    return asyncio.run(_closed_loop(host, port, paths, seconds, connections))
+    return _timed(_closed_loop(host, port, paths, seconds, connections))
+
+
+def _timed(run: Coroutine[None, None, LoadResult]) -> LoadResult:
+    """Run the load on this thread's event loop, and note the CPU time the loop took."""
+    started = time.thread_time()
+    result = asyncio.run(run)
+    result.cpu_seconds = time.thread_time() - started
+    return result
 
 
 def sequential(host: str, port: int, paths: Callable[[], str], count: int) -> LoadResult:

@@ -135,7 +135,7 @@ def wait_for_http(url: str, timeout_s: float, alive: Callable[[], bool] = lambda
 
 @contextmanager
 def running_api(
-    settings: Settings, log: Path | None = None, port: int | None = None, timeout_s: float = 90
+    settings: Settings, log: Path | None = None, port: int | None = None, timeout_s: float = 90, workers: int = 1
 ) -> Iterator[str]:
     """`lakehouse serve` on `port` (a free one by default) until the block ends; yields its base URL once /health
     answers 200. Its output goes to `log`, or to a temporary file quoted in the error when it does not start."""
@@ -143,7 +143,7 @@ def running_api(
     base = f"http://127.0.0.1:{port}"
     with log.open("a+b") if log is not None else tempfile.TemporaryFile() as output:
         server = subprocess.Popen(
-            [*LAKEHOUSE, "serve", "--port", str(port)],
+            [*LAKEHOUSE, "serve", "--port", str(port), "--workers", str(workers)],
             env=env_for(settings),
             stdout=output,
             stderr=subprocess.STDOUT,

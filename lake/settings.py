@@ -234,6 +234,16 @@ class Settings(BaseSettings):
         description="DuckDB memory_limit of each API worker's store (past it, DuckDB spills to the store folder)",
         json_schema_extra=cli("API", serve_flag="--memory-limit"),
     )
+    api_cache_mb: int = Field(
+        64,
+        ge=0,
+        le=65536,
+        description=(
+            "MiB of encoded answers each API worker keeps for the snapshot it serves, so that repeated questions "
+            "cost no query; dropped when a refresh loads new versions; 0 turns the cache off"
+        ),
+        json_schema_extra=cli("API", serve_flag="--cache-mb"),
+    )
 
     @field_validator("allowed_lateness")
     @classmethod

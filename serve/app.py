@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,6 +19,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsPlugin
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lake.settings import Settings
 from lake.tables import LakePaths
@@ -63,7 +65,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def open_lake(app: Litestar) -> AsyncIterator[None]:
         await asyncio.to_thread(upgrade_lake, paths)
-        store = SnapshotStore(paths, settings.store_dir, settings.api_memory_limit)
+        store = SnapshotStore.from_settings(settings)
         if not store.current.from_store:
             # A never-seen lake (or one made anew): pin its versions and answer from it while the file is built.
             # A store file that exists is caught up by the refresher's first tick instead, which start waits for.
@@ -81,6 +83,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         )
         watch = KafkaWatch(settings, paths)
         app.state.store, app.state.kafka_watch, app.state.settings = store, watch, settings
+        observability.track_answers(lambda: store.answers.size_bytes)
         refresher.start()
         watch.start()
         try:
@@ -138,3 +141,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         openapi_config=OpenAPIConfig(title="kpi-lakehouse", version="0.1.0", path="/schema"),
     )
+
+
+class NoDelayHttp(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with Nagle's algorithm off on each connection. asyncio turns it off only for a
+    socket made with protocol IPPROTO_TCP, and uvicorn's listening socket with `--workers` is made with protocol 0:
+    each answer's body then waited for the client's delayed ACK of its head, 40 ms."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)

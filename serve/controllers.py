@@ -1,21 +1,28 @@
 """The API's routes: KPIs of one metric in a bucket or over a range, every metric of a bucket, the metrics' catalog,
 devices, health and liveness, and the dashboard; answers to reads carry the snapshot's ETag and are 304 when the
-client holds it."""
+client holds it.
+
+A read is answered from the encoded answer kept for the current snapshot generation when there is one (serve.answers:
+no query, no thread, and a 304 when the client holds it), else by a query on a worker thread, whose encoded answer is
+then kept for the generation it read."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlencode
 
+import anyio.to_thread
 from litestar import Controller, MediaType, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from litestar.plugins.problem_details import ProblemDetailsException
+from litestar.serialization import encode_json
 from litestar.static_files import create_static_files_router
 
 from lake import checkpoint, deltalog, duck, kafka, watermark
@@ -24,8 +31,10 @@ from lake.settings import Settings
 from lake.tables import DEFAULT_METRIC, KPI_FIELDS, METRIC_NAME, Table
 from lake.timestamps import MAX_US, Grain, TimestampError, format_utc, from_us, parse_timestamp_us
 from serve import queries
+from serve.answers import Kept
 from serve.background import KafkaWatch, records_behind
 from serve.errors import problem
+from serve.observability import ANSWERED_BY_QUERY, ANSWERED_KEPT
 from serve.schemas import (
     BucketMetricsResponse,
     DeviceResponse,
@@ -141,12 +150,65 @@ def _etag_matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in candidates or etag in candidates
 
 
-def _conditional(request: Request, snapshot: Snapshot, body: object) -> Response:
-    """200 with the body, or 304 when the client already holds this snapshot's answer; both carry the ETag."""
-    headers = {"ETag": snapshot.etag, "Cache-Control": "no-cache"}
-    if _etag_matches(request.headers.get("if-none-match"), snapshot.etag):
+def _encoded(if_none_match: str | None, etag: str, body: bytes) -> Response:
+    """200 with the encoded body, or 304 when the client already holds this snapshot's answer; both carry the ETag."""
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _etag_matches(if_none_match, etag):
         return Response(content=b"", status_code=304, headers=headers)
-    return Response(content=body, headers=headers)
+    return Response(content=body, media_type=MediaType.JSON, headers=headers)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What a read found: the snapshot it read, `make(snapshot)` for its body (a kept answer is made again with a
+    later snapshot's freshness), and the store row it depends on alone (`serve.answers.Kept.depends`)."""
+
+    snapshot: Snapshot
+    make: Callable[[Snapshot], object]
+    depends: tuple[str, str] | None = None
+
+
+def _made(body: object) -> Callable[[Snapshot], object]:
+    """`make` of an answer dropped at every sync, so never made again for another snapshot."""
+    return lambda _: body
+
+
+async def _answer(request: Request, store: SnapshotStore, key: Hashable, compute: Callable[[], _Answer]) -> Response:
+    """A read's response (200, or 304 when the client holds it): the answer kept for the current generation without a
+    query, else `compute` (a query on a worker thread), whose encoded answer is kept for the generation it read."""
+    if_none_match = request.headers.get("if-none-match")
+    # The kept generation first: a sync clears it before it commits, and publishes the new snapshot before it sets it.
+    generation = store.kept_generation
+    current = store.current
+    if generation is not None and current.generation == generation:
+        # A kept answer is also what a conditional request is checked against: a 304 without a query. (The ETag is
+        # the snapshot's, not the answer's: only an answer that exists may be "not modified", so a request whose
+        # answer is not kept asks DuckDB, and a bucket without readings stays a 404.)
+        kept = store.answers.get(generation, key)
+        if kept is not None:
+            body = kept.body
+            if kept.generation != generation:
+                # Kept from an earlier generation whose sync left its row alone: made again with this snapshot's
+                # freshness, here (the store read the new version's watermark when it published it).
+                body = kept.render(current)
+                store.answers.rendered(generation, key, kept, body)
+            ANSWERED_KEPT.inc()
+            return _encoded(if_none_match, current.etag, body)
+
+    def computed() -> tuple[_Answer, bytes]:
+        answer = compute()
+        return answer, encode_json(answer.make(answer.snapshot))
+
+    answer, body = await anyio.to_thread.run_sync(computed)
+    ANSWERED_BY_QUERY.inc()
+    snapshot = answer.snapshot
+    if snapshot.from_store and snapshot.generation is not None:
+
+        def render(later: object) -> bytes:
+            return encode_json(answer.make(later))  # type: ignore[arg-type]
+
+        store.answers.put(snapshot.generation, key, Kept(render, answer.depends, body, snapshot.generation))
+    return _encoded(if_none_match, snapshot.etag, body)
 
 
 def _metric_name(metric: str) -> str:
@@ -180,11 +242,10 @@ class KpiController(Controller):
 
     @get(
         "/{timestamp:str}",
-        sync_to_thread=True,
         summary="KPIs of the bucket that contains an instant",
         responses=_KPI_RESPONSES,
     )
-    def get_kpis(
+    async def get_kpis(
         self,
         request: Request,
         store: NamedDependency[SnapshotStore],
@@ -194,33 +255,45 @@ class KpiController(Controller):
         metric: Annotated[str, _METRIC] = DEFAULT_METRIC,
     ) -> Response[KpiResponse]:
         instant_us, metric = _instant("timestamp", timestamp), _metric_name(metric)
-        bucket = format_utc(from_us(grain.bucket_start_us(instant_us)))
-        with _reading(store) as (snapshot, freshness, source, watermark_us):
-            found = queries.kpis(source, instant_us, grain, device_id, metric)
-            if found is None and not queries.is_known(source, metric):
-                raise _unknown_metric(source, metric)
-        if found is None:
-            who = f" of device {device_id!r}" if device_id else ""
-            raise problem(
-                404, "No readings", f"no readings of metric {metric!r} in the {grain.value} starting {bucket}{who}"
-            )
-        body = KpiResponse(
-            timestamp=bucket,
-            metric=metric,
-            grain=grain.value,
-            device_id=device_id,
-            freshness=freshness,
-            **_state(found, watermark_us),  # type: ignore[arg-type]
-        )
-        return _conditional(request, snapshot, body)
+        start_us = grain.bucket_start_us(instant_us)
+
+        def compute() -> _Answer:
+            bucket = format_utc(from_us(start_us))
+
+            def make(snapshot: Snapshot, found: queries.Kpis) -> KpiResponse:
+                watermark_us = _watermark_us(store, snapshot)
+                return KpiResponse(
+                    timestamp=bucket,
+                    metric=metric,
+                    grain=grain.value,
+                    device_id=device_id,
+                    freshness=_freshness(snapshot, watermark_us),
+                    **_state(found, watermark_us),  # type: ignore[arg-type]
+                )
+
+            at_once = queries.kpis_at_once(store, instant_us, grain, device_id, metric)
+            if at_once is not None:  # one statement: the row and the generation it belongs to
+                snapshot, row, depends = at_once
+                return _Answer(snapshot, lambda later: make(later, row), depends)
+            with _reading(store) as (snapshot, _, source, _):
+                found = queries.kpis(source, instant_us, grain, device_id, metric)
+                if found is None and not queries.is_known(source, metric):
+                    raise _unknown_metric(source, metric)
+            if found is None:
+                who = f" of device {device_id!r}" if device_id else ""
+                raise problem(
+                    404, "No readings", f"no readings of metric {metric!r} in the {grain.value} starting {bucket}{who}"
+                )
+            return _Answer(snapshot, _made(make(snapshot, found)))
+
+        return await _answer(request, store, ("kpi", start_us, grain, device_id, metric), compute)
 
     @get(
         "/{timestamp:str}/metrics",
-        sync_to_thread=True,
         summary="KPIs of every metric with readings in the bucket that contains an instant, ordered by metric",
         responses=_BUCKET_RESPONSES,
     )
-    def get_bucket_metrics(
+    async def get_bucket_metrics(
         self,
         request: Request,
         store: NamedDependency[SnapshotStore],
@@ -229,28 +302,34 @@ class KpiController(Controller):
         device_id: Annotated[str | None, _DEVICE_ID] = None,
     ) -> Response[BucketMetricsResponse]:
         instant_us = _instant("timestamp", timestamp)
-        with _reading(store) as (snapshot, freshness, source, watermark_us):
-            found = queries.bucket_metrics(source, instant_us, grain, device_id)
-        bucket = format_utc(from_us(grain.bucket_start_us(instant_us)))
-        if not found:
-            who = f" of device {device_id!r}" if device_id else ""
-            raise problem(404, "No readings", f"no readings of any metric in the {grain.value} starting {bucket}{who}")
-        body = BucketMetricsResponse(
-            timestamp=bucket,
-            grain=grain.value,
-            device_id=device_id,
-            metrics=[MetricKpis(metric=row.metric, **_state(row, watermark_us)) for row in found],  # type: ignore[arg-type]
-            freshness=freshness,
-        )
-        return _conditional(request, snapshot, body)
+        start_us = grain.bucket_start_us(instant_us)
+
+        def compute() -> _Answer:
+            with _reading(store) as (snapshot, freshness, source, watermark_us):
+                found = queries.bucket_metrics(source, instant_us, grain, device_id)
+            bucket = format_utc(from_us(start_us))
+            if not found:
+                who = f" of device {device_id!r}" if device_id else ""
+                raise problem(
+                    404, "No readings", f"no readings of any metric in the {grain.value} starting {bucket}{who}"
+                )
+            body = BucketMetricsResponse(
+                timestamp=bucket,
+                grain=grain.value,
+                device_id=device_id,
+                metrics=[MetricKpis(metric=row.metric, **_state(row, watermark_us)) for row in found],  # type: ignore[arg-type]
+                freshness=freshness,
+            )
+            return _Answer(snapshot, _made(body))
+
+        return await _answer(request, store, ("bucket", start_us, grain, device_id), compute)
 
     @get(
         "/",
-        sync_to_thread=True,
         summary="KPIs of one metric in every bucket with readings in a range, oldest first, a page at a time",
         responses=_METRIC_RESPONSES,
     )
-    def get_kpi_series(
+    async def get_kpi_series(
         self,
         request: Request,
         store: NamedDependency[SnapshotStore],
@@ -290,48 +369,54 @@ class KpiController(Controller):
                     f"allowed (LAKEHOUSE_API_MAX_RANGE_BUCKETS); narrow it or use a coarser grain"
                 ),
             )
-        with _reading(store) as (snapshot, freshness, source, watermark_us):
-            # A bucket is final when it ends at or before the watermark: those start before the watermark's bucket.
-            boundary_us = first_us if watermark_us is None else max(first_us, grain.bucket_start_us(watermark_us))
-            low_us, high_us = first_us, stop_us
-            if final is True:
-                high_us = min(stop_us, boundary_us)
-            elif final is False:
-                low_us = max(first_us, min(boundary_us, stop_us))
-            rows = []
-            if low_us < high_us:
-                rows = queries.kpi_series(source, low_us, high_us, grain, device_id, limit + 1, metric)
-            if not rows and not queries.is_known(source, metric):  # an empty page of a metric that exists is a 200
-                raise _unknown_metric(source, metric)
-        next_page = None
-        if len(rows) > limit:
-            query = {
-                "start": format_utc(from_us(rows[limit].bucket_start_us)),
-                "end": end,
-                "metric": metric,
-                "grain": grain.value,
-                "limit": limit,
-            }
-            if final is not None:
-                query["final"] = str(final).lower()
-            if device_id is not None:
-                query["device_id"] = device_id
-            next_page = f"/kpis?{urlencode(query)}"
-        points = [
-            KpiPoint(timestamp=format_utc(from_us(row.bucket_start_us)), **_state(row, watermark_us))  # type: ignore[arg-type]
-            for row in rows[:limit]
-        ]
-        body = KpiSeriesResponse(
-            metric=metric,
-            grain=grain.value,
-            device_id=device_id,
-            start=format_utc(from_us(first_us)),
-            end=format_utc(from_us(stop_us)),
-            items=points,
-            next=next_page,
-            freshness=freshness,
-        )
-        return _conditional(request, snapshot, body)
+
+        def compute() -> _Answer:
+            with _reading(store) as (snapshot, freshness, source, watermark_us):
+                # A bucket is final when it ends at or before the watermark: those start before the watermark's bucket.
+                boundary_us = first_us if watermark_us is None else max(first_us, grain.bucket_start_us(watermark_us))
+                low_us, high_us = first_us, stop_us
+                if final is True:
+                    high_us = min(stop_us, boundary_us)
+                elif final is False:
+                    low_us = max(first_us, min(boundary_us, stop_us))
+                rows = []
+                if low_us < high_us:
+                    rows = queries.kpi_series(source, low_us, high_us, grain, device_id, limit + 1, metric)
+                if not rows and not queries.is_known(source, metric):  # an empty page of a metric that exists is a 200
+                    raise _unknown_metric(source, metric)
+            next_page = None
+            if len(rows) > limit:
+                query = {
+                    "start": format_utc(from_us(rows[limit].bucket_start_us)),
+                    "end": end,
+                    "metric": metric,
+                    "grain": grain.value,
+                    "limit": limit,
+                }
+                if final is not None:
+                    query["final"] = str(final).lower()
+                if device_id is not None:
+                    query["device_id"] = device_id
+                next_page = f"/kpis?{urlencode(query)}"
+            points = [
+                KpiPoint(timestamp=format_utc(from_us(row.bucket_start_us)), **_state(row, watermark_us))  # type: ignore[arg-type]
+                for row in rows[:limit]
+            ]
+            body = KpiSeriesResponse(
+                metric=metric,
+                grain=grain.value,
+                device_id=device_id,
+                start=format_utc(from_us(first_us)),
+                end=format_utc(from_us(stop_us)),
+                items=points,
+                next=next_page,
+                freshness=freshness,
+            )
+            return _Answer(snapshot, _made(body))
+
+        # `end` as given: the next page's link repeats it.
+        key = ("series", first_us, stop_us, end, grain, device_id, metric, limit, final)
+        return await _answer(request, store, key, compute)
 
 
 class DeviceController(Controller):
@@ -339,11 +424,10 @@ class DeviceController(Controller):
 
     @get(
         "/",
-        sync_to_thread=True,
         summary="Known devices with the metrics they sent, first and last reading time and reading count, by id",
         responses=_METRIC_RESPONSES,
     )
-    def get_devices(
+    async def get_devices(
         self,
         request: Request,
         store: NamedDependency[SnapshotStore],
@@ -362,27 +446,31 @@ class DeviceController(Controller):
         limit: Annotated[int, Parameter(description="most devices in this page", ge=1, le=MAX_PAGE)] = 1000,
     ) -> Response[DevicesResponse]:
         metric = None if metric is None else _metric_name(metric)
-        with _reading(store) as (snapshot, freshness, source, _):
-            found = queries.devices(source, after, limit + 1, metric)
-            if not found and metric is not None and not queries.is_known(source, metric):
-                raise _unknown_metric(source, metric)
-        items = [
-            DeviceResponse(
-                device_id=d.device_id,
-                first_reading=format_utc(d.first_reading),
-                last_reading=format_utc(d.last_reading),
-                reading_count=d.reading_count,
-                metrics=list(d.metrics),
-            )
-            for d in found[:limit]
-        ]
-        next_page = None
-        if len(found) > limit:
-            query: dict[str, object] = {"after": items[-1].device_id, "limit": limit}
-            if metric is not None:
-                query["metric"] = metric
-            next_page = f"/devices?{urlencode(query)}"
-        return _conditional(request, snapshot, DevicesResponse(items=items, next=next_page, freshness=freshness))
+
+        def compute() -> _Answer:
+            with _reading(store) as (snapshot, freshness, source, _):
+                found = queries.devices(source, after, limit + 1, metric)
+                if not found and metric is not None and not queries.is_known(source, metric):
+                    raise _unknown_metric(source, metric)
+            items = [
+                DeviceResponse(
+                    device_id=d.device_id,
+                    first_reading=format_utc(d.first_reading),
+                    last_reading=format_utc(d.last_reading),
+                    reading_count=d.reading_count,
+                    metrics=list(d.metrics),
+                )
+                for d in found[:limit]
+            ]
+            next_page = None
+            if len(found) > limit:
+                query: dict[str, object] = {"after": items[-1].device_id, "limit": limit}
+                if metric is not None:
+                    query["metric"] = metric
+                next_page = f"/devices?{urlencode(query)}"
+            return _Answer(snapshot, _made(DevicesResponse(items=items, next=next_page, freshness=freshness)))
+
+        return await _answer(request, store, ("devices", after, metric, limit), compute)
 
 
 class CatalogController(Controller):
@@ -390,25 +478,27 @@ class CatalogController(Controller):
 
     @get(
         "/metrics",
-        sync_to_thread=True,
         summary="The metrics the lake holds readings of, with how many devices sent each, when and how often, by name",
         responses=_READ_RESPONSES,
     )
-    def get_metrics(self, request: Request, store: NamedDependency[SnapshotStore]) -> Response[MetricsResponse]:
-        # No paging: the lake keeps at most LAKEHOUSE_MAX_METRICS names (1,000 by default), a row each.
-        with _reading(store) as (snapshot, freshness, source, _):
-            found = queries.metric_catalog(source)
-        items = [
-            MetricResponse(
-                metric=m.metric,
-                device_count=m.device_count,
-                first_reading=format_utc(m.first_reading),
-                last_reading=format_utc(m.last_reading),
-                reading_count=m.reading_count,
-            )
-            for m in found
-        ]
-        return _conditional(request, snapshot, MetricsResponse(items=items, freshness=freshness))
+    async def get_metrics(self, request: Request, store: NamedDependency[SnapshotStore]) -> Response[MetricsResponse]:
+        def compute() -> _Answer:
+            # No paging: the lake keeps at most LAKEHOUSE_MAX_METRICS names (1,000 by default), a row each.
+            with _reading(store) as (snapshot, freshness, source, _):
+                found = queries.metric_catalog(source)
+            items = [
+                MetricResponse(
+                    metric=m.metric,
+                    device_count=m.device_count,
+                    first_reading=format_utc(m.first_reading),
+                    last_reading=format_utc(m.last_reading),
+                    reading_count=m.reading_count,
+                )
+                for m in found
+            ]
+            return _Answer(snapshot, _made(MetricsResponse(items=items, freshness=freshness)))
+
+        return await _answer(request, store, ("catalog",), compute)
 
 
 class HealthController(Controller):

@@ -38,11 +38,22 @@ REFRESH_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 REFRESH_ERRORS = Counter(f"{PREFIX}_snapshot_refresh_errors_total", "refreshes that failed (the old snapshot stays)")
+ANSWERS = Counter(
+    f"{PREFIX}_answers_total",
+    "answers to reads by how they were made: kept (the served snapshot's answer kept in memory: no query) or query",
+    ["by"],
+)
+ANSWERED_KEPT, ANSWERED_BY_QUERY = ANSWERS.labels("kept"), ANSWERS.labels("query")
+ANSWER_CACHE_BYTES = Gauge(f"{PREFIX}_answer_cache_bytes", "bytes of answers kept for the served snapshot")
 RECORDS_BEHIND = Gauge(
     f"{PREFIX}_pipeline_records_behind", "Kafka records not yet processed by the pipeline (NaN when unknown)"
 )
 
 log = logging.getLogger("kpi_lakehouse.serve")
+
+
+def track_answers(size_bytes: Callable[[], int]) -> None:
+    ANSWER_CACHE_BYTES.set_function(lambda: float(size_bytes()))
 
 
 def track_snapshot(current: Callable[[], Snapshot]) -> None:

@@ -29,7 +29,7 @@ from lake.errors import LakeError
 from lake.tables import DEFAULT_METRIC, KPI_FIELDS, KpiValues, Table
 from lake.timestamps import EPOCH, MAX_US, Grain, from_us
 from lake.upgrade import SILVER_METRIC
-from serve.snapshot import Snapshot, gold_key, rollup_key, timestamp_literal
+from serve.snapshot import Snapshot, SnapshotStore, gold_key, rollup_key, timestamp_literal
 
 # The KPIs of KPI_FIELDS, in that order, over the readings of one bucket, each beside its bucket's mean
 # (`bucket_mean`). DuckDB's stddev_samp keeps a running mean rounded to the values' ulp, 1.5e-8 at 1e8: for a meter
@@ -110,6 +110,31 @@ def kpis(
         return found[0] if found else None
     found = kpi_series(source, start_us, _bucket_end_us(start_us, grain), grain, device_id, limit=1, metric=metric)
     return found[0] if found else None
+
+
+def kpis_at_once(
+    store: SnapshotStore, instant_us: int, grain: Grain, device_id: str | None, metric: str
+) -> tuple[Snapshot, Kpis, tuple[str, str]] | None:
+    """`kpis` of a bucket the store file holds under a key, in one statement that also reads the snapshot's
+    generation, with the row's table and key; None when another road must answer (the lake answers, a device's second, no row: the caller asks
+    `kpis` in a transaction, which also tells an unknown metric from an empty bucket)."""
+    if not store.current.from_store or (grain is Grain.SECOND and device_id is not None):
+        return None
+    start_us = grain.bucket_start_us(instant_us)
+    if grain is Grain.SECOND:
+        table, key = "gold", gold_key(metric, start_us)
+    else:
+        table, key = "rollups", rollup_key(grain.value, metric, device_id, start_us)
+    query = f"SELECT {_FIELDS} FROM {table} WHERE {'gold_key' if table == 'gold' else 'bucket_key'} = $key"
+    try:
+        read = store.read_once(query, {"key": key})
+    except duckdb.CatalogException:
+        return None  # no rollups table in the file yet
+    if read is None or not read[1]:
+        return None
+    snapshot, rows = read
+    found = Kpis(metric=metric, bucket_start_us=start_us, grain=grain, **dict(zip(_COLUMNS, rows[0])))
+    return snapshot, found, (table, key)
 
 
 def bucket_metrics(source: Source, instant_us: int, grain: Grain, device_id: str | None = None) -> list[Kpis]:

@@ -41,12 +41,13 @@ from typing import IO
 
 import duckdb
 
-from lake import deltalog, duck
+from lake import deltalog, duck, watermark
 from lake.errors import LakeError
 from lake.rows import fetch_one
-from lake.settings import Settings, local_path
+from lake.settings import MIB, Settings, local_path
 from lake.tables import LakePaths, Table
 from lake.upgrade import SILVER_METRIC
+from serve.answers import MAX_CHANGED_KEYS, AnswerCache, Changes
 
 # Bumped whenever the store's tables change shape: a file of another format is built again.
 # 2: gold and the rollups hold fingerprint, revision and late_readings; 3: loaded by commit, no `*_since` columns;
@@ -91,6 +92,7 @@ class Snapshot:
     loaded_at: datetime | None  # when the service loaded this snapshot
     rollups_version: int | None = None
     from_store: bool = True  # False: answered from the lake at these versions while the store file is built
+    generation: int | None = None  # the store file's sync that holds these versions (None: from the lake)
 
     @property
     def ready(self) -> bool:
@@ -146,8 +148,17 @@ def claim_slot(store_dir: Path) -> tuple[int, IO[str]]:
 class SnapshotStore:
     """The serving store of one worker; `read()` gives a request its snapshot and cursor."""
 
-    def __init__(self, paths: LakePaths, store_dir: Path, memory_limit: str = "512MB", threads: int = 2) -> None:
+    def __init__(
+        self,
+        paths: LakePaths,
+        store_dir: Path,
+        memory_limit: str = "512MB",
+        threads: int = 2,
+        answers: AnswerCache | None = None,
+    ) -> None:
         self.paths = paths
+        # Answers kept in memory (serve.answers), told of each sync's changes; none kept by default.
+        self.answers = answers if answers is not None else AnswerCache(0)
         self.store_dir = store_dir.absolute()
         self.slot, self._slot_lock = claim_slot(self.store_dir)
         self.file = self.store_dir / f"slot-{self.slot}.duckdb"
@@ -164,11 +175,22 @@ class SnapshotStore:
         self.locations = {t: self._location(t) for t in TABLES}
         self._lake_on_disk = local_path(paths.root) is not None
         self.current = self._stored_snapshot() or Snapshot(None, None, None, None, None, from_store=False)
+        # The generation whose answers may be answered from memory (serve.answers): None from just before a sync
+        # commits until it is published, so that no request answers from an older generation than one a request
+        # before it read.
+        self.kept_generation: int | None = self.current.generation
+        if self.current.generation is not None:
+            self.answers.advance(self.current.generation, Changes.everything())
         self._writer = self._database.cursor()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SnapshotStore:
-        return cls(LakePaths.from_settings(settings), settings.store_dir, settings.api_memory_limit)
+        return cls(
+            LakePaths.from_settings(settings),
+            settings.store_dir,
+            settings.api_memory_limit,
+            answers=AnswerCache(settings.api_cache_mb * MIB),
+        )
 
     # Opening -------------------------------------------------------------------------------------------------
 
@@ -230,7 +252,7 @@ class SnapshotStore:
         if row is None:
             return None
         self._generation = row[-1]
-        return _stored(row[:-1])
+        return _stored(row[:-1], self._generation)
 
     # Refreshing ----------------------------------------------------------------------------------------------
 
@@ -249,7 +271,8 @@ class SnapshotStore:
             ):
                 # A table made anew: answer from the lake while the file is built again.
                 log.info("a lake table was made anew; rebuilding the serving store %s", self.file)
-                self.current = replace(self.current, from_store=False)
+                self.kept_generation = None
+                self.current = replace(self.current, from_store=False, generation=None)
                 return self._pin(found, started)
             changed = {t: v.version for t, v in found.items() if v is not None and v.version != loaded[t]}
             if not changed:
@@ -343,6 +366,7 @@ class SnapshotStore:
                     **{f"{t.value}_created": deltalog.created_at(self.paths.table(t)) for t in TABLES},
                 },
             )
+            self.kept_generation = None
             cursor.commit()
         except BaseException as exc:
             with contextlib.suppress(duckdb.Error):  # a commit that failed has ended the transaction
@@ -364,6 +388,7 @@ class SnapshotStore:
                     rollups.version if rollups else None,
                     from_store=True,
                 ),
+                Changes.everything(),
             )
             self.build_error = None
         log.info(
@@ -447,6 +472,8 @@ class SnapshotStore:
             if (held := self.current.version(table)) is not None
         }
         counts: dict[str, int] = {}
+        # The keys of the rows each table's sync replaced, for the answers kept in memory (None: all of them).
+        keys: dict[Table, frozenset[str] | None] = {}
         writer.begin()
         try:
             for table, version in changed.items():
@@ -457,12 +484,15 @@ class SnapshotStore:
                     if files is not None:
                         log.info("copying %s again at version %s: %s", table.value, version, files.unfollowable)
                     counts[table.value] = self._reload(writer, table, version, one)
+                    keys[table] = None
                     if table is Table.GOLD:  # a second may have gone
                         newest_event = fetch_one(writer.execute('SELECT max("timestamp") FROM gold'), "gold")[0]
                     continue
                 counts[table.value] = self._load_files(writer, table, files.files)
                 if counts[table.value] == 0:
                     continue
+                if table in (Table.GOLD, Table.ROLLUPS):
+                    keys[table] = _changed_keys(writer, "gold_key" if table is Table.GOLD else "bucket_key")
                 if table is Table.GOLD:
                     newest_second = fetch_one(writer.execute('SELECT max("timestamp") FROM changed_rows'), "gold")[0]
                     newest_event = max(filter(None, [newest_event, newest_second]), default=None)
@@ -491,6 +521,7 @@ class SnapshotStore:
                     "rollups_created": deltalog.created_at(self.paths.table(Table.ROLLUPS)),
                 },
             )
+            self.kept_generation = None
             writer.commit()
         except BaseException:
             writer.rollback()
@@ -506,6 +537,7 @@ class SnapshotStore:
                 versions[Table.ROLLUPS],
                 from_store=True,
             ),
+            Changes(gold=keys.get(Table.GOLD, frozenset()), rollups=keys.get(Table.ROLLUPS, frozenset())),
         )
         return counts
 
@@ -557,13 +589,20 @@ class SnapshotStore:
         )
         return int(fetch_one(writer.execute("SELECT count(*) FROM changed_rows"), "changed rows")[0])
 
-    def _publish(self, generation: int, snapshot: Snapshot) -> None:
-        """Make a committed snapshot current, and keep it by generation for readers that meet it in store_meta."""
+    def _publish(self, generation: int, snapshot: Snapshot, changes: Changes) -> None:
+        """Make a committed snapshot current, and keep it by generation for readers that meet it in store_meta; the
+        answers kept in memory learn what changed before any request may read them at the new generation."""
+        snapshot = replace(snapshot, generation=generation)
         self._generation = generation
         self._snapshots[generation] = snapshot
         for old in [g for g in self._snapshots if g < generation - 64]:
             del self._snapshots[old]
         self.current = snapshot
+        self.answers.advance(generation, changes)
+        # The watermark at the new gold version, read here once (on S3 a request) so that a kept answer is made
+        # again for the new snapshot without waiting on the lake.
+        watermark.at_version(self.paths.table(Table.GOLD), snapshot.gold_version)
+        self.kept_generation = generation
 
     def _update_devices(self, writer: duckdb.DuckDBPyConnection, old_version: int, params: dict[str, str]) -> None:
         """Fold silver's changed rows into the summary per device and metric, then the catalog rows of the metrics
@@ -642,10 +681,30 @@ class SnapshotStore:
                 generation = fetch_one(cursor.execute("SELECT generation FROM store_meta"), "store_meta")[0]
                 found = self._snapshots.get(generation)
                 if found is None:
-                    found = _stored(fetch_one(cursor.execute(_SNAPSHOT_SQL), "store_meta"))
+                    found = _stored(fetch_one(cursor.execute(_SNAPSHOT_SQL), "store_meta"), generation)
                 yield found, cursor
             finally:
                 cursor.rollback()  # the transaction only read
+
+    def read_once(self, query: str, parameters: dict[str, object]) -> tuple[Snapshot, list[tuple]] | None:
+        """The rows of one statement over the store file, with the snapshot they belong to, read by that statement
+        itself (no transaction to begin and end around it: a statement reads one committed state); None while the
+        lake answers, or when the generation it read is no longer known here (`read()` then serves)."""
+        current = self.current
+        if not current.from_store:
+            return None
+        with self._cursor() as cursor:
+            rows = cursor.execute(
+                f"SELECT meta.generation, found.* FROM (SELECT generation FROM store_meta) meta "
+                f"LEFT JOIN ({query}) found ON TRUE",
+                parameters,
+            ).fetchall()
+        generation = rows[0][0]
+        snapshot = current if current.generation == generation else self._snapshots.get(generation)
+        if snapshot is None:
+            return None
+        # Without a row, the outer join gives one of nulls beside the generation.
+        return snapshot, [row[1:] for row in rows if any(value is not None for value in row[1:])]
 
     def close(self) -> None:
         builder = self._builder
@@ -657,10 +716,10 @@ class SnapshotStore:
         self._slot_lock.close()
 
 
-def _stored(row: tuple) -> Snapshot:
-    """The snapshot of a store_meta row as _SNAPSHOT_SQL selects it."""
+def _stored(row: tuple, generation: int) -> Snapshot:
+    """The snapshot of a store_meta row as _SNAPSHOT_SQL selects it, at its generation."""
     gold, silver, committed, newest, loaded, rollups = row
-    return Snapshot(gold, silver, committed, newest, loaded, rollups, from_store=True)
+    return Snapshot(gold, silver, committed, newest, loaded, rollups, from_store=True, generation=generation)
 
 
 def _only(params: dict[str, str], name: str) -> dict[str, str]:
@@ -668,3 +727,9 @@ def _only(params: dict[str, str], name: str) -> dict[str, str]:
     if name not in params:
         raise LakeError(f"the lake has no {name} table yet; run `lakehouse pipeline` first")
     return {name: params[name]}
+
+
+def _changed_keys(writer: duckdb.DuckDBPyConnection, column: str) -> frozenset[str] | None:
+    """The store keys of the changed rows a sync loads (None past MAX_CHANGED_KEYS: as good as all of them)."""
+    rows = writer.execute(f"SELECT {column} FROM changed_rows LIMIT {MAX_CHANGED_KEYS + 1}").fetchall()
+    return None if len(rows) > MAX_CHANGED_KEYS else frozenset(row[0] for row in rows)

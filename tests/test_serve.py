@@ -6,7 +6,10 @@ tests/test_pipeline_lake.py asks the same of a lake the pipeline wrote from Kafk
 
 from __future__ import annotations
 
+import bisect
 import json
+import random
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -18,16 +21,26 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 
-from lake import upgrade
+from lake import deltalog, upgrade
 from lake.kafka import Watermarks, lag
-from lake.tables import METRIC_NAME, LakePaths
+from lake.tables import METRIC_NAME, LakePaths, Table
 from lake.timestamps import Grain, parse_timestamp_us
 from serve import queries
 from serve.app import create_app
 from serve.snapshot import SnapshotStore
 from tests.reference import EPOCH, Reference, assert_kpis_equal
 from tests.reference import GRAINS as GRAIN_WIDTHS
-from tests.serve_lake import DEVICES, METRICS, START, LakeWriter, Reading, api_settings, iso, make_readings
+from tests.serve_lake import (
+    DEVICES,
+    METRICS,
+    START,
+    LakeWriter,
+    Reading,
+    api_settings,
+    iso,
+    make_readings,
+    serving,
+)
 
 pytestmark = pytest.mark.spark
 PROBLEM = "application/problem+json"
@@ -523,6 +536,100 @@ def test_new_commits_and_corrections_are_served_without_restart(spark, tmp_path:
     # Caught up incrementally, the store answers every grain exactly, the devices' counts included.
     _assert_every_grain(store, readings, "after the refresh")
     store.close()
+
+
+def test_no_answer_after_a_refresh_is_older_than_it(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Hot lookups of every grain run from several clients while a reading is corrected: each answer equals the
+    reference of the versions it names, kept answers are among them, and no answer asked for after another was
+    received names older versions than that one."""
+    root = tmp_path / "lake"
+    readings = make_readings(seed=7, seconds=20, stragglers=False)
+    writer = LakeWriter(spark, LakePaths.from_settings(api_settings(root)))
+    writer.append(readings, readings)
+    target = next(r for r in readings if r.metric == "temperature_c" and r.device_id == "pump-1")
+    corrected = target._replace(value=target.value + 500.0)
+    asked = [(grain, device) for grain in ("second", "minute", "hour", "day") for device in (None, target.device_id)]
+    paths = {
+        (grain, device): f"/kpis/{iso(target.timestamp)}?metric={target.metric}&grain={grain}"
+        + (f"&device_id={device}" if device else "")
+        for grain, device in asked
+    }
+    # Which table's version an answer's KPIs follow: gold for a second of the fleet, silver for a device's second,
+    # the rollups for the rest.
+    table_of = {
+        (grain, device): "gold" if (grain, device) == ("second", None) else "silver" if grain == "second" else "rollups"
+        for grain, device in asked
+    }
+    answers: list[tuple[float, float, tuple[str, str | None], dict]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def ask(seed: int) -> None:
+        order = list(paths.items())
+        random.Random(seed).shuffle(order)
+        with httpx.Client(base_url=base, timeout=30) as http:
+            while not stop.is_set():
+                for key, path in order:
+                    sent = time.monotonic()
+                    answer = http.get(path)
+                    if answer.status_code != 200:
+                        failures.append(f"{path}: {answer.status_code} {answer.text[:200]}")
+                        return
+                    answers.append((sent, time.monotonic(), key, answer.json()))
+
+    with serving(api_settings(root)) as base:
+        first = httpx.get(f"{base}{paths['second', None]}").json()["freshness"]
+        while first["served_from"] != "store":
+            time.sleep(0.1)
+            first = httpx.get(f"{base}{paths['second', None]}").json()["freshness"]
+        old = {table: first[f"{table}_version"] for table in ("gold", "silver", "rollups")}
+        askers = [threading.Thread(target=ask, args=(n,)) for n in range(4)]
+        for asker in askers:
+            asker.start()
+        time.sleep(1.0)
+        writer.append([corrected], [*readings, corrected])
+        new = {table: deltalog.latest_version(writer.paths.table(Table(table))).version for table in old}
+        deadline = time.monotonic() + 30
+        while not any(a[3]["freshness"]["rollups_version"] == new["rollups"] for a in answers[-50:]):
+            assert time.monotonic() < deadline and not failures, failures or "the new versions were not served"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        stop.set()
+        for asker in askers:
+            asker.join(timeout=30)
+        metrics = httpx.get(f"{base}/metrics").text
+    assert not failures, failures[:3]
+    assert all(new[t] > old[t] for t in old), (old, new)
+
+    references = {"old": Reference.of(readings), "new": Reference.of([*readings, corrected])}
+    seen: dict[tuple[tuple[str, str | None], str], int] = {}
+    for _, _, (grain, device), body in answers:
+        version = body["freshness"][f"{table_of[grain, device]}_version"]
+        state = "old" if version == old[table_of[grain, device]] else "new"
+        assert version == {"old": old, "new": new}[state][table_of[grain, device]], (grain, device, version)
+        bucket = references[state].buckets(grain, device, target.metric)[
+            EPOCH + (target.timestamp - EPOCH) // GRAIN_WIDTHS[grain] * GRAIN_WIDTHS[grain]
+        ]
+        assert_kpis_equal(body, bucket, f"{grain} of {device or 'the fleet'}, {state} versions")
+        seen[(grain, device), state] = seen.get(((grain, device), state), 0) + 1
+    assert all(seen.get((key, state), 0) > 0 for key in paths for state in ("old", "new")), seen
+
+    # Versions never go back: an answer asked for after another was received names versions at least as new.
+    by_receipt = sorted(answers, key=lambda a: a[1])
+    received = [a[1] for a in by_receipt]
+    newest: list[tuple[int, int, int]] = []
+    for a in by_receipt:
+        versions = tuple(a[3]["freshness"][f"{t}_version"] for t in ("gold", "silver", "rollups"))
+        newest.append(versions if not newest else tuple(map(max, newest[-1], versions)))  # type: ignore[arg-type]
+    for sent, _, key, body in answers:
+        before = bisect.bisect_left(received, sent)
+        if before:
+            versions = [body["freshness"][f"{t}_version"] for t in ("gold", "silver", "rollups")]
+            assert all(v >= w for v, w in zip(versions, newest[before - 1])), (key, versions, newest[before - 1])
+    # Most answers came from memory: the clients asked the same buckets again and again.
+    kept = _sample(metrics, 'kpi_lakehouse_answers_total{by="kept"}')
+    queried = _sample(metrics, 'kpi_lakehouse_answers_total{by="query"}')
+    assert kept > queried > 0, (kept, queried)
 
 
 def test_a_store_file_is_reopened_or_rebuilt(lake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
