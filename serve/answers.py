@@ -16,6 +16,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 # What a kept answer costs beside its encoded bytes: its rows, the key's tuple and strings, the dict's slot.
 ENTRY_OVERHEAD = 1024
@@ -46,7 +47,7 @@ class Kept:
     generation to the next); `depends` is the store row it was read from, as (table, key), or None when it is
     dropped at every sync."""
 
-    render: Callable[[object], bytes]
+    render: Callable[[Any], bytes]
     depends: tuple[str, str] | None
     body: bytes
     generation: int  # the generation `body` was rendered for

@@ -8,6 +8,7 @@ then kept for the generation it read."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -160,17 +161,23 @@ def _encoded(if_none_match: str | None, etag: str, body: bytes) -> Response:
 
 @dataclass(frozen=True)
 class _Answer:
-    """What a read found: the snapshot it read, `make(snapshot)` for its body (a kept answer is made again with a
-    later snapshot's freshness), and the store row it depends on alone (`serve.answers.Kept.depends`)."""
+    """What a read found: the snapshot it read, `render(snapshot)` for its encoded body (a kept answer is rendered
+    again with a later snapshot's freshness), and the store row it depends on alone (`serve.answers.Kept.depends`)."""
 
     snapshot: Snapshot
-    make: Callable[[Snapshot], object]
+    render: Callable[[Snapshot], bytes]
     depends: tuple[str, str] | None = None
 
 
-def _made(body: object) -> Callable[[Snapshot], object]:
-    """`make` of an answer dropped at every sync, so never made again for another snapshot."""
-    return lambda _: body
+def _made(body: object) -> Callable[[Snapshot], bytes]:
+    """`render` of an answer dropped at every sync, so never rendered again for another snapshot."""
+    return lambda _: encode_json(body)
+
+
+@functools.lru_cache(maxsize=8)
+def _encoded_freshness(store: SnapshotStore, snapshot: Snapshot) -> bytes:
+    """A snapshot's `freshness` as JSON, encoded once for every answer rendered for it."""
+    return encode_json(_freshness(snapshot, _watermark_us(store, snapshot)))
 
 
 async def _answer(request: Request, store: SnapshotStore, key: Hashable, compute: Callable[[], _Answer]) -> Response:
@@ -197,17 +204,13 @@ async def _answer(request: Request, store: SnapshotStore, key: Hashable, compute
 
     def computed() -> tuple[_Answer, bytes]:
         answer = compute()
-        return answer, encode_json(answer.make(answer.snapshot))
+        return answer, answer.render(answer.snapshot)
 
     answer, body = await anyio.to_thread.run_sync(computed)
     ANSWERED_BY_QUERY.inc()
     snapshot = answer.snapshot
     if snapshot.from_store and snapshot.generation is not None:
-
-        def render(later: object) -> bytes:
-            return encode_json(answer.make(later))  # type: ignore[arg-type]
-
-        store.answers.put(snapshot.generation, key, Kept(render, answer.depends, body, snapshot.generation))
+        store.answers.put(snapshot.generation, key, Kept(answer.render, answer.depends, body, snapshot.generation))
     return _encoded(if_none_match, snapshot.etag, body)
 
 
@@ -235,6 +238,26 @@ def _reading(store: SnapshotStore) -> Iterator[tuple[Snapshot, Freshness, querie
             yield snapshot, freshness, queries.Source(cursor, snapshot, store.locations), watermark_us
         except LakeError as exc:
             raise problem(503, "Lake not ready", str(exc)) from None
+
+
+def _kpis_renderer(
+    store: SnapshotStore, row: queries.Kpis, bucket: str, metric: str, grain: Grain, device_id: str | None
+) -> Callable[[Snapshot], bytes]:
+    """`render` of one bucket's KPIs kept across syncs: its body without `freshness` is encoded once per value of
+    `final` (which follows the watermark), and a snapshot's encoded freshness is appended, so that a kept answer
+    is rendered for a new snapshot in a few microseconds. Byte for byte the encoding of the whole KpiResponse,
+    whose last field is `freshness`."""
+    heads: dict[bool, bytes] = {}
+
+    def render(snapshot: Snapshot) -> bytes:
+        state = _state(row, _watermark_us(store, snapshot))
+        head = heads.get(state["final"])  # type: ignore[call-overload]
+        if head is None:
+            body = KpiResponse(timestamp=bucket, metric=metric, grain=grain.value, device_id=device_id, **state)  # type: ignore[arg-type]
+            head = heads[state["final"]] = encode_json(body)[:-1]  # type: ignore[index]
+        return head + b',"freshness":' + _encoded_freshness(store, snapshot) + b"}"
+
+    return render
 
 
 class KpiController(Controller):
@@ -274,7 +297,7 @@ class KpiController(Controller):
             at_once = queries.kpis_at_once(store, instant_us, grain, device_id, metric)
             if at_once is not None:  # one statement: the row and the generation it belongs to
                 snapshot, row, depends = at_once
-                return _Answer(snapshot, lambda later: make(later, row), depends)
+                return _Answer(snapshot, _kpis_renderer(store, row, bucket, metric, grain, device_id), depends)
             with _reading(store) as (snapshot, _, source, _):
                 found = queries.kpis(source, instant_us, grain, device_id, metric)
                 if found is None and not queries.is_known(source, metric):

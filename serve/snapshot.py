@@ -599,9 +599,10 @@ class SnapshotStore:
             del self._snapshots[old]
         self.current = snapshot
         self.answers.advance(generation, changes)
-        # The watermark at the new gold version, read here once (on S3 a request) so that a kept answer is made
-        # again for the new snapshot without waiting on the lake.
-        watermark.at_version(self.paths.table(Table.GOLD), snapshot.gold_version)
+        if len(self.answers):
+            # The watermark at the new gold version, read here once (on S3 a request or more) so that the answers
+            # kept are rendered again for the new snapshot without waiting on the lake.
+            watermark.at_version(self.paths.table(Table.GOLD), snapshot.gold_version)
         self.kept_generation = generation
 
     def _update_devices(self, writer: duckdb.DuckDBPyConnection, old_version: int, params: dict[str, str]) -> None:
