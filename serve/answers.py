@@ -27,7 +27,7 @@ MAX_CHANGED_KEYS = 100_000
 @dataclass(frozen=True)
 class Changes:
     """What one sync changed: the store keys of gold's and the rollups' rows it replaced (None: the whole table,
-    as a copy of it does), and whether silver moved."""
+    as a copy of it does). Silver's changes need no keys: no kept answer outlives a sync but those of one row."""
 
     gold: frozenset[str] | None = frozenset()
     rollups: frozenset[str] | None = frozenset()
@@ -88,8 +88,8 @@ class AnswerCache:
 
     def get(self, generation: int, key: Hashable) -> Kept | None:
         """The answer of `key` kept at `generation`; its `body` is current when its `generation` is, else the caller
-        renders it for the snapshot (off the event loop: the watermark of a new version may be read from the lake)
-        and hands it back with `rendered`."""
+        renders it for the snapshot (the store read the new version's watermark when it published it) and hands it
+        back with `rendered`."""
         with self._lock:
             if generation != self._generation:
                 return None

@@ -282,18 +282,6 @@ class KpiController(Controller):
 
         def compute() -> _Answer:
             bucket = format_utc(from_us(start_us))
-
-            def make(snapshot: Snapshot, found: queries.Kpis) -> KpiResponse:
-                watermark_us = _watermark_us(store, snapshot)
-                return KpiResponse(
-                    timestamp=bucket,
-                    metric=metric,
-                    grain=grain.value,
-                    device_id=device_id,
-                    freshness=_freshness(snapshot, watermark_us),
-                    **_state(found, watermark_us),  # type: ignore[arg-type]
-                )
-
             at_once = queries.kpis_at_once(store, instant_us, grain, device_id, metric)
             if at_once is not None:  # one statement: the row and the generation it belongs to
                 snapshot, row, depends = at_once
@@ -307,7 +295,8 @@ class KpiController(Controller):
                 raise problem(
                     404, "No readings", f"no readings of metric {metric!r} in the {grain.value} starting {bucket}{who}"
                 )
-            return _Answer(snapshot, _made(make(snapshot, found)))
+            # Not kept past the next sync (no store row named): rendered once, for this snapshot.
+            return _Answer(snapshot, _kpis_renderer(store, found, bucket, metric, grain, device_id))
 
         return await _answer(request, store, ("kpi", start_us, grain, device_id, metric), compute)
 

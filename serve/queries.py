@@ -116,16 +116,14 @@ def kpis_at_once(
     store: SnapshotStore, instant_us: int, grain: Grain, device_id: str | None, metric: str
 ) -> tuple[Snapshot, Kpis, tuple[str, str]] | None:
     """`kpis` of a bucket the store file holds under a key, in one statement that also reads the snapshot's
-    generation, with the row's table and key; None when another road must answer (the lake answers, a device's second, no row: the caller asks
-    `kpis` in a transaction, which also tells an unknown metric from an empty bucket)."""
+    generation, with the row's table and key; None when another road must answer (the lake answers, a device's
+    second, no row: the caller asks `kpis` in a transaction, which also tells an unknown metric from an empty
+    bucket)."""
     if not store.current.from_store or (grain is Grain.SECOND and device_id is not None):
         return None
     start_us = grain.bucket_start_us(instant_us)
-    if grain is Grain.SECOND:
-        table, key = "gold", gold_key(metric, start_us)
-    else:
-        table, key = "rollups", rollup_key(grain.value, metric, device_id, start_us)
-    query = f"SELECT {_FIELDS} FROM {table} WHERE {'gold_key' if table == 'gold' else 'bucket_key'} = $key"
+    (table, column), key = _keyed_table(grain), _bucket_key(grain, metric, device_id, start_us)
+    query = f"SELECT {_FIELDS} FROM {table} WHERE {column} = $key"
     try:
         read = store.read_once(query, {"key": key})
     except duckdb.CatalogException:
@@ -160,13 +158,10 @@ def _lookup(source: Source, start_us: int, grain: Grain, device_id: str | None, 
     of them, which DuckDB answers from the index rather than a scan."""
     if not metrics:
         return []
-    if grain is Grain.SECOND:
-        table, column = "gold", "gold_key"
-        keys = [gold_key(metric, start_us) for metric in metrics]
-    else:
+    if grain is not Grain.SECOND:
         _need_rollups(source)
-        table, column = "rollups", "bucket_key"
-        keys = [rollup_key(grain.value, metric, device_id, start_us) for metric in metrics]
+    table, column = _keyed_table(grain)
+    keys = [_bucket_key(grain, metric, device_id, start_us) for metric in metrics]
     parameters: dict[str, object] = {f"key_{index}": key for index, key in enumerate(keys)}
     wanted = ", ".join(f"${name}" for name in parameters)
     query = f"SELECT metric, {_FIELDS} FROM {table} WHERE {column} IN ({wanted}) ORDER BY metric"
@@ -174,6 +169,18 @@ def _lookup(source: Source, start_us: int, grain: Grain, device_id: str | None, 
         Kpis(metric=row[0], bucket_start_us=start_us, grain=grain, **dict(zip(_COLUMNS, row[1:])))
         for row in _fetch(source.cursor, query, parameters)
     ]
+
+
+def _keyed_table(grain: Grain) -> tuple[str, str]:
+    """The store table that holds a bucket of `grain` under a key, and its key column."""
+    return ("gold", "gold_key") if grain is Grain.SECOND else ("rollups", "bucket_key")
+
+
+def _bucket_key(grain: Grain, metric: str, device_id: str | None, start_us: int) -> str:
+    """The store key of one metric's bucket: gold's (the fleet's seconds), or a rollup's."""
+    if grain is Grain.SECOND:
+        return gold_key(metric, start_us)
+    return rollup_key(grain.value, metric, device_id, start_us)
 
 
 def _need_rollups(source: Source) -> None:
