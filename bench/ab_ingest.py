@@ -5,6 +5,8 @@ its own and the same Kafka records. Alternating runs on one backlog keep the mac
     git worktree add /tmp/before <commit>; ln -s "$PWD/.lakehouse" /tmp/before/.lakehouse
     .venv/bin/python -m bench.ab_ingest --tree before=/tmp/before --tree after=. --rounds 2
 
+With `--reuse`, a second comparison on the same backlog skips its production (about four minutes).
+
 Each tree runs with its own code (`python -m lakehouse` from the tree) and this checkout's settings and jars. Prints a
 JSON line per run, then the median readings/s of each tree and the ratio of the last to the first.
 """
@@ -35,6 +37,9 @@ def main() -> None:
     parser.add_argument("--metrics", type=int, default=0, help="metrics per reading (0: the tutorial's value)")
     parser.add_argument("--port", type=int, default=19492, help="port of the benchmark's own Kafka broker")
     parser.add_argument("--folder", type=Path, default=Path("data/ab-ingest"))
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep the backlog a former run with the same --mib and --metrics left"
+    )
     args = parser.parse_args()
     trees = [(name, Path(path).resolve()) for name, _, path in (tree.partition("=") for tree in args.tree)]
 
@@ -46,13 +51,19 @@ def main() -> None:
     folder.mkdir(parents=True)
     broker = LocalBroker.from_settings(base)
     broker.stop()
-    shutil.rmtree(broker.folder, ignore_errors=True)
+    produced = broker.folder / "ab-ingest-backlog"
+    backlog = f"{args.mib} MiB, {args.metrics} metrics"
+    reuse = args.reuse and produced.exists() and produced.read_text() == backlog
+    if not reuse:
+        shutil.rmtree(broker.folder, ignore_errors=True)
     broker.start()
     rates: dict[str, list[float]] = {name: [] for name, _ in trees}
     try:
-        payloads = ingest_messages(args.mib, base.max_message_bytes, args.metrics)
-        _produce(base, payloads)
-        del payloads
+        if not reuse:
+            payloads = ingest_messages(args.mib, base.max_message_bytes, args.metrics)
+            _produce(base, payloads)
+            del payloads
+            produced.write_text(backlog)
         for round_ in range(args.rounds):
             for name, tree in trees:
                 run = folder / f"{name}-{round_}"

@@ -117,8 +117,19 @@ def test_kpis_per_second_match_python(spark) -> None:  # type: ignore[no-untyped
     # Half the readings arrived when the watermark stood at T0 + 10 s: late for the seconds before it.
     marks = [T0 + timedelta(seconds=10) if i % 2 else None for i in range(len(readings))]
     ddl = "device_id STRING, `timestamp` TIMESTAMP, value DOUBLE, arrival_watermark TIMESTAMP, metric STRING"
-    frame = spark.createDataFrame([(*r, m, "value") for r, m in zip(readings, marks, strict=True)], ddl)
-    got = {row.timestamp.replace(tzinfo=UTC): row for row in kpis_per_second(frame).collect()}
+    # A second metric in the same seconds: a meter near 1e8, whose standard deviation needs the centre.
+    meter = [
+        (f"d{rng.randrange(7)}", T0 + timedelta(microseconds=rng.randrange(20_000_000)), 1e8 + rng.uniform(-1, 1))
+        for _ in range(2000)
+    ]
+    rows = [(*r, m, "value") for r, m in zip(readings, marks, strict=True)] + [(*r, None, "meter") for r in meter]
+    frame = spark.createDataFrame(rows, ddl)
+    both = kpis_per_second(frame).collect()
+    got = {row.timestamp.replace(tzinfo=UTC): row for row in both if row.metric == "value"}
+    got_meter = {row.timestamp.replace(tzinfo=UTC): row for row in both if row.metric == "meter"}
+    for second, want in Reference.of(meter).buckets("second").items():
+        assert_kpis_equal(got_meter[second].asDict(), want, f"meter, second {second}")
+    assert len(got_meter) == 20
 
     expected = Reference.of(readings).buckets("second")
     assert set(got) == set(expected)

@@ -46,3 +46,39 @@ def test_tables_take_the_checkpoint_interval_and_checkpoint_on_it(spark, tmp_pat
     assert latest_version(fresh.table(Table.GOLD)).version == 0  # type: ignore[union-attr]
     shown = spark.sql(f"SHOW TBLPROPERTIES delta.`{fresh.table(Table.GOLD)}` ({CHECKPOINT_INTERVAL})").first()
     assert shown["value"] == "100"
+
+
+def test_silver_records_stats_of_the_columns_readers_filter_on(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from pipeline.stream.tables import STATS_COLUMNS, create_tables
+
+    paths = LakePaths.from_settings(Settings(lake_root=str(tmp_path / "lake")))
+    silver = paths.table(Table.SILVER)
+    create_tables(spark, paths)
+    made = latest_version(silver)
+    assert made is not None and made.version == 0  # made with the property, in its first commit
+    # As an earlier release made it: the property absent, which the next start sets once.
+    spark.sql(f"ALTER TABLE delta.`{silver}` UNSET TBLPROPERTIES ('{STATS_COLUMNS}')")
+    create_tables(spark, paths)
+    create_tables(spark, paths)
+    assert latest_version(silver).version == 2  # type: ignore[union-attr]
+
+    from pyspark.sql import functions as F
+
+    row = spark.createDataFrame(
+        [("pump-1", "flow", 1.5, "t", 0, 7, 0)],
+        "device_id STRING, metric STRING, value DOUBLE, topic STRING, partition INT, offset BIGINT, reading_index INT",
+    ).select(
+        "*",
+        F.current_timestamp().alias("timestamp"),
+        F.current_timestamp().alias("kafka_timestamp"),
+        F.current_timestamp().alias("arrival_watermark"),
+        F.current_timestamp().alias("updated_at"),
+    )
+    row.write.format("delta").mode("append").save(silver)
+    commit = (Path(silver) / "_delta_log" / f"{3:020d}.json").read_text().splitlines()
+    (stats,) = [json.loads(json.loads(line)["add"]["stats"]) for line in commit if '"add"' in line]
+    assert stats["numRecords"] == 1
+    assert set(stats["minValues"]) == {"device_id", "metric", "timestamp", "value"}
+    assert stats["minValues"]["metric"] == "flow" and stats["maxValues"]["value"] == 1.5

@@ -28,6 +28,8 @@ def late_for(grain: str) -> Column:
 
 # The column `centred` adds: the mean of the reading's group, rounded once.
 CENTRE = "group_mean"
+# The column `centred_by_hash` adds too: a 64-bit hash of the group's keys.
+GROUP_KEY = "group_key"
 
 
 def centred(readings: DataFrame, *keys: Column) -> DataFrame:
@@ -42,6 +44,24 @@ def centred(readings: DataFrame, *keys: Column) -> DataFrame:
     from pyspark.sql import functions as F
 
     return readings.withColumn(CENTRE, F.avg("value").over(Window.partitionBy(*keys)))
+
+
+def centred_by_hash(readings: DataFrame, *keys: Column) -> DataFrame:
+    """`centred`, its window partitioned by a 64-bit hash of the keys (column GROUP_KEY): group by it first, then
+    by the keys, and the aggregation reuses the window's partitioning (no second shuffle).
+
+    One long sort key, which Spark sorts by radix, where a metric and a second sorted row by row, comparing
+    strings (gold's KPIs of 6 million readings: 7.4 s against 10.6 s, medians of three). Any constant serves as a
+    centre, so a collision of two groups' hashes (about one in 30 million for a batch of a million groups) only
+    centres both on their joint mean: exact still, rounded as without a centre when their values lie far apart.
+
+    A radix sort needs twice the pointer memory: the rollups' device minutes, computed beside gold in the same JVM,
+    ran out of execution memory with it, and keep `centred`."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    keyed = readings.withColumn(GROUP_KEY, F.xxhash64(*keys))
+    return keyed.withColumn(CENTRE, F.avg("value").over(Window.partitionBy(GROUP_KEY)))
 
 
 def contract_kpis(centre: str | None = None) -> list[Column]:
@@ -71,14 +91,15 @@ def kpis_per_second(readings: DataFrame, *more: Column) -> DataFrame:
 
     second = F.date_trunc("second", "timestamp")
     return (
-        centred(readings, F.col("metric"), second)
-        .groupBy("metric", second.alias("timestamp"))
+        centred_by_hash(readings, F.col("metric"), second)
+        .groupBy(GROUP_KEY, "metric", second.alias("timestamp"))
         .agg(
             *contract_kpis(CENTRE),
             fingerprint().alias("fingerprint"),
             late_for("second").alias("late_readings"),
             *more,
         )
+        .drop(GROUP_KEY)
         .withColumn("updated_at", F.current_timestamp())
         .withColumn("revision", F.lit(0).cast("bigint"))
     )

@@ -14,6 +14,12 @@ _PROPERTIES: dict[Table, dict[str, str]] = {
     # Bronze is the record of what Kafka held: rows are only ever added.
     Table.BRONZE: {"delta.appendOnly": "true"},
 }
+# Delta's table property naming the columns whose minimum, maximum and null count each file's entry records, for
+# data skipping (by default the first 32). Readers filter silver by device, metric, time and value; its Kafka
+# coordinates and bookkeeping times are read whole. Stats on silver's 11 columns took a sixth of its write.
+STATS_COLUMNS = "delta.dataSkippingStatsColumns"
+# Properties that a table made by an earlier release is given too (each an ALTER, once).
+_KEPT_PROPERTIES: dict[Table, dict[str, str]] = {Table.SILVER: {STATS_COLUMNS: "device_id,metric,timestamp,value"}}
 
 # Readers ask for one grain at a time; three partitions keep them apart.
 _PARTITIONS: dict[Table, tuple[str, ...]] = {Table.ROLLUPS: ("grain",)}
@@ -52,21 +58,21 @@ def _create_table(
     if table in _PARTITIONS:
         builder = builder.partitionedBy(*_PARTITIONS[table])
     # A table made now has its `metric` column: no upgrade to do (lake.upgrade).
-    properties = upgrade.mark_new(_PROPERTIES.get(table, {}))
+    kept = dict(_KEPT_PROPERTIES.get(table, {}))
     if checkpoint_interval is not None:
-        properties[CHECKPOINT_INTERVAL] = str(checkpoint_interval)
+        kept[CHECKPOINT_INTERVAL] = str(checkpoint_interval)
+    properties = upgrade.mark_new(_PROPERTIES.get(table, {})) | kept
     for key, value in properties.items():
         builder = builder.property(key, value)
     made = builder.execute()
     existing = made.toDF().schema.fieldNames()
-    if checkpoint_interval is not None:
-        # A table made before, or with another interval: one metadata commit, when the setting changed.
-        shown = spark.sql(f"SHOW TBLPROPERTIES delta.`{paths.table(table)}` ({CHECKPOINT_INTERVAL})").collect()
-        if not shown or shown[0]["value"] != str(checkpoint_interval):
-            spark.sql(
-                f"ALTER TABLE delta.`{paths.table(table)}` "
-                f"SET TBLPROPERTIES ('{CHECKPOINT_INTERVAL}' = '{checkpoint_interval}')"
-            )
+    # A table made before, or with another checkpoint interval: one metadata commit, when a property changed.
+    stored = made.detail().select("properties").first() if kept else None
+    held = stored[0] if stored is not None else {}
+    changed = {key: value for key, value in kept.items() if held.get(key) != value}
+    if changed:
+        listed = ", ".join(f"'{key}' = '{value}'" for key, value in changed.items())
+        spark.sql(f"ALTER TABLE delta.`{paths.table(table)}` SET TBLPROPERTIES ({listed})")
     # A table made by an earlier release gains the columns added since (nullable, null in its old rows).
     missing = [f for f in schema.fields if f.name not in existing]
     if missing:
