@@ -1,4 +1,5 @@
-"""The pipeline's tables take the checkpoint interval of the settings: made with it, or altered to it once."""
+"""The pipeline's tables take the checkpoint interval of the settings, and silver its stats columns: made with them,
+or altered to them once."""
 
 from __future__ import annotations
 
