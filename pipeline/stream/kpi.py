@@ -57,11 +57,9 @@ def centred_by_hash(readings: DataFrame, *keys: Column) -> DataFrame:
 
     A radix sort needs twice the pointer memory: the rollups' device minutes, computed beside gold in the same JVM,
     ran out of execution memory with it, and keep `centred`."""
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    keyed = readings.withColumn(GROUP_KEY, F.xxhash64(*keys))
-    return keyed.withColumn(CENTRE, F.avg("value").over(Window.partitionBy(GROUP_KEY)))
+    return centred(readings.withColumn(GROUP_KEY, F.xxhash64(*keys)), F.col(GROUP_KEY))
 
 
 def contract_kpis(centre: str | None = None) -> list[Column]:
